@@ -1,0 +1,20 @@
+# Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
+"""attndb_peft: AttnDreamBooth personalization for Stable Diffusion as PEFT/LoRA adapters.
+
+Importing the package also adds `load_attndb` / `unload_attndb` methods to diffusers' Stable Diffusion
+pipelines (new names only; no existing diffusers method is changed).
+"""
+
+from .config import AttnDBConfig, StageConfig
+from .regularizer import attention_regularizer
+from .trainer import train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttnDBConfig",
+    "StageConfig",
+    "__version__",
+    "attention_regularizer",
+    "train",
+]

@@ -1,0 +1,197 @@
+# Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
+"""Resumable checkpoints, written atomically and without pickle.
+
+A checkpoint is a folder `OUT/checkpoints/stage{S}-step{K}/` holding:
+
+- `weights.safetensors`: every trainable tensor so far (the token vector, the stage-2 LoRA, the stage-3
+  LoRA or full U-Net), keyed by name;
+- `optimizer.safetensors` + `optimizer.json`: the current stage's AdamW state, tensors and the rest;
+- `rng-{process}.safetensors` + `rng-{process}.json`: every random number generator of each process
+  (python, numpy, torch CPU, CUDA, and the trainer's own noise generator);
+- `state.json`: stage, step, LR-scheduler state and the settings that must match on resume. Written last.
+
+The folder is assembled under a temporary name and renamed into place, so a kill at any moment leaves
+either a complete checkpoint or a temporary folder that `find_latest` ignores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "CheckpointError",
+    "checkpoint_name",
+    "find_latest",
+    "list_checkpoints",
+    "load_optimizer_state",
+    "load_rng_state",
+    "optimizer_state_to_files",
+    "prune",
+    "read_json",
+    "rng_state_to_files",
+    "write_json_atomic",
+]
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^stage([123])-step(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not belong to this run."""
+
+
+def checkpoint_name(stage: int, step: int) -> str:
+    return f"stage{stage}-step{step}"
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, int, Path]]:
+    """Complete checkpoints in `output_dir`, oldest first, as `(stage, step, path)`."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    found = []
+    if root.is_dir():
+        for path in root.iterdir():
+            match = _NAME.match(path.name)
+            if match and (path / "state.json").is_file():
+                found.append((int(match[1]), int(match[2]), path))
+    return sorted(found)
+
+
+def find_latest(output_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1][2] if found else None
+
+
+def prune(output_dir: str | os.PathLike, keep: int | None) -> list[Path]:
+    """Delete the oldest checkpoints so at most `keep` remain; also removes stale temporary folders."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    removed = []
+    if root.is_dir():
+        for path in root.glob(".tmp-*"):
+            shutil.rmtree(path, ignore_errors=True)
+    if keep is not None:
+        for _, _, path in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not supported on this platform
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path}: cannot be read ({exc}); delete this checkpoint folder to resume from an older one."
+        ) from None
+
+
+# -- optimizer -------------------------------------------------------------------------------------------
+def optimizer_state_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split `optimizer.state_dict()` into tensors (for safetensors) and plain values (for JSON)."""
+    state = optimizer.state_dict()
+    tensors, plain = {}, {"param_groups": state["param_groups"], "state": {}}
+    for index, values in state["state"].items():
+        plain["state"][str(index)] = {}
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value
+            else:
+                plain["state"][str(index)][key] = value
+    return tensors, plain
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in plain["state"].items()}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
+
+
+# -- random number generators ----------------------------------------------------------------------------
+def rng_state_to_files(generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every RNG of this process: python, numpy, torch CPU, all CUDA devices, and the trainer's generator."""
+    tensors = {"torch_cpu": torch.random.get_rng_state(), "generator": generator.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = s
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    plain = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "generator_device": str(generator.device),
+    }
+    return tensors, plain
+
+
+def load_rng_state(generator: torch.Generator, tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.random.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    generator.set_state(tensors["generator"])
+
+
+# -- whole checkpoints -----------------------------------------------------------------------------------
+def temporary_dir(output_dir: str | os.PathLike, stage: int, step: int) -> Path:
+    """The folder a checkpoint is assembled in before `commit` renames it into place."""
+    return Path(output_dir) / CHECKPOINT_DIR / f".tmp-{checkpoint_name(stage, step)}"
+
+
+def commit(tmp: Path, state: dict) -> Path:
+    """Write `state.json` last, then rename the folder into place atomically (replacing an older copy)."""
+    write_json_atomic(tmp / "state.json", state)
+    _fsync_dir(tmp)
+    final = tmp.with_name(checkpoint_name(state["stage"], state["step"]))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    return final

@@ -1,0 +1,317 @@
+# Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
+"""Run configuration: one `AttnDBConfig` per training run, with one `StageConfig` per stage.
+
+The dataclasses carry their help text in `field(metadata={"help": ...})` (like peft's configs) so the CLI,
+the docs and `attndb_config.json` describe the same settings. Validation that needs no files or models
+happens in `__post_init__`; checks against the disk (images, output folder) live in `data.py` and
+`trainer.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DEFAULT_VALIDATION_PROMPTS",
+    "AttnDBConfig",
+    "ConfigError",
+    "StageConfig",
+    "default_token",
+    "instance_prompt",
+]
+
+#: Prompts for validation grids: background, style and colour changes ("{}" expands to "TOKEN CATEGORY").
+DEFAULT_VALIDATION_PROMPTS = (
+    "a photo of a {}",
+    "a photo of a {} in the jungle",
+    "a watercolor painting of a {}",
+    "a photo of a purple {} on the beach",
+)
+
+
+class ConfigError(ValueError):
+    """A setting is invalid. The message names the setting, the value received and the fix."""
+
+
+@dataclass
+class StageConfig:
+    """Settings of one training stage. LoRA fields are ignored by stage 1 (it trains one embedding vector)."""
+
+    steps: int = field(metadata={"help": "Optimizer steps of this stage (0 skips the stage)."})
+    learning_rate: float | None = field(
+        metadata={"help": "AdamW learning rate (stage 3: None picks the default of stage3_mode)."}
+    )
+    lambda_mu: float = field(metadata={"help": "Weight of the attention-map mean term of the regularizer."})
+    lambda_var: float = field(metadata={"help": "Weight of the attention-map variance term of the regularizer."})
+    rank: int = field(default=32, metadata={"help": "LoRA rank (stages 2 and 3)."})
+    alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; None means alpha = rank (scale 1)."})
+    lr_scheduler: str = field(
+        default="constant",
+        metadata={"help": "diffusers.optimization.get_scheduler name: constant, linear, cosine, ..."},
+    )
+    lr_warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps of the learning rate."})
+    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay (diffusers' scripts' default)."})
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ConfigError(f"steps must be >= 0, got {self.steps}.")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}.")
+        if self.lambda_mu < 0 or self.lambda_var < 0:
+            raise ConfigError(f"lambda_mu and lambda_var must be >= 0, got {self.lambda_mu} and {self.lambda_var}.")
+        if self.rank < 1:
+            raise ConfigError(f"rank must be >= 1, got {self.rank}.")
+        if self.lr_warmup_steps < 0:
+            raise ConfigError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}.")
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+
+# Stage defaults. Steps and lambdas are the paper's. Stage 1 trains the same single vector as the paper, so it
+# keeps the paper's lr. Stages 2-3 train LoRAs instead of full weights; see README "Choosing the LoRA defaults":
+# a rank-32 LoRA with alpha = rank moves W by roughly 0.1-0.6 x lr per Adam step where a full fine-tune moves
+# every entry by ~lr, so the LoRA stages use 10x the paper's full-weight learning rates (2e-5 -> 2e-4,
+# 2e-6 -> 2e-5), the same ratio diffusers' DreamBooth examples use between LoRA (1e-4) and full (5e-6).
+def _stage1() -> StageConfig:
+    return StageConfig(steps=60, learning_rate=1e-3, lambda_mu=0.1, lambda_var=0.0)
+
+
+def _stage2() -> StageConfig:
+    return StageConfig(steps=100, learning_rate=2e-4, lambda_mu=2.0, lambda_var=5.0, rank=32)
+
+
+def _stage3() -> StageConfig:
+    return StageConfig(steps=500, learning_rate=None, lambda_mu=2.0, lambda_var=5.0, rank=32)
+
+
+#: Stage-3 learning rate by stage3_mode: LoRA (10x the paper's) and the full fine-tune (the paper's).
+STAGE3_LEARNING_RATES = {"lora": 2e-5, "full": 2e-6}
+
+_MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+_SAVE_DTYPES = ("fp16", "bf16", "fp32")
+
+
+def default_token(category: str) -> str:
+    """The token used when none is given: `<attndb-CATEGORY>` with the category slugified."""
+    slug = re.sub(r"[^a-z0-9]+", "-", category.lower()).strip("-") or "concept"
+    return f"<attndb-{slug}>"
+
+
+def instance_prompt(token: str, category: str) -> str:
+    """The training prompt of every image and stage."""
+    return f"a photo of a {token} {category}"
+
+
+@dataclass
+class AttnDBConfig:
+    """Everything one AttnDreamBooth run needs. Load from YAML/JSON with `AttnDBConfig.from_file`; the CLI's
+    flags override file values."""
+
+    model: str = field(metadata={"help": "Base model: a Hub id or a local diffusers Stable Diffusion folder."})
+    images: str = field(metadata={"help": "Folder with the 3-20 instance photos."})
+    category: str = field(metadata={"help": "The subject's category word(s), e.g. 'dog' or 'teddy bear'."})
+    output: str = field(metadata={"help": "Output folder for the adapter, samples and checkpoints."})
+    token: str | None = field(
+        default=None, metadata={"help": "The new token; default <attndb-CATEGORY>. Must not exist in the tokenizer."}
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
+    variant: str | None = field(default=None, metadata={"help": "Weights variant of the base model, e.g. fp16."})
+    resolution: int = field(default=512, metadata={"help": "Training resolution in pixels (square)."})
+    batch_size: int = field(default=8, metadata={"help": "Images per optimizer step (per process)."})
+    seed: int = field(default=0, metadata={"help": "Seed for data order, noise, timesteps and initialisation."})
+    stage1: StageConfig = field(default_factory=_stage1, metadata={"help": "Stage 1: token embedding."})
+    stage2: StageConfig = field(default_factory=_stage2, metadata={"help": "Stage 2: attn2 LoRA."})
+    stage3: StageConfig = field(default_factory=_stage3, metadata={"help": "Stage 3: U-Net LoRA or full."})
+    stage3_mode: str = field(
+        default="lora", metadata={"help": "Stage 3 trains a high-rank U-Net LoRA ('lora') or the full U-Net ('full')."}
+    )
+    full_export_rank: int = field(
+        default=64, metadata={"help": "With stage3_mode='full': SVD rank of the exported LoRA of the U-Net delta."}
+    )
+    regularizer: str = field(
+        default="per_layer", metadata={"help": "Regularizer reduction: 'per_layer' (reference code) or 'pooled'."}
+    )
+    flip: bool = field(default=True, metadata={"help": "Random horizontal flips (flipped views are cached)."})
+    random_crops: int = field(
+        default=0,
+        metadata={"help": "Extra random-crop views cached per image (0: center crop only)."},
+    )
+    mixed_precision: str = field(
+        default="auto",
+        metadata={"help": "auto (bf16 on GPUs that support it, else fp16 on GPU, no on CPU), no, fp16, bf16."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Trade compute for memory in the U-Net (low-memory setting)."}
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
+    save_dtype: str = field(
+        default="fp16", metadata={"help": "dtype of the exported LoRA and embedding: fp16, bf16, fp32."}
+    )
+    checkpointing_steps: int = field(
+        default=0, metadata={"help": "Write a resumable checkpoint every N steps of a stage (0: only at stage ends)."}
+    )
+    checkpoints_total_limit: int | None = field(
+        default=None, metadata={"help": "Keep at most this many checkpoints (oldest pruned first)."}
+    )
+    resume: bool = field(default=False, metadata={"help": "Continue from the newest complete checkpoint in output."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Allow a non-empty output folder (its files are replaced)."}
+    )
+    push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id to push the adapter to when done."})
+    log_every: int = field(
+        default=10, metadata={"help": "Read the loss back from the device every N steps (fewer host syncs)."}
+    )
+    validation_prompts: tuple[str, ...] = field(
+        default=DEFAULT_VALIDATION_PROMPTS,
+        metadata={"help": "Prompts for the sample grids ('{}' expands to 'TOKEN CATEGORY'); empty disables."},
+    )
+    validation_steps: int = field(
+        default=0, metadata={"help": "Also write a sample grid every N steps (0: only at stage ends)."}
+    )
+    validation_inference_steps: int = field(default=25, metadata={"help": "Denoising steps of sample images."})
+    allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs."})
+
+    def __post_init__(self) -> None:
+        for name in ("stage1", "stage2", "stage3"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _stage_from_dict(name, value))
+        if isinstance(self.validation_prompts, (list, str)):
+            self.validation_prompts = (
+                (self.validation_prompts,)
+                if isinstance(self.validation_prompts, str)
+                else tuple(self.validation_prompts)
+            )
+        for name in ("model", "images", "category", "output"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise ConfigError(f"{name} is required (got {getattr(self, name)!r}).")
+        self.category = " ".join(self.category.split())
+        if self.token is None:
+            self.token = default_token(self.category)
+        elif not self.token.strip() or any(ch.isspace() for ch in self.token):
+            raise ConfigError(f"token must be one word without spaces, got {self.token!r}; e.g. --token '<sks-dog>'.")
+        if self.resolution < 8 or self.resolution % 8:
+            raise ConfigError(f"resolution must be a positive multiple of 8, got {self.resolution}.")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if self.stage3_mode not in STAGE3_LEARNING_RATES:
+            raise ConfigError(f"stage3_mode must be 'lora' or 'full', got {self.stage3_mode!r}.")
+        for name in ("stage1", "stage2"):
+            if getattr(self, name).learning_rate is None:
+                raise ConfigError(f"{name}.learning_rate is required.")
+        if self.stage3.learning_rate is None:
+            self.stage3 = dataclasses.replace(self.stage3, learning_rate=STAGE3_LEARNING_RATES[self.stage3_mode])
+        if self.regularizer not in ("per_layer", "pooled"):
+            raise ConfigError(f"regularizer must be 'per_layer' or 'pooled', got {self.regularizer!r}.")
+        if self.mixed_precision not in _MIXED_PRECISION:
+            raise ConfigError(f"mixed_precision must be one of {_MIXED_PRECISION}, got {self.mixed_precision!r}.")
+        if self.save_dtype not in _SAVE_DTYPES:
+            raise ConfigError(f"save_dtype must be one of {_SAVE_DTYPES}, got {self.save_dtype!r}.")
+        for name in ("full_export_rank", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("random_crops", "checkpointing_steps", "validation_steps", "validation_inference_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ConfigError(f"checkpoints_total_limit must be >= 1 or None, got {self.checkpoints_total_limit}.")
+        if self.resume and self.overwrite:
+            raise ConfigError(
+                "resume and overwrite exclude each other: resume continues a run, overwrite restarts it."
+            )
+
+    # -- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> AttnDBConfig:
+        """Build from a plain dict (e.g. a parsed YAML file). Unknown keys are an error naming the key."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(known))}."
+            )
+        try:
+            return cls(**values)
+        except TypeError as exc:  # a required field is missing
+            raise ConfigError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> AttnDBConfig:
+        """Read a YAML (`.yaml`/`.yml`) or JSON file; `overrides` (e.g. from CLI flags) win over file values."""
+        return cls.from_dict({**read_config_file(path), **overrides}, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict that `from_dict` reads back."""
+        data = dataclasses.asdict(self)
+        data["validation_prompts"] = list(self.validation_prompts)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    # -- derived values -----------------------------------------------------------------------------------
+    @property
+    def prompt(self) -> str:
+        """The training prompt, `a photo of a [V] [category]`."""
+        return instance_prompt(self.token, self.category)
+
+    @property
+    def stages(self) -> tuple[StageConfig, StageConfig, StageConfig]:
+        return (self.stage1, self.stage2, self.stage3)
+
+    def with_stage_values(self, steps=None, learning_rates=None) -> AttnDBConfig:
+        """Return a copy with per-stage steps / learning rates replaced (each a 3-sequence or None)."""
+        updates = {}
+        for i, name in enumerate(("stage1", "stage2", "stage3")):
+            stage = getattr(self, name)
+            changes = {}
+            if steps is not None:
+                changes["steps"] = int(steps[i])
+            if learning_rates is not None:
+                changes["learning_rate"] = float(learning_rates[i])
+            updates[name] = dataclasses.replace(stage, **changes)
+        return dataclasses.replace(self, **updates)
+
+
+def _stage_from_dict(name: str, values: dict[str, Any]) -> StageConfig:
+    defaults = {"stage1": _stage1, "stage2": _stage2, "stage3": _stage3}[name]()
+    known = {f.name for f in dataclasses.fields(StageConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{name}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
+    try:
+        return dataclasses.replace(defaults, **values)
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse a YAML or JSON config file into a dict, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file.")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
+        raise ConfigError(
+            f"--config {path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {exc}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"--config {path}: expected a mapping of settings at the top level, got {type(data).__name__}."
+        )
+    return data

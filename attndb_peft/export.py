@@ -1,0 +1,250 @@
+# Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
+"""The adapter folder writer.
+
+| file | content |
+|---|---|
+| `attndb_embedding.safetensors` | `{token: tensor[1, hidden]}`, loads with `pipe.load_textual_inversion(file)` |
+| `pytorch_lora_weights.safetensors` | stages 2+3 as one LoRA in diffusers/PEFT keys (diffusers' own writer) |
+| `attndb_kohya.safetensors` | the same LoRA in kohya keys (`lora_unet_*.lora_down/lora_up/alpha`) for A1111/ComfyUI |
+| `attndb_config.json` | token, category, base model, every setting, ranks, package versions |
+| `README.md` | model card rendered from `model_card_template.md` |
+
+Every file is written to a temporary folder first and moved into place only when all of them are complete, so
+an interrupted export never leaves a mix of old and new files that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .config import AttnDBConfig
+from .stages import LoraFactors, combined_lora_config
+
+__all__ = [
+    "CONFIG_NAME",
+    "EMBEDDING_NAME",
+    "FORMAT_VERSION",
+    "KOHYA_NAME",
+    "LORA_NAME",
+    "MODEL_CARD_NAME",
+    "export_adapter",
+    "kohya_state_dict",
+    "package_versions",
+    "peft_state_dict",
+    "render_model_card",
+]
+
+EMBEDDING_NAME = "attndb_embedding.safetensors"
+LORA_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_NAME = "attndb_kohya.safetensors"
+CONFIG_NAME = "attndb_config.json"
+MODEL_CARD_NAME = "README.md"
+#: Version of the adapter folder layout; `load_attndb` refuses folders from a newer major version.
+FORMAT_VERSION = "1.0"
+
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape the adapter (for reproduction)."""
+    versions = {}
+    for name in ("attndb_peft", "torch", "diffusers", "peft", "transformers", "accelerate", "safetensors"):
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions
+
+
+def peft_state_dict(lora: dict[str, LoraFactors], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """PEFT keys without the `unet.` prefix (diffusers' `save_lora_weights` adds it)."""
+    state = {}
+    for name, factors in lora.items():
+        state[f"{name}.lora_A.weight"] = factors.down.to(dtype).contiguous()
+        state[f"{name}.lora_B.weight"] = (factors.up * factors.scale).to(dtype).contiguous()
+    return state
+
+
+def kohya_state_dict(lora: dict[str, LoraFactors], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """kohya-ss keys: `lora_unet_<module path with _>.lora_down.weight`, `.lora_up.weight` and `.alpha`.
+    The scale is folded into `lora_up` and alpha = rank, so every loader applies it at scale 1."""
+    state = {}
+    for name, factors in lora.items():
+        key = "lora_unet_" + name.replace(".", "_")
+        state[f"{key}.lora_down.weight"] = factors.down.to(dtype).contiguous()
+        state[f"{key}.lora_up.weight"] = (factors.up * factors.scale).to(dtype).contiguous()
+        state[f"{key}.alpha"] = torch.tensor(float(factors.rank), dtype=dtype)
+    return state
+
+
+def _common_metadata(config: AttnDBConfig, lora: dict[str, LoraFactors]) -> dict[str, str]:
+    ranks = sorted({f.rank for f in lora.values()})
+    return {
+        "attndb_format_version": FORMAT_VERSION,
+        "attndb_version": package_versions()["attndb_peft"],
+        "attndb_token": config.token,
+        "attndb_category": config.category,
+        "attndb_base_model": config.model,
+        "attndb_stage3_mode": config.stage3_mode,
+        "attndb_ranks": json.dumps(ranks),
+        "attndb_alphas": json.dumps(ranks),  # alpha = rank everywhere: the scale is folded into lora_up
+    }
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    save_file(tensors, str(path), metadata={"format": "pt", **metadata})
+
+
+def render_model_card(
+    config: AttnDBConfig, lora: dict[str, LoraFactors], report: dict[str, Any], samples: list[str]
+) -> str:
+    """Render `model_card_template.md` with the run's settings (Hub YAML front matter + usage + settings)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    template = Path(__file__).with_name("model_card_template.md")
+    card_data = ModelCardData(
+        base_model=config.model,
+        license="creativeml-openrail-m" if "stable-diffusion-v1" in config.model.lower() else "openrail++",
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        tags=["attndb", "lora", "textual-inversion", "diffusers", "text-to-image", "stable-diffusion"],
+        instance_prompt=config.prompt,
+        widget=[
+            {"text": p.replace("{}", f"{config.token} {config.category}"), "output": {"url": s}} for p, s in samples
+        ]
+        if samples
+        else None,
+    )
+    ranks = sorted({f.rank for f in lora.values()})
+    stages = [
+        ("1 embedding", config.stage1, "token embedding"),
+        ("2 attention", config.stage2, f"attn2 LoRA r={config.stage2.rank}"),
+        (
+            "3 identity",
+            config.stage3,
+            f"U-Net LoRA r={config.stage3.rank}" if config.stage3_mode == "lora" else "full U-Net",
+        ),
+    ]
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template),
+        token=config.token,
+        category=config.category,
+        base_model=config.model,
+        prompt=config.prompt,
+        stages=[
+            {
+                "name": n,
+                "trains": t,
+                "steps": s.steps,
+                "lr": f"{s.learning_rate:g}",
+                "lambda_mu": s.lambda_mu,
+                "lambda_var": s.lambda_var,
+            }
+            for n, s, t in stages
+        ],
+        resolution=config.resolution,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        regularizer=config.regularizer,
+        ranks=", ".join(map(str, ranks)),
+        num_modules=len(lora),
+        report=report,
+        samples=samples,
+        versions=package_versions(),
+    )
+    return str(card)
+
+
+def export_adapter(
+    output_dir: str | os.PathLike,
+    config: AttnDBConfig,
+    embedding: torch.Tensor,
+    lora: dict[str, LoraFactors],
+    report: dict[str, Any] | None = None,
+    samples: list[tuple[str, str]] | None = None,
+) -> list[Path]:
+    """Write the adapter folder.
+
+    Args:
+        output_dir: the run's output folder.
+        config (`AttnDBConfig`): the run's settings.
+        embedding (`torch.Tensor`): `[1, hidden]` trained token embedding.
+        lora (`dict[str, LoraFactors]`): the final U-Net LoRA by module name (stages 2+3 combined).
+        report (`dict`, *optional*): extra facts for the config and card (e.g. SVD energy kept).
+        samples (`list[tuple[str, str]]`, *optional*): (prompt, relative image path) pairs for the card.
+
+    Returns:
+        `list[Path]`: the files written.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    output_dir = Path(output_dir)
+    report = dict(report or {})
+    dtype = _DTYPES[config.save_dtype]
+    if not torch.isfinite(embedding).all() or any(
+        not (torch.isfinite(f.down).all() and torch.isfinite(f.up).all()) for f in lora.values()
+    ):
+        raise ValueError("Refusing to export non-finite weights; the run diverged (lower the learning rate).")
+    metadata = _common_metadata(config, lora)
+    tmp = output_dir / ".export-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    _save({config.token: embedding.to(dtype).contiguous()}, tmp / EMBEDDING_NAME, metadata)
+
+    # diffusers writes the LoRA (its key packing and adapter metadata); then our metadata is added to the header.
+    StableDiffusionPipeline.save_lora_weights(
+        tmp,
+        unet_lora_layers=peft_state_dict(lora, dtype),
+        weight_name=LORA_NAME,
+        unet_lora_adapter_metadata=combined_lora_config(lora).to_dict(),
+    )
+    with safe_open(str(tmp / LORA_NAME), framework="pt") as f:
+        diffusers_metadata = f.metadata() or {}
+    _save(load_file(str(tmp / LORA_NAME)), tmp / LORA_NAME, {**diffusers_metadata, **metadata})
+
+    ranks = sorted({f.rank for f in lora.values()})
+    kohya_meta = {
+        **metadata,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(max(ranks)),
+        "ss_network_alpha": str(max(ranks)),
+        "ss_base_model_version": "sd_v1" if "v1" in config.model.lower() else "sd_v2",
+    }
+    _save(kohya_state_dict(lora, dtype), tmp / KOHYA_NAME, kohya_meta)
+
+    run_info = {
+        "format_version": FORMAT_VERSION,
+        "token": config.token,
+        "category": config.category,
+        "base_model": config.model,
+        "instance_prompt": config.prompt,
+        "embedding_dim": int(embedding.shape[-1]),
+        "lora": {"modules": len(lora), "ranks": ranks, "alpha": "rank (scale folded into lora_B)"},
+        "files": {"embedding": EMBEDDING_NAME, "lora": LORA_NAME, "kohya": KOHYA_NAME},
+        "report": report,
+        "settings": config.to_dict(),
+        "versions": package_versions(),
+    }
+    (tmp / CONFIG_NAME).write_text(json.dumps(run_info, indent=2, sort_keys=True), encoding="utf-8")
+    (tmp / MODEL_CARD_NAME).write_text(render_model_card(config, lora, report, samples or []), encoding="utf-8")
+
+    written = []
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in sorted(tmp.iterdir()):
+        os.chmod(path, 0o666 & ~umask)  # safetensors writes 0600; adapters are meant to be shared
+        os.replace(path, output_dir / path.name)
+        written.append(output_dir / path.name)
+    tmp.rmdir()
+    return written

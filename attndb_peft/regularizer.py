@@ -1,0 +1,105 @@
+# Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
+"""Pure tensor functions for the AttnDreamBooth objective: the cross-attention map regularizer and the
+diffusion loss. Nothing here knows about models, processors or stages."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["REDUCTIONS", "attention_regularizer", "diffusion_loss", "diffusion_target"]
+
+REDUCTIONS = ("per_layer", "pooled")
+
+
+def _check_maps(concept_maps: Sequence[torch.Tensor], category_maps: Sequence[torch.Tensor]) -> None:
+    if len(concept_maps) == 0:
+        raise ValueError(
+            "attention_regularizer got no attention maps: `concept_maps` is empty. Install the capture processor "
+            "(attndb_peft.attention.capture_cross_attention) around the U-Net forward pass."
+        )
+    if len(concept_maps) != len(category_maps):
+        raise ValueError(
+            f"attention_regularizer needs one category map per concept map, got {len(concept_maps)} concept maps "
+            f"and {len(category_maps)} category maps."
+        )
+    for i, (v, c) in enumerate(zip(concept_maps, category_maps)):
+        if v.shape != c.shape or v.ndim != 3:
+            raise ValueError(
+                f"attention map {i}: expected two tensors of the same shape [batch, heads, pixels], got "
+                f"concept {tuple(v.shape)} and category {tuple(c.shape)}."
+            )
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """Statistics of maps that came out of bf16/fp16 autocast are taken in float32 (float64 stays)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def attention_regularizer(
+    concept_maps: Sequence[torch.Tensor],
+    category_maps: Sequence[torch.Tensor],
+    lambda_mu: float,
+    lambda_var: float,
+    reduction: str = "per_layer",
+) -> torch.Tensor:
+    r"""
+    The AttnDreamBooth cross-attention regularizer: pulls the mean and the variance of the new token's
+    cross-attention map towards those of its category token.
+
+    Args:
+        concept_maps (`Sequence[torch.Tensor]`):
+            One tensor per cross-attention layer, shape `[batch, heads, pixels]`: the softmax attention
+            probabilities at the position of the new token `[V]`.
+        category_maps (`Sequence[torch.Tensor]`):
+            The same layers at the category position (the mean over the category's sub-token positions when
+            the category has several tokens). Same shapes as `concept_maps`.
+        lambda_mu (`float`): weight of the squared difference of the means.
+        lambda_var (`float`): weight of the squared difference of the (unbiased) variances.
+        reduction (`str`, *optional*, defaults to `"per_layer"`):
+            `"per_layer"` (the reference code): for every layer and sample, mean and unbiased variance over
+            heads x pixels; `L_l = sum_batch [lambda_mu (mu_V - mu_C)^2 + lambda_var (var_V - var_C)^2]`; the
+            result is the mean of `L_l` over layers. `"pooled"` (the paper's Eq. 2): mean and unbiased variance
+            over every value of every layer and sample at once.
+
+    Returns:
+        `torch.Tensor`: a scalar (float32, or float64 for float64 maps), differentiable with respect to the maps.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not supported; use one of {REDUCTIONS}.")
+    _check_maps(concept_maps, category_maps)
+    if reduction == "pooled":
+        v = torch.cat([_upcast(m).reshape(-1) for m in concept_maps])
+        c = torch.cat([_upcast(m).reshape(-1) for m in category_maps])
+        return lambda_mu * (v.mean() - c.mean()).square() + lambda_var * (v.var() - c.var()).square()
+
+    per_layer = []
+    for v, c in zip(concept_maps, category_maps):
+        v = _upcast(v).flatten(1)  # [batch, heads * pixels]
+        c = _upcast(c).flatten(1)
+        term = lambda_mu * (v.mean(1) - c.mean(1)).square()
+        if lambda_var != 0:  # the variance term costs a second pass over the maps; skip it when unused
+            term = term + lambda_var * (v.var(1) - c.var(1)).square()
+        per_layer.append(term.sum())
+    return torch.stack(per_layer).mean()
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the U-Net is trained to predict, following the scheduler's `prediction_type`
+    (`epsilon` for SD 1.x / 2.x-base, `v_prediction` for SD 2.x-768)."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(
+        f"The scheduler's prediction_type={prediction_type!r} is not supported; attndb trains 'epsilon' and "
+        "'v_prediction' models (Stable Diffusion 1.x and 2.x)."
+    )
+
+
+def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error in float32 (the prediction may come out of bf16/fp16 autocast)."""
+    return F.mse_loss(model_pred.float(), target.float(), reduction="mean")

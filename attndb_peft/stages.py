@@ -1,0 +1,276 @@
+# Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
+"""What each stage trains.
+
+- Stage 1: one new token embedding, spliced into the frozen text encoder's token embedding output.
+- Stage 2: a PEFT LoRA on every cross-attention (`attn2`) projection of the U-Net.
+- Stage 3: a high-rank PEFT LoRA on the U-Net's transformer blocks (on top of the frozen stage-2 LoRA), or
+  the full U-Net (with stage 2 merged into its weights).
+
+Also the exact LoRA algebra used by the exporter: reading a PEFT adapter's factors, concatenating two LoRAs
+into one, and the truncated SVD of a full fine-tune's weight delta.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ADAPTER_STAGE2",
+    "ADAPTER_STAGE3",
+    "STAGE2_TARGET_MODULES",
+    "STAGE3_TARGET_MODULES",
+    "ConceptToken",
+    "LoraFactors",
+    "TokenEmbeddingSplice",
+    "add_concept_token",
+    "add_lora",
+    "combine_loras",
+    "combined_lora_config",
+    "lora_config_for",
+    "lora_factors",
+    "lora_from_delta",
+    "set_trainable",
+]
+
+#: Stage 2: the four projections of every cross-attention layer (PEFT matches the regex in full).
+STAGE2_TARGET_MODULES = r".*attn2\.(to_q|to_k|to_v|to_out\.0)"
+#: Stage 3: every linear layer of the transformer blocks (self- and cross-attention, feed-forward, in/out
+#: projections). ResNet convolutions are left out: a LoRA on them costs more time than full fine-tuning saves
+#: (measured on SD2.1-base) while identity is mostly carried by the attention and feed-forward weights.
+STAGE3_TARGET_MODULES = (
+    r".*transformer_blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
+    r"|.*transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)"
+    r"|.*attentions\.\d+\.(proj_in|proj_out)"
+)
+ADAPTER_STAGE2 = "attndb_stage2"
+ADAPTER_STAGE3 = "attndb_stage3"
+
+
+# ---------------------------------------------------------------------------------------------- stage 1
+@dataclass
+class ConceptToken:
+    """The new token and where it sits in the training prompt.
+
+    Attributes:
+        token: the token string, e.g. `<attndb-dog>`.
+        token_id: its id in the tokenizer and row in the text encoder's embedding matrix.
+        category_ids: vocabulary ids of the category's sub-tokens.
+        prompt_ids: `[1, model_max_length]` ids of `a photo of a [V] [category]`, padded.
+        concept_position: index of `[V]` in `prompt_ids`.
+        category_positions: indices of the category's sub-tokens in `prompt_ids`.
+    """
+
+    token: str
+    token_id: int
+    category_ids: list[int]
+    prompt_ids: torch.Tensor
+    concept_position: int
+    category_positions: list[int]
+
+    @property
+    def capture_indices(self) -> list[int]:
+        """Text positions the attention capture keeps: `[V]` first, then the category."""
+        return [self.concept_position, *self.category_positions]
+
+
+def add_concept_token(tokenizer, text_encoder, token: str, category: str, prompt: str) -> ConceptToken:
+    """Add `token` to the tokenizer, grow the text encoder's embedding matrix by one row initialised to the
+    mean embedding of the category's sub-tokens, and locate `[V]` and the category in `prompt`.
+
+    Raises:
+        ValueError: the token already exists, the category tokenizes to nothing, or the prompt does not
+            contain the token followed by the category.
+    """
+    if token in tokenizer.get_vocab():
+        raise ValueError(
+            f"--token {token!r} already exists in the base model's tokenizer; choose a new, unused token "
+            f"(e.g. '<attndb-{token.strip('<>')}>')."
+        )
+    category_ids = tokenizer(category, add_special_tokens=False).input_ids
+    if not category_ids:
+        raise ValueError(
+            f"--category {category!r} tokenizes to nothing; give the subject's category as a word, e.g. 'dog'."
+        )
+    tokenizer.add_tokens(token)
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the row is set just below
+    embeddings = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        embeddings[token_id] = embeddings[category_ids].float().mean(0).to(embeddings.dtype)
+
+    prompt_ids = tokenizer(
+        prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    ids = prompt_ids[0].tolist()
+    if ids.count(token_id) != 1:
+        raise ValueError(f"The prompt {prompt!r} must contain the token {token!r} exactly once.")
+    concept_position = ids.index(token_id)
+    category_positions = list(range(concept_position + 1, concept_position + 1 + len(category_ids)))
+    if ids[concept_position + 1 : concept_position + 1 + len(category_ids)] != category_ids:
+        raise ValueError(f"The prompt {prompt!r} must have the category {category!r} right after {token!r}.")
+    return ConceptToken(token, token_id, category_ids, prompt_ids, concept_position, category_positions)
+
+
+class TokenEmbeddingSplice(nn.Module):
+    """Stage 1's only trainable parameter: the new token's embedding vector.
+
+    Rather than making the whole (vocabulary x hidden) embedding matrix trainable and restoring the other rows
+    after every step, the vector is spliced into the output of the frozen embedding module by a forward hook
+    wherever the input ids equal `token_id`. `CLIPTextModel` takes no `inputs_embeds`, so the hook is the
+    clean entry point; gradients reach only this vector.
+
+    Args:
+        text_encoder: a transformers `CLIPTextModel`.
+        token_id (`int`): the new token's id.
+    """
+
+    def __init__(self, text_encoder, token_id: int) -> None:
+        super().__init__()
+        self.embedding_module = text_encoder.get_input_embeddings()
+        self.token_id = token_id
+        self.vector = nn.Parameter(self.embedding_module.weight[token_id].detach().float().clone())
+        self._handle = None
+
+    def _hook(self, module, inputs, output):
+        input_ids = inputs[0]
+        mask = (input_ids == self.token_id).unsqueeze(-1)
+        return torch.where(mask, self.vector.to(output.dtype), output)
+
+    def __enter__(self) -> TokenEmbeddingSplice:
+        self._handle = self.embedding_module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Copy the trained vector into the embedding matrix, so later stages and inference use the stock path."""
+        weight = self.embedding_module.weight
+        weight[self.token_id] = self.vector.to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- stages 2-3
+def lora_config_for(rank: int, alpha: float, target_modules, rank_pattern=None, alpha_pattern=None):
+    """The PEFT `LoraConfig` of a LoRA (a stage's, or the exported combination with per-module ranks)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=target_modules,
+        rank_pattern=rank_pattern or {},
+        alpha_pattern=alpha_pattern or {},
+        init_lora_weights=True,
+    )
+
+
+def add_lora(unet, adapter_name: str, rank: int, alpha: float, target_modules) -> list[nn.Parameter]:
+    """Inject a PEFT LoRA into the U-Net with diffusers' `add_adapter` and return its parameters."""
+    with warnings.catch_warnings():  # a second adapter is intended here (stage 3 stacks on stage 2)
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        unet.add_adapter(lora_config_for(rank, alpha, target_modules), adapter_name=adapter_name)
+    return [p for n, p in unet.named_parameters() if f".{adapter_name}." in n]
+
+
+def set_trainable(modules: list[nn.Module], trainable: list[nn.Parameter]) -> None:
+    """Freeze every parameter of `modules`, then unfreeze exactly `trainable`.
+
+    PEFT's `set_adapter` marks every active adapter trainable; stage 3 keeps stage 2 active but frozen, so the
+    trainer states what trains explicitly instead of relying on adapter activation side effects.
+    """
+    for module in modules:
+        module.requires_grad_(False)
+    for param in trainable:
+        param.requires_grad_(True)
+
+
+# ---------------------------------------------------------------------------------------------- LoRA algebra
+@dataclass
+class LoraFactors:
+    """One module's LoRA: `delta_W = scale * up @ down` (for convolutions, `up` is 1x1 and `down` carries the
+    kernel). `down` is PEFT's `lora_A` / kohya's `lora_down`, `up` is `lora_B` / `lora_up`."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        """The dense weight delta (float32), shaped like the base weight."""
+        down, up = self.down.float(), self.up.float()
+        if down.ndim == 4:  # conv: up [out, r, 1, 1], down [r, in, kh, kw]
+            return self.scale * torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)
+        return self.scale * up @ down
+
+
+def lora_factors(model, adapter_name: str) -> dict[str, LoraFactors]:
+    """Read one PEFT adapter out of a model: module name -> its (detached, float32) LoRA factors."""
+    from peft.tuners.lora import LoraLayer
+
+    factors = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+            factors[name] = LoraFactors(
+                down=module.lora_A[adapter_name].weight.detach().float().cpu().clone(),
+                up=module.lora_B[adapter_name].weight.detach().float().cpu().clone(),
+                scale=float(module.scaling[adapter_name]),
+            )
+    return factors
+
+
+def combine_loras(*loras: dict[str, LoraFactors]) -> dict[str, LoraFactors]:
+    """Combine LoRAs that are applied together into one LoRA, exactly: ranks are concatenated and each part's
+    scale is folded into its `up` factor, so the result has scale 1 (alpha = rank) and
+    `sum_i scale_i * up_i @ down_i == up @ down` up to float rounding."""
+    combined: dict[str, LoraFactors] = {}
+    for name in sorted({n for lora in loras for n in lora}):
+        parts = [lora[name] for lora in loras if name in lora]
+        down = torch.cat([p.down for p in parts], dim=0)
+        up = torch.cat([p.up * p.scale for p in parts], dim=1)
+        combined[name] = LoraFactors(down=down, up=up, scale=1.0)
+    return combined
+
+
+def lora_from_delta(delta: torch.Tensor, rank: int) -> tuple[LoraFactors, float]:
+    """Best rank-`rank` approximation of a weight delta by truncated SVD (Eckart-Young).
+
+    Args:
+        delta (`torch.Tensor`): `[out, in]` (linear) or `[out, in, kh, kw]` (conv) weight difference.
+        rank (`int`): the LoRA rank (capped at the matrix rank bound).
+
+    Returns:
+        `(LoraFactors, retained)`: the factors (scale 1, the singular values split evenly between them) and the
+        fraction of the delta's squared Frobenius norm they keep (1.0 for a zero delta).
+    """
+    matrix = delta.float().reshape(delta.shape[0], -1)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    r = min(rank, s.numel())
+    root = s[:r].sqrt()
+    up = u[:, :r] * root
+    down = root[:, None] * vh[:r]
+    total = s.square().sum()
+    retained = float(s[:r].square().sum() / total) if total > 0 else 1.0
+    if delta.ndim == 4:
+        up = up[:, :, None, None]
+        down = down.reshape(r, *delta.shape[1:])
+    return LoraFactors(down=down.contiguous(), up=up.contiguous(), scale=1.0), retained
+
+
+def combined_lora_config(lora: dict[str, LoraFactors]):
+    """The `LoraConfig` of a scale-1 LoRA with per-module ranks (the convention diffusers infers for a LoRA
+    without alphas): the most common rank as `r`, the others in `rank_pattern`, alpha = rank everywhere."""
+    ranks = {name: f.rank for name, f in lora.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {name: rank for name, rank in ranks.items() if rank != r}
+    return lora_config_for(r, r, sorted(lora), rank_pattern=pattern, alpha_pattern=dict(pattern))

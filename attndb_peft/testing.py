@@ -1,0 +1,181 @@
+# Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
+"""A tiny random Stable Diffusion pipeline built entirely in code, for tests and `attndb demo`.
+
+Nothing is downloaded: the U-Net, VAE and CLIP text encoder get random weights and the CLIP tokenizer gets
+a small byte-level BPE vocabulary built here. The architecture keeps everything the method touches
+(several cross-attention layers at different resolutions, linear projections like SD 2.x, a real
+`CLIPTokenizer`), so saving it with `save_pretrained` and reading it back with `from_pretrained` exercises
+the same code paths as a real checkpoint. Its pictures are noise; the flow is real.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "TINY_RESOLUTION",
+    "TINY_WORDS",
+    "build_tiny_pipeline",
+    "make_instance_images",
+    "save_tiny_pipeline",
+    "tiny_clip_tokenizer",
+]
+
+#: Image size the tiny pipeline is meant to run at (the VAE downsamples by 4, the U-Net sees 8x8 latents).
+TINY_RESOLUTION = 32
+
+#: Words that tokenize to a single token in the tiny vocabulary (others fall back to characters).
+TINY_WORDS = (
+    "a photo of the in on with and by dog cat toy teddy bear robot sculpture jungle beach snow city forest "
+    "red blue green yellow purple painting style watercolor sketch oil van gogh wearing hat sunglasses "
+    "swimming pool eiffel tower night cyberpunk pixel art"
+).split()
+
+
+def _bytes_to_unicode() -> list[str]:
+    # CLIP's byte-level alphabet: printable bytes map to themselves, the rest to code points from 256 on.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in chars]
+
+
+def tiny_clip_tokenizer(words: tuple[str, ...] = TINY_WORDS, model_max_length: int = 77):
+    """A real `CLIPTokenizer` with a byte-level BPE vocabulary: every byte, every byte at a word end, and
+    merges that make each of `words` a single token."""
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for ch in _bytes_to_unicode():
+            vocab[ch + suffix] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pair = (symbols[0], symbols[1])
+            if pair not in merges:
+                merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            symbols = [pair[0] + pair[1], *symbols[2:]]
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
+    """Build a tiny random `StableDiffusionPipeline` (about 0.5 M parameters, runs at 32 px on a CPU).
+
+    Args:
+        seed (`int`): seeds the random weights, so the same seed gives the same pipeline.
+        prediction_type (`str`): `"epsilon"` (SD 1.x / 2.x-base) or `"v_prediction"` (SD 2.x-768).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_clip_tokenizer()
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        unet = UNet2DConditionModel(
+            sample_size=TINY_RESOLUTION // 4,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            attention_head_dim=(2, 4),
+            cross_attention_dim=32,
+            use_linear_projection=True,
+            norm_num_groups=16,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(16, 16, 32),
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=TINY_RESOLUTION,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=37,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                projection_dim=32,
+            )
+        )
+    finally:
+        torch.random.set_rng_state(generator_state)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """Build the tiny pipeline and write it with `save_pretrained`, so it loads like any checkpoint folder."""
+    path = Path(path)
+    build_tiny_pipeline(seed=seed, prediction_type=prediction_type).save_pretrained(path)
+    return path
+
+
+def make_instance_images(
+    folder: str | os.PathLike, num_images: int = 4, size: int = 48, seed: int = 0, fmt: str = "png"
+) -> list[Path]:
+    """Write `num_images` procedurally generated pictures of one "subject" (a striped ball on a coloured
+    background, seen at different positions and scales), standing in for a user's photos."""
+    from PIL import Image, ImageDraw
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    paths = []
+    for i in range(num_images):
+        hue = rng.randrange(256)
+        image = Image.new("RGB", (size, size), (hue, 200 - hue // 2, 120))
+        draw = ImageDraw.Draw(image)
+        radius = size * rng.uniform(0.25, 0.35)
+        cx, cy = size / 2 + rng.uniform(-0.1, 0.1) * size, size / 2 + rng.uniform(-0.1, 0.1) * size
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=(230, 60, 40))
+        for k in range(-2, 3):  # the subject's "identity": white stripes
+            y = cy + k * radius / 3
+            half = math.sqrt(max(radius**2 - (y - cy) ** 2, 0.0))
+            draw.line([cx - half, y, cx + half, y], fill=(250, 250, 250), width=max(1, size // 32))
+        path = folder / f"instance_{i:02d}.{fmt}"
+        image.save(path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,622 @@
+# Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
+"""The one training loop, shared by the three stages.
+
+`train(config)` checks the inputs, loads the base model, caches the VAE latents of every augmentation view,
+then runs stage 1 (token embedding), stage 2 (attn2 LoRA) and stage 3 (U-Net LoRA or full) through
+`Trainer.run_stage`, writing resumable checkpoints, and finally hands the learned pieces to `export.py`.
+
+Speed choices (see benchmarks/): frozen weights in the autocast dtype and trainable ones in float32, the VAE
+never runs in the loop (latent cache), the prompt is encoded once per step in stage 1 (one row, expanded to
+the batch) and once per stage in stages 2-3, only the attn2 layers leave SDPA, and the loss is read back to
+the host every `log_every` steps only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import checkpoints as ckpt
+from .attention import AttentionStore, capture_cross_attention
+from .config import AttnDBConfig
+from .data import LatentCache, batch_indices, encode_views, image_views, load_image, scan_image_folder
+from .regularizer import attention_regularizer, diffusion_loss, diffusion_target
+from .stages import (
+    ADAPTER_STAGE2,
+    ADAPTER_STAGE3,
+    STAGE2_TARGET_MODULES,
+    STAGE3_TARGET_MODULES,
+    ConceptToken,
+    TokenEmbeddingSplice,
+    add_concept_token,
+    add_lora,
+    lora_factors,
+    set_trainable,
+)
+
+__all__ = ["InputError", "TrainingDiverged", "TrainResult", "Trainer", "check_inputs", "train"]
+
+logger = logging.getLogger(__name__)
+
+STAGE_NAMES = {1: "embedding alignment", 2: "attention map (attn2 LoRA)", 3: "subject identity"}
+# Settings a checkpoint must share with the run that resumes it (others, e.g. logging, may change).
+_RESUME_KEYS = (
+    "model",
+    "revision",
+    "variant",
+    "category",
+    "token",
+    "resolution",
+    "batch_size",
+    "seed",
+    "stage1",
+    "stage2",
+    "stage3",
+    "stage3_mode",
+    "regularizer",
+    "flip",
+    "random_crops",
+    "max_grad_norm",
+    "mixed_precision",
+)
+# Files of a finished run inside the output folder (removed by --overwrite).
+OUTPUT_FILES = (
+    "attndb_embedding.safetensors",
+    "pytorch_lora_weights.safetensors",
+    "attndb_kohya.safetensors",
+    "attndb_config.json",
+    "README.md",
+)
+
+
+class InputError(ValueError):
+    """Bad input or usage found before training starts (CLI exit code 2). Nothing has been written."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradients became non-finite (CLI exit code 1). The last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    output_dir: Path
+    token: str
+    stage_seconds: dict[int, float] = field(default_factory=dict)
+    peak_memory_gib: float = 0.0
+    files: list[Path] = field(default_factory=list)
+
+
+def check_inputs(config: AttnDBConfig) -> list[str]:
+    """Every problem with the run's inputs that can be found without loading the U-Net, VAE or text
+    encoder: images, output folder, token and category (with the base model's tokenizer). Returns warnings;
+    raises `InputError` listing all problems."""
+    problems: list[str] = []
+    report = scan_image_folder(config.images, config.resolution)
+    problems += report.problems
+    out = Path(config.output)
+    if out.exists() and not out.is_dir():
+        problems.append(f"--output {out}: exists and is not a folder; choose another path.")
+    elif out.is_dir() and any(out.iterdir()) and not (config.resume or config.overwrite):
+        problems.append(
+            f"--output {out}: folder is not empty; pass --resume to continue its run, --overwrite to replace it, "
+            "or choose an empty folder."
+        )
+    if config.resume and ckpt.find_latest(out) is None:
+        problems.append(f"--resume: no complete checkpoint in {out / ckpt.CHECKPOINT_DIR}; start without --resume.")
+    try:
+        tokenizer = load_tokenizer(config)
+    except Exception as exc:  # missing model, no network, bad folder: say which
+        problems.append(f"--model {config.model}: cannot load its tokenizer ({type(exc).__name__}: {exc}).")
+    else:
+        if config.token in tokenizer.get_vocab():
+            problems.append(
+                f"--token {config.token!r} already exists in the tokenizer of {config.model}; choose an unused token."
+            )
+        if not tokenizer(config.category, add_special_tokens=False).input_ids:
+            problems.append(
+                f"--category {config.category!r} tokenizes to nothing; give a category word such as 'dog'."
+            )
+    if problems:
+        raise InputError("Cannot start training:\n  - " + "\n  - ".join(problems))
+    return report.warnings
+
+
+def load_tokenizer(config: AttnDBConfig):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(config.model, subfolder="tokenizer", revision=config.revision)
+
+
+def _resolve_mixed_precision(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def train(config: AttnDBConfig) -> Path:
+    """Run the three AttnDreamBooth stages and write the adapter folder.
+
+    Args:
+        config (`AttnDBConfig`): the run's settings.
+
+    Returns:
+        `Path`: the output folder (see design.md for its files).
+
+    Raises:
+        InputError: bad input found before any model is loaded; nothing is written.
+        TrainingDiverged: the loss became non-finite; checkpoints written so far stay.
+    """
+    return Trainer(config).run().output_dir
+
+
+class Trainer:
+    """Holds the models and the state shared by the stages; `run` is the whole job."""
+
+    def __init__(self, config: AttnDBConfig) -> None:
+        self.config = config
+        self.output_dir = Path(config.output)
+        self.result = TrainResult(output_dir=self.output_dir, token=config.token)
+
+    # ------------------------------------------------------------------------------------------ setup
+    def run(self) -> TrainResult:
+        """The whole job: `prepare`, the three stages (resuming if asked), export."""
+        resume = self.prepare()
+        for stage in (1, 2, 3):
+            self.build_stage(stage)
+            if resume is not None and stage <= resume["stage"]:
+                self._load_weights(resume["dir"], stage)
+            if resume is not None and stage < resume["stage"]:
+                continue  # finished before the checkpoint: its weights are restored, nothing to train
+            start_step = resume["step"] if resume is not None and stage == resume["stage"] else 0
+            self.make_optimizer(stage)
+            if start_step:
+                self._load_optimizer_and_rng(resume)
+            self.run_stage(stage, start_step)
+        self.result.files = self.export()
+        if self.device.type == "cuda":
+            self.result.peak_memory_gib = torch.cuda.max_memory_allocated() / 2**30
+        self.accelerator.end_training()
+        return self.result
+
+    def prepare(self) -> dict | None:
+        """Check inputs, start accelerate, load the models, add the token and cache the latents. Returns the
+        checkpoint to resume from (with `resume`), else None."""
+        cfg = self.config
+        for warning in check_inputs(cfg):
+            logger.warning(warning)
+        from accelerate import Accelerator
+
+        self.mixed_precision = _resolve_mixed_precision(cfg.mixed_precision)
+        self.accelerator = Accelerator(mixed_precision=self.mixed_precision)
+        self.device = self.accelerator.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.mixed_precision, torch.float32)
+        if cfg.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        resume = self._read_resume_checkpoint() if cfg.resume else None
+        if self.accelerator.is_main_process:
+            self._prepare_output_dir()
+        self.accelerator.wait_for_everyone()
+        self._load_models()
+        self._build_latent_cache()
+        return resume
+
+    def _prepare_output_dir(self) -> None:
+        out = self.output_dir
+        if self.config.overwrite and out.is_dir():
+            for name in OUTPUT_FILES:
+                (out / name).unlink(missing_ok=True)
+            for sub in (ckpt.CHECKPOINT_DIR, "samples"):
+                shutil.rmtree(out / sub, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+
+    def _load_models(self) -> None:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        cfg = self.config
+        kwargs = {"revision": cfg.revision}
+        weights = {"variant": cfg.variant, "torch_dtype": self.weight_dtype, **kwargs}
+        self.tokenizer = load_tokenizer(cfg)
+        self.text_encoder = CLIPTextModel.from_pretrained(cfg.model, subfolder="text_encoder", **weights)
+        self.vae = AutoencoderKL.from_pretrained(cfg.model, subfolder="vae", **weights)
+        self.unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **weights)
+        self.noise_scheduler = DDPMScheduler.from_pretrained(cfg.model, subfolder="scheduler", **kwargs)
+        for model in (self.text_encoder, self.vae, self.unet):
+            model.requires_grad_(False)
+            model.to(self.device)
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        try:
+            self.concept: ConceptToken = add_concept_token(
+                self.tokenizer, self.text_encoder, cfg.token, cfg.category, cfg.prompt
+            )
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        self.splice = TokenEmbeddingSplice(self.text_encoder, self.concept.token_id).to(self.device)
+        self.prompt_ids = self.concept.prompt_ids.to(self.device)
+        self.base_weights: dict[str, torch.Tensor] | None = None  # stage-3 full: U-Net before stages 2-3
+
+    def _build_latent_cache(self) -> None:
+        cfg = self.config
+        views, owner = [], []
+        paths = scan_image_folder(cfg.images, cfg.resolution).images
+        for i, path in enumerate(paths):
+            image_views_i = image_views(
+                load_image(path), cfg.resolution, cfg.flip, cfg.random_crops, seed=cfg.seed + i
+            )
+            views += image_views_i
+            owner += [i] * len(image_views_i)
+        mean, std = encode_views(self.vae, views, batch_size=cfg.batch_size)
+        self.latents = LatentCache(
+            mean, std, owner, self.vae.config.scaling_factor, getattr(self.vae.config, "shift_factor", None) or 0.0
+        )
+        self.num_images = len(paths)
+        logger.info("Cached %d views of %d images", len(views), len(paths))
+
+    # ------------------------------------------------------------------------------------------ stages
+    def build_stage(self, stage: int) -> None:
+        """Make exactly this stage's parameters trainable (what each trains is defined in stages.py)."""
+        cfg = self.config
+        stage_cfg = cfg.stages[stage - 1]
+        # Seed per stage so a LoRA's random init does not depend on what ran before (exact resume).
+        torch.manual_seed(cfg.seed * 1000 + stage)
+        if stage == 1:
+            self.params = [self.splice.vector]
+        else:
+            self.splice.write_back()
+            if stage == 2:
+                self.params = add_lora(
+                    self.unet, ADAPTER_STAGE2, stage_cfg.rank, stage_cfg.lora_alpha, STAGE2_TARGET_MODULES
+                )
+            elif cfg.stage3_mode == "lora":
+                self.params = add_lora(
+                    self.unet, ADAPTER_STAGE3, stage_cfg.rank, stage_cfg.lora_alpha, STAGE3_TARGET_MODULES
+                )
+                self.unet.set_adapters([ADAPTER_STAGE2, ADAPTER_STAGE3])
+            else:
+                self._start_full_finetune()
+                self.params = list(self.unet.parameters())
+        set_trainable([self.unet, self.text_encoder, self.vae, self.splice], self.params)
+        for p in self.params:  # trainable weights live in float32; autocast computes in the weight dtype
+            p.data = p.data.float()
+
+    def make_optimizer(self, stage: int) -> None:
+        """AdamW and the LR schedule of one stage, and the stage's noise generator."""
+        from diffusers.optimization import get_scheduler
+
+        cfg = self.config
+        stage_cfg = cfg.stages[stage - 1]
+        optimizer = torch.optim.AdamW(
+            self.params,
+            lr=stage_cfg.learning_rate,
+            weight_decay=stage_cfg.weight_decay,
+            fused=self.device.type == "cuda",
+        )
+        self.lr_scheduler = get_scheduler(
+            stage_cfg.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=stage_cfg.lr_warmup_steps,
+            num_training_steps=max(stage_cfg.steps, 1),
+        )
+        # accelerate wraps the optimizer for fp16 loss scaling; the LR scheduler is stepped by hand (accelerate's
+        # wrapper would step it once per process).
+        self.optimizer = self.accelerator.prepare_optimizer(optimizer)
+        self.generator = torch.Generator(device=self.device).manual_seed(
+            cfg.seed * 1000 + stage * 100 + self.accelerator.process_index
+        )
+
+    def _start_full_finetune(self) -> None:
+        """Stage 3 full: remember the base weights (for the export's delta), fold the stage-2 LoRA into the U-Net
+        and drop the adapter, then train every U-Net weight in float32."""
+        self.base_weights = {
+            k: v.detach().to("cpu", torch.float32, copy=True) for k, v in self._base_unet_state().items()
+        }
+        self.stage2_state = self._adapter_state(ADAPTER_STAGE2)
+        self.unet.fuse_lora(adapter_names=[ADAPTER_STAGE2])
+        self.unet.unload_lora()
+        self.unet.to(torch.float32)
+
+    def _base_unet_state(self) -> dict[str, torch.Tensor]:
+        """The U-Net's base weights (without LoRA tensors), with PEFT's `base_layer.` naming removed."""
+        state = {}
+        for name, tensor in self.unet.state_dict().items():
+            if "lora_" in name:
+                continue
+            state[name.replace(".base_layer.", ".")] = tensor
+        return state
+
+    def _adapter_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """One LoRA adapter's parameters under their PEFT names, prefixed `unet.` (checkpoint keys)."""
+        return {f"unet.{n}": p.detach().clone() for n, p in self.unet.named_parameters() if f".{adapter_name}." in n}
+
+    def run_stage(self, stage: int, start_step: int) -> None:
+        """The training loop of one stage."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        stage_cfg = cfg.stages[stage - 1]
+        acc = self.accelerator
+        started = time.perf_counter()
+        use_regularizer = stage_cfg.lambda_mu > 0 or stage_cfg.lambda_var > 0
+        if stage > 1:
+            with torch.no_grad(), acc.autocast():
+                cached_states = self.text_encoder(self.prompt_ids)[0].to(self.weight_dtype)
+
+        progress = tqdm(
+            total=stage_cfg.steps,
+            initial=start_step,
+            desc=f"stage {stage}/3 {STAGE_NAMES[stage]}",
+            disable=not acc.is_local_main_process or logger.getEffectiveLevel() > logging.INFO,
+        )
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        running, since_log = torch.zeros(2, device=self.device), 0
+        splice = self.splice if stage == 1 else _null_context()
+        store = AttentionStore()
+        capture = (
+            capture_cross_attention(self.unet, self.concept.capture_indices, store)
+            if use_regularizer
+            else _null_context()
+        )
+        self.unet.train()
+        with splice, capture:
+            for step in range(start_step, stage_cfg.steps):
+                image_ids, view_choices = batch_indices(
+                    step,
+                    cfg.batch_size,
+                    self.num_images,
+                    self.latents.views_per_image,
+                    cfg.seed * 10 + stage,
+                    acc.process_index,
+                    acc.num_processes,
+                )
+                latents = self.latents.sample(self.latents.view_ids(image_ids, view_choices), self.generator)
+                noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
+                timesteps = torch.randint(
+                    0,
+                    self.noise_scheduler.config.num_train_timesteps,
+                    (latents.shape[0],),
+                    generator=self.generator,
+                    device=self.device,
+                )
+                noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+                target = diffusion_target(self.noise_scheduler, latents, noise, timesteps)
+                with acc.autocast():
+                    if stage == 1:  # gradients reach the spliced token vector through the frozen encoder
+                        states = self.text_encoder(self.prompt_ids)[0]
+                    else:
+                        states = cached_states
+                    states = states.expand(latents.shape[0], -1, -1)
+                    store.clear()
+                    pred = self.unet(noisy.to(self.weight_dtype), timesteps, states.to(self.weight_dtype)).sample
+                    mse = diffusion_loss(pred, target)
+                    if use_regularizer:
+                        reg = attention_regularizer(
+                            *store.concept_and_category(), stage_cfg.lambda_mu, stage_cfg.lambda_var, cfg.regularizer
+                        )
+                    else:
+                        reg = torch.zeros((), device=self.device)
+                    loss = mse + reg
+                acc.backward(loss)
+                store.clear()
+                if acc.num_processes > 1:
+                    for p in self.params:
+                        if p.grad is not None:
+                            p.grad = acc.reduce(p.grad, reduction="mean")
+                grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm or math.inf)
+                finite &= torch.isfinite(loss.detach())
+                if self.mixed_precision != "fp16" and grad_norm is not None:  # fp16 overflow is the scaler's job
+                    finite &= torch.isfinite(grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                running += torch.stack([mse.detach(), reg.detach()])
+                since_log += 1
+
+                done = step + 1
+                progress.update(1)
+                is_last = done == stage_cfg.steps
+                checkpoint_now = is_last or (cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0)
+                if done % cfg.log_every == 0 or checkpoint_now:  # the only host syncs of the loop
+                    self._check_finite(finite, stage, done)
+                    mse_avg, reg_avg = (running / since_log).tolist()
+                    running.zero_()
+                    since_log = 0
+                    progress.set_postfix(
+                        loss=f"{mse_avg:.4f}", reg=f"{reg_avg:.3g}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.1e}"
+                    )
+                    logger.debug("stage %d step %d: loss %.5f reg %.5g", stage, done, mse_avg, reg_avg)
+                if checkpoint_now:
+                    self.save_checkpoint(stage, done)
+        progress.close()
+        self.unet.eval()
+        if stage_cfg.steps == 0:  # a skipped stage still leaves a checkpoint to resume after it
+            self.save_checkpoint(stage, 0)
+        self.result.stage_seconds[stage] = time.perf_counter() - started
+
+    def _check_finite(self, finite: torch.Tensor, stage: int, step: int) -> None:
+        if not bool(finite):
+            lr = self.config.stages[stage - 1].learning_rate
+            raise TrainingDiverged(
+                f"stage {stage} ({STAGE_NAMES[stage]}) diverged by step {step}: the loss or gradients became "
+                f"non-finite. The learning rate ({lr:g}) is the likely cause; lower it (--learning-rates) and "
+                "resume from the last checkpoint with --resume. No adapter was written."
+            )
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _trainable_state(self, stage: int) -> dict[str, torch.Tensor]:
+        """Every tensor learned so far: the token vector, the LoRA parameters under their PEFT names and, in
+        stage 3 full, the whole U-Net."""
+        state = {"token_embedding": self.splice.vector.detach()}
+        if stage == 2 or (stage == 3 and self.config.stage3_mode == "lora"):
+            state.update(self._adapter_state(ADAPTER_STAGE2))
+        if stage == 3 and self.config.stage3_mode == "lora":
+            state.update(self._adapter_state(ADAPTER_STAGE3))
+        if stage == 3 and self.config.stage3_mode == "full":
+            state.update(self.stage2_state)
+            state.update({f"unet_full.{k}": v for k, v in self.unet.state_dict().items()})
+        return state
+
+    def save_checkpoint(self, stage: int, step: int) -> None:
+        acc = self.accelerator
+        tmp = ckpt.temporary_dir(self.output_dir, stage, step)
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        rng_tensors, rng_plain = ckpt.rng_state_to_files(self.generator)
+        ckpt.save_tensors(tmp / f"rng-{acc.process_index}.safetensors", rng_tensors)
+        ckpt.write_json_atomic(tmp / f"rng-{acc.process_index}.json", rng_plain)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            ckpt.save_tensors(tmp / "weights.safetensors", self._trainable_state(stage))
+            opt_tensors, opt_plain = ckpt.optimizer_state_to_files(self.optimizer.optimizer)
+            ckpt.save_tensors(tmp / "optimizer.safetensors", opt_tensors)
+            ckpt.write_json_atomic(tmp / "optimizer.json", opt_plain)
+            settings = self.config.to_dict()
+            ckpt.commit(
+                tmp,
+                {
+                    "stage": stage,
+                    "step": step,
+                    "num_processes": acc.num_processes,
+                    "lr_scheduler": self.lr_scheduler.state_dict(),
+                    "settings": {k: settings[k] for k in _RESUME_KEYS},
+                },
+            )
+            ckpt.prune(self.output_dir, self.config.checkpoints_total_limit)
+        acc.wait_for_everyone()
+
+    def _read_resume_checkpoint(self) -> dict:
+        path = ckpt.find_latest(self.output_dir)
+        state = ckpt.read_json(path / "state.json")
+        settings = self.config.to_dict()
+        changed = [k for k in _RESUME_KEYS if state["settings"].get(k) != settings[k]]
+        if changed:
+            raise InputError(
+                f"--resume: {path} was written with different settings ({', '.join(changed)}); use the same "
+                "settings, or start over with --overwrite."
+            )
+        if state["num_processes"] != self.accelerator.num_processes:
+            raise InputError(
+                f"--resume: {path} was written by {state['num_processes']} process(es), this run has "
+                f"{self.accelerator.num_processes}; resume with the same number of processes."
+            )
+        logger.info("Resuming from %s", path)
+        stage, step = state["stage"], state["step"]
+        if step >= self.config.stages[stage - 1].steps and stage < 3:
+            # The stage was finished: its weights are restored and the next stage starts from step 0.
+            return {"dir": path, "stage": stage + 1, "step": 0, "state": state}
+        return {"dir": path, "stage": stage, "step": step, "state": state}
+
+    def _load_weights(self, path: Path, stage: int) -> None:
+        """Restore what `stage` learned from a checkpoint, right after `build_stage(stage)`."""
+        weights = ckpt.load_tensors(path / "weights.safetensors")
+        with torch.no_grad():
+            if stage == 1:
+                self.splice.vector.copy_(weights["token_embedding"])
+            elif stage == 3 and self.config.stage3_mode == "full":
+                full = {k[len("unet_full.") :]: v for k, v in weights.items() if k.startswith("unet_full.")}
+                if full:
+                    self.unet.load_state_dict(full)
+            else:
+                adapter = ADAPTER_STAGE2 if stage == 2 else ADAPTER_STAGE3
+                for name, param in self.unet.named_parameters():
+                    key = f"unet.{name}"
+                    if f".{adapter}." in name and key in weights:
+                        param.copy_(weights[key])
+
+    def _load_optimizer_and_rng(self, resume: dict) -> None:
+        path, state = resume["dir"], resume["state"]
+        ckpt.load_optimizer_state(
+            self.optimizer.optimizer,
+            ckpt.load_tensors(path / "optimizer.safetensors"),
+            ckpt.read_json(path / "optimizer.json"),
+        )
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        index = self.accelerator.process_index
+        ckpt.load_rng_state(
+            self.generator,
+            ckpt.load_tensors(path / f"rng-{index}.safetensors"),
+            ckpt.read_json(path / f"rng-{index}.json"),
+        )
+
+    # ------------------------------------------------------------------------------------------ export
+    def pipeline(self):
+        """A `StableDiffusionPipeline` over the models being trained (adapters active, the token's current
+        vector written into the embedding matrix), with the base model's own inference scheduler."""
+        import diffusers
+        from diffusers import StableDiffusionPipeline
+
+        cfg = self.config
+        self.splice.write_back()
+        _, scheduler_class = StableDiffusionPipeline.load_config(cfg.model, revision=cfg.revision)["scheduler"]
+        scheduler = getattr(diffusers, scheduler_class).from_pretrained(
+            cfg.model, subfolder="scheduler", revision=cfg.revision
+        )
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    def export(self) -> list[Path]:
+        from .export import export_adapter
+        from .stages import combine_loras, lora_from_delta
+
+        files: list[Path] = []
+        if self.accelerator.is_main_process:
+            cfg = self.config
+            embedding = self.splice.vector.detach().float().cpu()[None]
+            report: dict = {}
+            if cfg.stage3_mode == "lora":
+                lora = combine_loras(lora_factors(self.unet, ADAPTER_STAGE2), lora_factors(self.unet, ADAPTER_STAGE3))
+            else:
+                lora, energy, total = {}, 0.0, 0.0
+                for name, delta in self._full_delta().items():
+                    lora[name], retained = lora_from_delta(delta, cfg.full_export_rank)
+                    norm = float(delta.square().sum())
+                    energy, total = energy + retained * norm, total + norm
+                report["full_export_retained"] = energy / total if total else 1.0
+                logger.info(
+                    "Stage 3 full: the rank-%d LoRA export keeps %.1f%% of the U-Net delta's energy "
+                    "(squared Frobenius norm).",
+                    cfg.full_export_rank,
+                    100 * report["full_export_retained"],
+                )
+            files = export_adapter(self.output_dir, cfg, embedding, lora, report=report)
+        self.accelerator.wait_for_everyone()
+        return files
+
+    def _full_delta(self) -> dict[str, torch.Tensor]:
+        """Weight deltas (final - base) of every U-Net linear/conv weight that changed in stages 2-3."""
+        deltas = {}
+        for name, tensor in self.unet.state_dict().items():
+            if name.endswith(".weight") and tensor.ndim in (2, 4):
+                delta = tensor.detach().float().cpu() - self.base_weights[name]
+                if delta.abs().max() > 0:
+                    deltas[name[: -len(".weight")]] = delta
+        return deltas
+
+
+class _null_context:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None

@@ -1,0 +1,67 @@
+# Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
+"""Shared fixtures: a tiny random SD pipeline saved to disk, instance images, and a trained tiny run."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from attndb_peft.config import AttnDBConfig  # noqa: E402
+from attndb_peft.testing import TINY_RESOLUTION, make_instance_images, save_tiny_pipeline  # noqa: E402
+
+# Settings that make a tiny run fast and its effect visible: few steps, large learning rates, fp32 export.
+TINY_SETTINGS = dict(
+    resolution=TINY_RESOLUTION,
+    batch_size=2,
+    save_dtype="fp32",
+    log_every=1,
+    validation_prompts=(),
+)
+TINY_STEPS = (3, 3, 3)
+TINY_LRS = (5e-2, 1e-2, 1e-2)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs():
+    logging.getLogger("attndb_peft").setLevel(logging.WARNING)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random Stable Diffusion pipeline written with save_pretrained (loads via from_pretrained)."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd") / "model")
+
+
+@pytest.fixture(scope="session")
+def instance_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("instance")
+    make_instance_images(folder, num_images=4, size=48)
+    return folder
+
+
+def make_config(model: Path, images: Path, output: Path, steps=TINY_STEPS, learning_rates=TINY_LRS, **overrides):
+    """An AttnDBConfig for a tiny run; `overrides` replace any setting."""
+    config = AttnDBConfig(
+        model=str(model), images=str(images), category="dog", output=str(output), **{**TINY_SETTINGS, **overrides}
+    )
+    return config.with_stage_values(steps=steps, learning_rates=learning_rates)
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_model, instance_dir, tmp_path_factory):
+    """A finished tiny run (stage 3 LoRA); the Trainer keeps its in-memory models."""
+    from attndb_peft.trainer import Trainer
+
+    trainer = Trainer(make_config(tiny_model, instance_dir, tmp_path_factory.mktemp("run") / "out"))
+    trainer.run()
+    return trainer

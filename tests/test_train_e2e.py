@@ -1,0 +1,261 @@
+# Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
+"""End to end: `attndb train` on the tiny pipeline, then the exported files loaded into a fresh pipeline with
+stock diffusers loaders reproduce the trained in-memory model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TINY_LRS, make_config
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from attndb_peft.cli import build_parser, config_from_args
+from attndb_peft.export import CONFIG_NAME, EMBEDDING_NAME, KOHYA_NAME, LORA_NAME, MODEL_CARD_NAME
+from attndb_peft.testing import TINY_RESOLUTION
+from attndb_peft.trainer import Trainer
+
+
+def _generate(pipe, prompt, seed=0):
+    with torch.no_grad():
+        return pipe(
+            prompt,
+            num_inference_steps=3,
+            height=TINY_RESOLUTION,
+            width=TINY_RESOLUTION,
+            output_type="np",
+            generator=torch.Generator().manual_seed(seed),
+        ).images
+
+
+def _fresh_pipeline(model):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _stock_load(pipe, folder):
+    pipe.load_textual_inversion(str(folder / EMBEDDING_NAME))
+    pipe.load_lora_weights(str(folder), weight_name=LORA_NAME, adapter_name="concept")
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def cli_run(tiny_model, instance_dir, tmp_path_factory):
+    """A run configured through the CLI's own parser (the same path `attndb train` takes)."""
+    out = tmp_path_factory.mktemp("e2e") / "out"
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--model",
+            str(tiny_model),
+            "--images",
+            str(instance_dir),
+            "--category",
+            "dog",
+            "--output",
+            str(out),
+            "--resolution",
+            str(TINY_RESOLUTION),
+            "--batch-size",
+            "2",
+            "--steps",
+            "3,3,3",
+            "--learning-rates",
+            ",".join(map(str, TINY_LRS)),
+            "--save-dtype",
+            "fp32",
+            "--seed",
+            "7",
+        ]
+    )
+    config = config_from_args(args)
+    config.validation_prompts = ()
+    trainer = Trainer(config)
+    trainer.run()
+    return trainer
+
+
+def test_output_folder_has_the_contract_files(cli_run):
+    out = cli_run.output_dir
+    for name in (EMBEDDING_NAME, LORA_NAME, KOHYA_NAME, CONFIG_NAME, MODEL_CARD_NAME):
+        assert (out / name).is_file(), name
+    emb = load_file(str(out / EMBEDDING_NAME))
+    assert list(emb) == ["<attndb-dog>"] and emb["<attndb-dog>"].shape == (1, 32)
+    lora = load_file(str(out / LORA_NAME))
+    assert lora and all(k.startswith("unet.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in lora)
+    assert any(".attn2." in k for k in lora) and any(".attn1." in k for k in lora)
+    info = json.loads((out / CONFIG_NAME).read_text())
+    assert info["token"] == "<attndb-dog>" and info["category"] == "dog"
+    assert info["base_model"] == str(cli_run.config.model)
+    assert info["settings"]["stage1"]["steps"] == 3 and info["settings"]["seed"] == 7
+    assert {"torch", "diffusers", "peft", "transformers"} <= set(info["versions"])
+    with safe_open(str(out / LORA_NAME), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["lora_adapter_metadata"])["unet.r"] > 0  # diffusers' adapter metadata
+    assert meta["attndb_token"] == "<attndb-dog>"
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["stage1-step3", "stage2-step3", "stage3-step3"]
+
+
+def test_stock_diffusers_reproduces_the_trained_model(cli_run, tiny_model):
+    prompt = "a photo of a <attndb-dog> dog in the jungle"
+    trained_pipe = cli_run.pipeline()
+    trained_pipe.set_progress_bar_config(disable=True)
+    expected = _generate(trained_pipe, prompt)
+    loaded = _stock_load(_fresh_pipeline(tiny_model), cli_run.output_dir)
+    got = _generate(loaded, prompt)
+    assert abs(got - expected).max() < 1e-5
+    # ... and differs from the base model, with and without the token
+    base = _fresh_pipeline(tiny_model)
+    assert abs(_generate(base, prompt) - got).max() > 1e-3
+    assert abs(_generate(base, "a photo of a dog") - _generate(loaded, "a photo of a dog")).max() > 1e-3
+
+
+def test_combined_lora_equals_stage2_plus_stage3(cli_run, tiny_model):
+    """The exported single LoRA gives the same U-Net outputs as the two trained adapters applied together."""
+    from diffusers import UNet2DConditionModel
+
+    from attndb_peft.stages import ADAPTER_STAGE2, ADAPTER_STAGE3
+
+    assert set(cli_run.unet.active_adapters()) == {ADAPTER_STAGE2, ADAPTER_STAGE3}
+    fresh = UNet2DConditionModel.from_pretrained(str(tiny_model), subfolder="unet")
+    fresh.load_lora_adapter(str(cli_run.output_dir / LORA_NAME), prefix="unet", adapter_name="combined")
+    g = torch.Generator().manual_seed(0)
+    x, t, states = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([5, 900]), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        want = cli_run.unet(x, t, states).sample
+        got = fresh(x, t, states).sample
+        base = UNet2DConditionModel.from_pretrained(str(tiny_model), subfolder="unet")(x, t, states).sample
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - base).abs().max() > 1e-4
+    # the stage-2-only LoRA alone is not enough: stage 3 contributes
+    cli_run.unet.set_adapters([ADAPTER_STAGE2])
+    with torch.no_grad():
+        stage2_only = cli_run.unet(x, t, states).sample
+    cli_run.unet.set_adapters([ADAPTER_STAGE2, ADAPTER_STAGE3])
+    assert (stage2_only - want).abs().max() > 1e-5
+
+
+def test_default_fp16_export_is_close(tiny_model, instance_dir, tmp_path):
+    trainer = Trainer(make_config(tiny_model, instance_dir, tmp_path / "out", save_dtype="fp16"))
+    trainer.run()
+    assert {v.dtype for v in load_file(str(tmp_path / "out" / LORA_NAME)).values()} == {torch.float16}
+    prompt = "a photo of a <attndb-dog> dog"
+    expected = _generate(trainer.pipeline(), prompt)
+    got = _generate(_stock_load(_fresh_pipeline(tiny_model), tmp_path / "out"), prompt)
+    assert abs(got - expected).max() < 2e-2
+
+
+def test_stage3_full_exports_an_svd_lora(tiny_model, instance_dir, tmp_path):
+    out = tmp_path / "out"
+    trainer = Trainer(make_config(tiny_model, instance_dir, out, stage3_mode="full", full_export_rank=4))
+    trainer.run()
+    info = json.loads((out / CONFIG_NAME).read_text())
+    retained = info["report"]["full_export_retained"]
+    assert 0 < retained <= 1
+    assert "energy" in (out / MODEL_CARD_NAME).read_text()
+    lora = load_file(str(out / LORA_NAME))
+    ranks = {v.shape[0] for k, v in lora.items() if ".lora_A." in k}
+    assert max(ranks) <= 4
+    # the LoRA loads with stock diffusers and moves the base model towards the fine-tuned U-Net
+    pipe = _stock_load(_fresh_pipeline(tiny_model), out)
+    g = torch.Generator().manual_seed(1)
+    x, t, states = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([300]), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        tuned = trainer.unet(x, t, states).sample
+        loaded = pipe.unet(x, t, states).sample
+        pipe.unet.disable_lora()
+        base = pipe.unet(x, t, states).sample
+    assert (loaded - tuned).norm() < (base - tuned).norm()
+
+
+def test_resume_from_a_stage_checkpoint_gives_the_same_adapter(tiny_model, instance_dir, tmp_path):
+    """Delete everything after a mid-stage checkpoint, resume: the adapter is bit-identical."""
+    import shutil
+
+    out = tmp_path / "out"
+    Trainer(make_config(tiny_model, instance_dir, out, checkpointing_steps=2)).run()
+    reference = {name: load_file(str(out / name)) for name in (EMBEDDING_NAME, LORA_NAME)}
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["stage1-step2", "stage1-step3", "stage2-step2", "stage2-step3", "stage3-step2", "stage3-step3"]
+    for kept_until in ("stage1-step2", "stage2-step3", "stage3-step2"):
+        for p in sorted((out / "checkpoints").iterdir()):
+            if p.name > kept_until:
+                shutil.rmtree(p)
+        for name in (EMBEDDING_NAME, LORA_NAME):
+            (out / name).unlink()
+        Trainer(make_config(tiny_model, instance_dir, out, checkpointing_steps=2, resume=True)).run()
+        for name, tensors in reference.items():
+            resumed = load_file(str(out / name))
+            assert resumed.keys() == tensors.keys()
+            for k in tensors:
+                assert torch.equal(resumed[k], tensors[k]), (kept_until, name, k)
+
+
+def test_cli_subprocess_trains_and_exits_zero(tiny_model, instance_dir, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "attndb_peft",
+            "train",
+            "--model",
+            str(tiny_model),
+            "--images",
+            str(instance_dir),
+            "--category",
+            "dog",
+            "--output",
+            str(out),
+            "--resolution",
+            "32",
+            "--batch-size",
+            "1",
+            "--steps",
+            "1,1,1",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (out / LORA_NAME).is_file() and proc.stdout.strip().endswith(str(out))
+    # a second run into the same folder is refused with exit code 2 and touches nothing
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "attndb_peft",
+            "train",
+            "--model",
+            str(tiny_model),
+            "--images",
+            str(instance_dir),
+            "--category",
+            "dog",
+            "--output",
+            str(out),
+            "--resolution",
+            "32",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "--output" in proc.stderr and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
