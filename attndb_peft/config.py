@@ -190,9 +190,12 @@ class AttnDBConfig:
                 if isinstance(self.validation_prompts, str)
                 else tuple(self.validation_prompts)
             )
-        for name in ("model", "images", "category", "output"):
+        for name in ("model", "images", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ConfigError(f"{name} is required (got {getattr(self, name)!r}).")
+        if not isinstance(self.category, str):
+            raise ConfigError(f"category must be a string such as 'dog', got {self.category!r}.")
+        # An empty category is reported by trainer.check_inputs together with every other input problem.
         self.category = " ".join(self.category.split())
         if self.token is None:
             self.token = default_token(self.category)

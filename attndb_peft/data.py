@@ -85,7 +85,7 @@ def _to_rgb(image):
         else:
             top = 255.0
         array = np.clip(np.rint(array / top * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(array, mode="L").convert("RGB")
+        return Image.fromarray(array).convert("RGB")  # 2-D uint8 -> L
     if mode == "P":
         image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
         mode = image.mode

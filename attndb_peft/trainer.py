@@ -40,7 +40,7 @@ from .stages import (
     set_trainable,
 )
 
-__all__ = ["InputError", "TrainingDiverged", "TrainResult", "Trainer", "check_inputs", "train"]
+__all__ = ["InputError", "OutOfMemory", "TrainResult", "Trainer", "TrainingDiverged", "check_inputs", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,10 @@ class TrainingDiverged(RuntimeError):
     """The loss or gradients became non-finite (CLI exit code 1). The last good checkpoint is kept."""
 
 
+class OutOfMemory(RuntimeError):
+    """The GPU ran out of memory (CLI exit code 1); the message lists the settings that reduce memory."""
+
+
 @dataclass
 class TrainResult:
     """What a run produced."""
@@ -116,13 +120,17 @@ def check_inputs(config: AttnDBConfig) -> list[str]:
     except Exception as exc:  # missing model, no network, bad folder: say which
         problems.append(f"--model {config.model}: cannot load its tokenizer ({type(exc).__name__}: {exc}).")
     else:
-        if config.token in tokenizer.get_vocab():
+        token_ids = tokenizer(config.token, add_special_tokens=False).input_ids
+        if config.token in tokenizer.get_vocab() or (len(token_ids) == 1 and token_ids[0] != tokenizer.unk_token_id):
+            # a word the tokenizer already has as one token would be hijacked everywhere it appears
             problems.append(
-                f"--token {config.token!r} already exists in the tokenizer of {config.model}; choose an unused token."
+                f"--token {config.token!r} already exists in the tokenizer of {config.model}; choose an unused "
+                "token such as '<attndb-dog>'."
             )
         if not tokenizer(config.category, add_special_tokens=False).input_ids:
             problems.append(
-                f"--category {config.category!r} tokenizes to nothing; give a category word such as 'dog'."
+                f"--category {config.category!r} tokenizes to nothing; give the subject's category as a word such "
+                "as 'dog'."
             )
     if problems:
         raise InputError("Cannot start training:\n  - " + "\n  - ".join(problems))
@@ -170,6 +178,20 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ setup
     def run(self) -> TrainResult:
         """The whole job: `prepare`, the three stages (resuming if asked), export."""
+        try:
+            return self._run()
+        except torch.cuda.OutOfMemoryError as exc:
+            cfg = self.config
+            raise OutOfMemory(
+                f"CUDA ran out of memory (batch size {cfg.batch_size}, {cfg.resolution} px, gradient checkpointing "
+                f"{'on' if cfg.gradient_checkpointing else 'off'}, stage 3 {cfg.stage3_mode}). Reduce memory with "
+                f"--gradient-checkpointing, a smaller --batch-size (e.g. {max(cfg.batch_size // 2, 1)}), a lower "
+                "--resolution, or --stage3 lora instead of full. Checkpoints written so far are kept: add "
+                "--gradient-checkpointing and --resume to continue (batch size and resolution must stay the same "
+                "to resume; changing them needs --overwrite)."
+            ) from exc
+
+    def _run(self) -> TrainResult:
         resume = self.prepare()
         for stage in (1, 2, 3):
             self.build_stage(stage)
@@ -191,14 +213,19 @@ class Trainer:
     def prepare(self) -> dict | None:
         """Check inputs, start accelerate, load the models, add the token and cache the latents. Returns the
         checkpoint to resume from (with `resume`), else None."""
-        cfg = self.config
-        for warning in check_inputs(cfg):
-            logger.warning(warning)
         from accelerate import Accelerator
 
+        cfg = self.config
         self.mixed_precision = _resolve_mixed_precision(cfg.mixed_precision)
-        self.accelerator = Accelerator(mixed_precision=self.mixed_precision)
+        # cpu=True without CUDA makes torchrun / `accelerate launch --multi_gpu` processes on a CPU-only machine
+        # join one gloo process group (accelerate's MULTI_CPU) instead of each training alone.
+        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
+        # Every process checks (they see the same files and all stop alike); nothing is written before this.
+        for warning in check_inputs(cfg):
+            if self.accelerator.is_main_process:
+                logger.warning(warning)
+        self.accelerator.wait_for_everyone()
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.mixed_precision, torch.float32)
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True

@@ -177,27 +177,51 @@ def test_stage3_full_exports_an_svd_lora(tiny_model, instance_dir, tmp_path):
     assert (loaded - tuned).norm() < (base - tuned).norm()
 
 
-def test_resume_from_a_stage_checkpoint_gives_the_same_adapter(tiny_model, instance_dir, tmp_path):
+@pytest.mark.parametrize("stage3_mode", ["lora", "full"])
+def test_resume_from_a_stage_checkpoint_gives_the_same_adapter(tiny_model, instance_dir, tmp_path, stage3_mode):
     """Delete everything after a mid-stage checkpoint, resume: the adapter is bit-identical."""
     import shutil
 
     out = tmp_path / "out"
-    Trainer(make_config(tiny_model, instance_dir, out, checkpointing_steps=2)).run()
+    settings = dict(checkpointing_steps=2, stage3_mode=stage3_mode)
+    Trainer(make_config(tiny_model, instance_dir, out, **settings)).run()
     reference = {name: load_file(str(out / name)) for name in (EMBEDDING_NAME, LORA_NAME)}
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["stage1-step2", "stage1-step3", "stage2-step2", "stage2-step3", "stage3-step2", "stage3-step3"]
-    for kept_until in ("stage1-step2", "stage2-step3", "stage3-step2"):
+    kill_points = ("stage1-step2", "stage2-step3", "stage3-step2") if stage3_mode == "lora" else ("stage3-step2",)
+    for kept_until in kill_points:
         for p in sorted((out / "checkpoints").iterdir()):
             if p.name > kept_until:
                 shutil.rmtree(p)
         for name in (EMBEDDING_NAME, LORA_NAME):
             (out / name).unlink()
-        Trainer(make_config(tiny_model, instance_dir, out, checkpointing_steps=2, resume=True)).run()
+        Trainer(make_config(tiny_model, instance_dir, out, resume=True, **settings)).run()
         for name, tensors in reference.items():
             resumed = load_file(str(out / name))
             assert resumed.keys() == tensors.keys()
             for k in tensors:
                 assert torch.equal(resumed[k], tensors[k]), (kept_until, name, k)
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(tiny_model, instance_dir, tmp_path):
+    """Recomputing the forward pass re-captures the attention maps without duplicating them."""
+    runs = {}
+    for flag in (False, True):
+        out = tmp_path / str(flag)
+        Trainer(make_config(tiny_model, instance_dir, out, gradient_checkpointing=flag)).run()
+        runs[flag] = load_file(str(out / LORA_NAME))
+    for key, value in runs[False].items():
+        torch.testing.assert_close(runs[True][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_v_prediction_model_trains(instance_dir, tmp_path):
+    from attndb_peft.testing import save_tiny_pipeline
+
+    model = save_tiny_pipeline(tmp_path / "v-model", prediction_type="v_prediction")
+    trainer = Trainer(make_config(model, instance_dir, tmp_path / "out", steps=(1, 1, 1)))
+    trainer.run()
+    assert trainer.noise_scheduler.config.prediction_type == "v_prediction"
+    assert (tmp_path / "out" / LORA_NAME).is_file()
 
 
 def test_cli_subprocess_trains_and_exits_zero(tiny_model, instance_dir, tmp_path):
