@@ -1,0 +1,117 @@
+# Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
+"""AttnDBConfig: defaults from the paper, YAML/JSON files, CLI precedence, validation messages."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attndb_peft.cli import build_parser, config_from_args
+from attndb_peft.config import AttnDBConfig, ConfigError, StageConfig, default_token
+
+REQUIRED = dict(model="m", images="i", category="dog", output="o")
+
+
+def test_paper_defaults_and_lora_learning_rates():
+    c = AttnDBConfig(**REQUIRED)
+    assert (c.stage1.steps, c.stage2.steps, c.stage3.steps) == (60, 100, 500)
+    assert (c.stage1.lambda_mu, c.stage1.lambda_var) == (0.1, 0.0)
+    assert (c.stage2.lambda_mu, c.stage2.lambda_var) == (c.stage3.lambda_mu, c.stage3.lambda_var) == (2.0, 5.0)
+    assert (c.stage1.learning_rate, c.stage2.learning_rate, c.stage3.learning_rate) == (1e-3, 2e-4, 2e-5)
+    assert AttnDBConfig(**REQUIRED, stage3_mode="full").stage3.learning_rate == 2e-6
+    assert c.token == "<attndb-dog>" and c.prompt == "a photo of a <attndb-dog> dog"
+    assert c.resolution == 512 and c.batch_size == 8 and c.regularizer == "per_layer"
+    assert default_token("Teddy  Bear!") == "<attndb-teddy-bear>"
+
+
+def test_every_field_has_help():
+    for cls in (AttnDBConfig, StageConfig):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+
+
+def test_yaml_file_with_nested_stages_and_cli_precedence(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "model: base\nimages: imgs\ncategory: teddy bear\noutput: out\nseed: 3\nstage3_mode: full\n"
+        "stage2:\n  rank: 8\n  learning_rate: 1.0e-4\n"
+    )
+    args = build_parser().parse_args(["train", "--config", str(path), "--seed", "9", "--steps", "1,2,3"])
+    c = config_from_args(args)
+    assert c.seed == 9 and c.category == "teddy bear" and c.stage3_mode == "full"
+    assert c.stage2.rank == 8 and c.stage2.learning_rate == 1e-4
+    assert (c.stage1.steps, c.stage2.steps, c.stage3.steps) == (1, 2, 3)
+    assert c.stage3.learning_rate == 2e-6  # the full fine-tune default, not the LoRA one
+    args = build_parser().parse_args(["train", "--config", str(path), "--learning-rates", "1e-3,1e-4,5e-6"])
+    assert config_from_args(args).stage3.learning_rate == 5e-6
+
+
+def test_json_file_round_trips(tmp_path):
+    c = AttnDBConfig(**REQUIRED, token="<sks>", resolution=256, validation_prompts=("a {}",))
+    path = tmp_path / "c.json"
+    path.write_text(c.to_json())
+    again = AttnDBConfig.from_file(path)
+    assert again == c
+    assert json.loads(path.read_text())["stage2"]["rank"] == 32
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(1, 64).map(lambda n: n * 8),
+    st.integers(1, 32),
+    st.integers(0, 2**31),
+    st.sampled_from(["lora", "full"]),
+    st.sampled_from(["per_layer", "pooled"]),
+    st.lists(st.integers(0, 1000), min_size=3, max_size=3),
+)
+def test_to_dict_from_dict_round_trip(resolution, batch, seed, mode, reduction, steps):
+    c = AttnDBConfig(
+        **REQUIRED, resolution=resolution, batch_size=batch, seed=seed, stage3_mode=mode, regularizer=reduction
+    ).with_stage_values(steps=steps)
+    assert AttnDBConfig.from_dict(json.loads(c.to_json())) == c
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        (dict(resolution=500), ["resolution", "multiple of 8", "500"]),
+        (dict(batch_size=0), ["batch_size"]),
+        (dict(stage3_mode="half"), ["stage3_mode", "half"]),
+        (dict(regularizer="mean"), ["regularizer", "per_layer"]),
+        (dict(token="two words"), ["token", "spaces"]),
+        (dict(resume=True, overwrite=True), ["resume", "overwrite"]),
+        (dict(stage2={"steps": -1}), ["stage2", "steps"]),
+        (dict(stage1={"bogus": 1}), ["stage1", "bogus"]),
+        (dict(mixed_precision="fp8"), ["mixed_precision", "fp8"]),
+    ],
+)
+def test_invalid_settings_name_the_setting(changes, words):
+    with pytest.raises(ConfigError) as info:
+        AttnDBConfig(**{**REQUIRED, **changes})
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_unknown_keys_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="unknown setting.*colour"):
+        AttnDBConfig.from_dict({**REQUIRED, "colour": "red"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*YAML"):
+        AttnDBConfig.from_file(bad)
+    listy = tmp_path / "list.json"
+    listy.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="mapping"):
+        AttnDBConfig.from_file(listy)
+
+
+def test_cli_requires_the_four_inputs():
+    args = build_parser().parse_args(["train", "--model", "m"])
+    with pytest.raises(ConfigError, match="--images.*--category.*--output"):
+        config_from_args(args)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--steps", "1,2"])
