@@ -350,9 +350,9 @@ class Trainer:
             k: v.detach().to("cpu", torch.float32, copy=True) for k, v in self._base_unet_state().items()
         }
         self.stage2_state = self._adapter_state(ADAPTER_STAGE2)
+        self.unet.to(torch.float32)  # before fusing, so the stage-2 delta is not rounded to bf16/fp16
         self.unet.fuse_lora(adapter_names=[ADAPTER_STAGE2])
         self.unet.unload_lora()
-        self.unet.to(torch.float32)
 
     def _base_unet_state(self) -> dict[str, torch.Tensor]:
         """The U-Net's base weights (without LoRA tensors), with PEFT's `base_layer.` naming removed."""
