@@ -171,7 +171,8 @@ def _explain(exc: Exception, folder: Path, repo_id: str, step: str) -> str:
         hint = "The Hub could not be reached: check the network connection (and HF_ENDPOINT if set)."
     else:
         hint = ""
+    reason = str(exc).strip().rstrip(".")
     return (
-        f"Pushing {folder} to {repo_id} failed while {step}: {type(exc).__name__}: {exc}. {hint} The local "
+        f"Pushing {folder} to {repo_id} failed while {step}: {type(exc).__name__}: {reason}. {hint} The local "
         f"folder is unchanged; push again with `attndb push {folder} {repo_id}`."
     ).replace("  ", " ")
