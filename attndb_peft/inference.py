@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 #: The placeholder in CLI prompts: `{}` expands to `TOKEN CATEGORY`.
 PLACEHOLDER = "{}"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class UsageError(ValueError):
@@ -102,6 +103,11 @@ def read_adapter_config(path_or_repo_id: str | os.PathLike, token: str | None = 
             )
     elif path.exists():
         raise UsageError(f"--adapter {source}: is a file; give the adapter folder (the output of attndb train).")
+    elif not _REPO_ID.match(source) or source.startswith((".", "~")):
+        raise UsageError(
+            f"--adapter {source}: no such folder, and not a Hub repo id ('user/name'); give the folder written by "
+            "attndb train --output, or the Hub repo it was pushed to."
+        )
     else:
         from huggingface_hub import hf_hub_download
 
