@@ -26,7 +26,7 @@ __all__ = ["DEMO_STEPS", "DemoResult", "run_demo"]
 logger = logging.getLogger(__name__)
 
 #: Steps of stages 1, 2, 3 in the demo (the paper's are 60, 100, 500 at batch 8 on real photos).
-DEMO_STEPS = (30, 30, 30)
+DEMO_STEPS = (20, 20, 20)
 #: Learning rates that visibly move the tiny random model in a few dozen steps (not for real models).
 DEMO_LEARNING_RATES = (5e-2, 1e-2, 1e-2)
 _MARKER = ".attndb-demo"
@@ -89,7 +89,7 @@ def run_demo(
     output: str | os.PathLike = "attndb-demo",
     steps: tuple[int, int, int] = DEMO_STEPS,
     seed: int = 0,
-    inference_steps: int = 10,
+    inference_steps: int = 6,
 ) -> DemoResult:
     """Run the offline demo (see the module docstring).
 

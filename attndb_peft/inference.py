@@ -220,8 +220,9 @@ def generate_images(
     negative_prompt: str | None = None,
     batch_size: int = 4,
 ) -> list:
-    """Generate `num_images` images of `prompt`; image `i` uses seed `seed + i`, so the same seed gives the
-    same pixels and a run with more images extends, rather than changes, the first ones.
+    """Generate `num_images` images of `prompt`; image `i` starts from the noise of seed `seed + i`. The same
+    settings give the same pixels; a run with more images extends the first ones (equal up to the float rounding
+    of a different batch size).
 
     Args:
         pipe: a `StableDiffusionPipeline`.
