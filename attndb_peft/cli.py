@@ -153,6 +153,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _multiple_of_8(text: str) -> int:
+    value = _positive_int(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"expected a multiple of 8 (the VAE's downsampling), got {value}")
+    return value
+
+
 def _add_generation_args(p: argparse.ArgumentParser, steps: int, adapter_required: bool = False) -> None:
     """Flags shared by generate, inspect and evaluate: base model, adapter and sampling settings."""
     p.add_argument(
@@ -174,8 +181,10 @@ def _add_generation_args(p: argparse.ArgumentParser, steps: int, adapter_require
     p.add_argument("--seed", type=int, default=0, help="Seed of the first image; image i uses seed+i. Default 0.")
     p.add_argument("--steps", type=_positive_int, default=steps, help=f"Denoising steps. Default {steps}.")
     p.add_argument("--guidance", type=float, default=7.5, help="Classifier-free guidance scale. Default 7.5.")
-    p.add_argument("--height", type=_positive_int, help="Image height in pixels (multiple of 8); default the model's.")
-    p.add_argument("--width", type=_positive_int, help="Image width in pixels (multiple of 8); default the model's.")
+    p.add_argument(
+        "--height", type=_multiple_of_8, help="Image height in pixels (multiple of 8); default the model's."
+    )
+    p.add_argument("--width", type=_multiple_of_8, help="Image width in pixels (multiple of 8); default the model's.")
     p.add_argument("--device", help="Torch device, e.g. cuda, cuda:1, cpu. Default: CUDA if available, else CPU.")
     p.add_argument(
         "--dtype",

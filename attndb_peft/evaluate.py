@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .inference import AdapterInfo, UsageError, expand_prompt, generate_images, resolve_device
+from .inference import AdapterInfo, UsageError, _first_line, expand_prompt, generate_images, resolve_device
 
 __all__ = [
     "DEFAULT_CLIP_MODEL",
@@ -209,11 +209,6 @@ class DinoEmbedder:
             hidden = self.model(pixel_values=pixels.pixel_values.to(self.device)).last_hidden_state
             out.append(hidden[:, 0].float().cpu())
         return torch.cat(out)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def evaluate_concept(

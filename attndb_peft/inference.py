@@ -50,6 +50,12 @@ PLACEHOLDER = "{}"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def _first_line(exc: BaseException) -> str:
+    """`Type: first line of the message`: library messages can run for many lines; the CLI prints one."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 class UsageError(ValueError):
     """Bad input to generate / inspect / evaluate / demo (CLI exit code 2). The message names the argument, the
     value received and the fix."""
@@ -113,10 +119,10 @@ def read_adapter_config(path_or_repo_id: str | os.PathLike, token: str | None = 
 
         try:
             file = Path(hf_hub_download(source, CONFIG_NAME, token=token, **hub_kwargs))
-        except Exception as exc:  # not a repo id, offline, gated, missing file: say what was tried
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        except Exception as exc:  # offline, gated, missing repo or file: say what was tried
             raise UsageError(
-                f"--adapter {source}: not a local folder, and fetching {CONFIG_NAME} from the Hub failed ({reason}); "
+                f"--adapter {source}: not a local folder, and fetching {CONFIG_NAME} from the Hub failed "
+                f"({_first_line(exc)}); "
                 "give an existing adapter folder or a Hub repo id."
             ) from None
     try:
@@ -184,9 +190,8 @@ def load_pipeline(
             model, torch_dtype=torch_dtype, revision=revision, token=hub_token
         )
     except Exception as exc:  # missing folder, bad id, no network: one line that names the argument
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(
-            f"--model {model}: cannot load a Stable Diffusion pipeline ({type(exc).__name__}: {reason}); give a "
+            f"--model {model}: cannot load a Stable Diffusion pipeline ({_first_line(exc)}); give a "
             "diffusers model folder or a Hub id (online, or cached for offline use)."
         ) from None
     pipe = pipe.to(target)
