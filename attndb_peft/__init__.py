@@ -6,6 +6,8 @@ pipelines (new names only; no existing diffusers method is changed).
 """
 
 from .config import AttnDBConfig, StageConfig
+from .hub import push_to_hub
+from .loading import _register_pipeline_methods, load_attndb, unload_attndb
 from .regularizer import attention_regularizer
 from .trainer import train
 
@@ -16,5 +18,10 @@ __all__ = [
     "StageConfig",
     "__version__",
     "attention_regularizer",
+    "load_attndb",
+    "push_to_hub",
     "train",
+    "unload_attndb",
 ]
+
+_register_pipeline_methods()

@@ -329,8 +329,45 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .trainer import Trainer
 
     config = config_from_args(args)
-    result = Trainer(config).run()  # logs the run summary (time per stage, peak memory, files)
+    if config.push_to_hub:
+        from .hub import check_repo_id
+
+        check_repo_id(config.push_to_hub)  # before hours of training, not after
+    trainer = Trainer(config)
+    result = trainer.run()  # logs the run summary (time per stage, peak memory, files)
     print(result.output_dir)
+    accelerator = getattr(trainer, "accelerator", None)
+    if config.push_to_hub and (accelerator is None or accelerator.is_main_process):
+        from .hub import push_to_hub
+
+        url = push_to_hub(result.output_dir, config.push_to_hub)
+        logger.info("Pushed to the Hub: %s", url)
+    return EXIT_OK
+
+
+def _add_push_parser(sub) -> None:
+    p = sub.add_parser(
+        "push",
+        help="Push an adapter folder to the Hugging Face Hub.",
+        description="Upload the adapter files, model card and sample images of OUT (never checkpoints) to the Hub "
+        "model repo REPO, creating it if needed. Prints the commit URL.",
+    )
+    p.add_argument("output", metavar="OUT", help="The adapter folder `attndb train` wrote.")
+    p.add_argument("repo_id", metavar="REPO", help="Hub repo id, e.g. your-name/my-dog.")
+    p.add_argument("--private", action="store_true", help="Create the repo private (an existing repo keeps its own).")
+    p.add_argument("--token", help="Hub token with write access (default: the one saved by `hf auth login`).")
+    p.add_argument("--commit-message", dest="commit_message", help="Default: 'Upload attndb concept TOKEN'.")
+    _add_common(p)
+    p.set_defaults(handler=_cmd_push)
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_to_hub
+
+    url = push_to_hub(
+        args.output, args.repo_id, private=args.private, token=args.token, commit_message=args.commit_message
+    )
+    print(url)
     return EXIT_OK
 
 
@@ -449,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(sub)
     _add_inspect_parser(sub)
     _add_evaluate_parser(sub)
+    _add_push_parser(sub)
     _add_demo_parser(sub)
     return parser
 
@@ -457,9 +495,10 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .data import DataError
     from .inference import UsageError
+    from .loading import AdapterError
     from .trainer import InputError
 
-    return (ConfigError, DataError, InputError, UsageError)
+    return (AdapterError, ConfigError, DataError, InputError, UsageError)
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+from collections import Counter
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,10 @@ __all__ = [
     "KOHYA_NAME",
     "LORA_NAME",
     "MODEL_CARD_NAME",
+    "REPO_PLACEHOLDER",
+    "base_model_family",
     "export_adapter",
+    "kohya_alpha",
     "kohya_state_dict",
     "package_versions",
     "peft_state_dict",
@@ -50,6 +55,13 @@ CONFIG_NAME = "attndb_config.json"
 MODEL_CARD_NAME = "README.md"
 #: Version of the adapter folder layout; `load_attndb` refuses folders from a newer major version.
 FORMAT_VERSION = "1.0"
+#: Stands for the adapter's location in the model card's snippets; `push_to_hub` replaces it with the repo id.
+REPO_PLACEHOLDER = "REPO_OR_FOLDER"
+
+# Text-encoder width -> (kohya ss_base_model_version, Hub license of the base model). SD 1.x uses CLIP ViT-L
+# (768) under CreativeML OpenRAIL-M; SD 2.x uses OpenCLIP ViT-H (1024) under OpenRAIL++.
+_FAMILIES = {768: ("sd_v1", "creativeml-openrail-m"), 1024: ("sd_v2", "openrail++")}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -65,6 +77,19 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def base_model_family(model: str, embedding_dim: int | None = None) -> tuple[str | None, str]:
+    """`(kohya base model version, Hub license)` of a base model, from its text-encoder width when known (a local
+    folder's name says nothing), else from its name; `(None, "other")` when neither tells."""
+    if embedding_dim in _FAMILIES:
+        return _FAMILIES[embedding_dim]
+    name = model.lower()
+    if re.search(r"stable-diffusion-v1|sd-?1[.-]?[45]|v1-[45]", name):
+        return _FAMILIES[768]
+    if re.search(r"stable-diffusion-2|sd-?2[.-]?[01]", name):
+        return _FAMILIES[1024]
+    return None, "other"
+
+
 def peft_state_dict(lora: dict[str, LoraFactors], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """PEFT keys without the `unet.` prefix (diffusers' `save_lora_weights` adds it)."""
     state = {}
@@ -74,15 +99,29 @@ def peft_state_dict(lora: dict[str, LoraFactors], dtype: torch.dtype) -> dict[st
     return state
 
 
+def kohya_alpha(lora: dict[str, LoraFactors]) -> int:
+    """The one `alpha` every module of the kohya copy carries: the most common rank."""
+    return Counter(f.rank for f in lora.values()).most_common(1)[0][0]
+
+
 def kohya_state_dict(lora: dict[str, LoraFactors], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """kohya-ss keys: `lora_unet_<module path with _>.lora_down.weight`, `.lora_up.weight` and `.alpha`.
-    The scale is folded into `lora_up` and alpha = rank, so every loader applies it at scale 1."""
+    """kohya-ss keys, as sd-scripts' `networks.lora` writes them for SD 1.x/2.x U-Nets: `lora_unet_<diffusers
+    module path with '.' -> '_'>.lora_down.weight`, `.lora_up.weight` and a scalar `.alpha`.
+
+    Loaders apply `alpha / rank * lora_up @ lora_down`. Every module gets the same alpha (`kohya_alpha`) and the
+    rest of its scale is folded into `lora_up`: diffusers' kohya converter keeps a single alpha exactly but
+    misnames per-module alphas of attention layers (its `alpha_pattern` keys keep the old
+    `attn2.processor.to_k_lora` spelling and match nothing), which would silently rescale the stage-2 attention
+    modules, whose rank differs from the others'. A1111 and ComfyUI read the alpha per module, so a uniform alpha
+    is exact for them as well."""
+    alpha = kohya_alpha(lora)
     state = {}
     for name, factors in lora.items():
         key = "lora_unet_" + name.replace(".", "_")
         state[f"{key}.lora_down.weight"] = factors.down.to(dtype).contiguous()
-        state[f"{key}.lora_up.weight"] = (factors.up * factors.scale).to(dtype).contiguous()
-        state[f"{key}.alpha"] = torch.tensor(float(factors.rank), dtype=dtype)
+        up = factors.up.float() * (factors.scale * factors.rank / alpha)
+        state[f"{key}.lora_up.weight"] = up.to(dtype).contiguous()
+        state[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
     return state
 
 
@@ -105,24 +144,44 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
 
 
 def render_model_card(
-    config: AttnDBConfig, lora: dict[str, LoraFactors], report: dict[str, Any], samples: list[str]
+    config: AttnDBConfig,
+    lora: dict[str, LoraFactors],
+    report: dict[str, Any],
+    samples: list[tuple[str, str]],
+    embedding_dim: int | None = None,
+    repo_id: str | None = None,
 ) -> str:
-    """Render `model_card_template.md` with the run's settings (Hub YAML front matter + usage + settings)."""
+    """Render `model_card_template.md` with the run's settings: Hub YAML front matter (base model and its license,
+    tags, instance prompt, widget entries for the samples), usage with attndb_peft, stock diffusers, A1111 and
+    ComfyUI, and the training settings table.
+
+    Args:
+        config (`AttnDBConfig`): the run's settings.
+        lora (`dict[str, LoraFactors]`): the exported LoRA (for ranks and module count).
+        report (`dict`): extra facts (e.g. `full_export_retained`).
+        samples (`list[tuple[str, str]]`): (prompt, relative image path) pairs; `{}` in a prompt expands to
+            `TOKEN CATEGORY`.
+        embedding_dim (`int`, *optional*): the text-encoder width, which tells SD 1.x from 2.x (license).
+        repo_id (`str`, *optional*): where the adapter will live; default `config.push_to_hub`, else the
+            `REPO_OR_FOLDER` placeholder that `push_to_hub` fills in.
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
+    from .loading import adapter_name_for_token
+
     template = Path(__file__).with_name("model_card_template.md")
+    _, license_ = base_model_family(config.model, embedding_dim)
+    # The Hub only accepts repo ids as base_model; a local folder is named in the text instead.
+    is_hub_id = bool(_HUB_ID.match(config.model)) and not Path(config.model).expanduser().exists()
+    expanded = [(p.replace("{}", f"{config.token} {config.category}"), path) for p, path in samples]
     card_data = ModelCardData(
-        base_model=config.model,
-        license="creativeml-openrail-m" if "stable-diffusion-v1" in config.model.lower() else "openrail++",
+        base_model=config.model if is_hub_id else None,
+        license=license_,
         library_name="diffusers",
         pipeline_tag="text-to-image",
         tags=["attndb", "lora", "textual-inversion", "diffusers", "text-to-image", "stable-diffusion"],
         instance_prompt=config.prompt,
-        widget=[
-            {"text": p.replace("{}", f"{config.token} {config.category}"), "output": {"url": s}} for p, s in samples
-        ]
-        if samples
-        else None,
+        widget=[{"text": p, "output": {"url": path}} for p, path in expanded] or None,
     )
     ranks = sorted({f.rank for f in lora.values()})
     stages = [
@@ -138,8 +197,11 @@ def render_model_card(
         card_data,
         template_path=str(template),
         token=config.token,
+        adapter_name=adapter_name_for_token(config.token),
         category=config.category,
         base_model=config.model,
+        base_model_is_hub_id=is_hub_id,
+        repo=repo_id or config.push_to_hub or REPO_PLACEHOLDER,
         prompt=config.prompt,
         stages=[
             {
@@ -159,7 +221,7 @@ def render_model_card(
         ranks=", ".join(map(str, ranks)),
         num_modules=len(lora),
         report=report,
-        samples=samples,
+        samples=expanded,
         versions=package_versions(),
     )
     return str(card)
@@ -214,13 +276,23 @@ def export_adapter(
     _save(load_file(str(tmp / LORA_NAME)), tmp / LORA_NAME, {**diffusers_metadata, **metadata})
 
     ranks = sorted({f.rank for f in lora.values()})
+    family, _ = base_model_family(config.model, int(embedding.shape[-1]))
+    alpha = kohya_alpha(lora)
+    # The keys sd-scripts writes for a LoRA; A1111/ComfyUI show them, none of them changes how it loads.
     kohya_meta = {
         **metadata,
+        "attndb_alphas": json.dumps([alpha]),
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(max(ranks)),
-        "ss_network_alpha": str(max(ranks)),
-        "ss_base_model_version": "sd_v1" if "v1" in config.model.lower() else "sd_v2",
+        "ss_network_dim": str(alpha),
+        "ss_network_alpha": str(alpha),
+        "ss_output_name": config.token.strip("<>"),
+        "ss_sd_model_name": config.model,
+        "ss_training_comment": f"AttnDreamBooth concept {config.token} ({config.category}); "
+        f"embedding in {EMBEDDING_NAME}",
     }
+    if family is not None:
+        kohya_meta["ss_base_model_version"] = family
+        kohya_meta["ss_v2"] = str(family == "sd_v2")
     _save(kohya_state_dict(lora, dtype), tmp / KOHYA_NAME, kohya_meta)
 
     run_info = {
@@ -237,7 +309,8 @@ def export_adapter(
         "versions": package_versions(),
     }
     (tmp / CONFIG_NAME).write_text(json.dumps(run_info, indent=2, sort_keys=True), encoding="utf-8")
-    (tmp / MODEL_CARD_NAME).write_text(render_model_card(config, lora, report, samples or []), encoding="utf-8")
+    card = render_model_card(config, lora, report, samples or [], embedding_dim=int(embedding.shape[-1]))
+    (tmp / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
 
     written = []
     umask = os.umask(0)

@@ -162,8 +162,17 @@ def train(config: AttnDBConfig) -> Path:
     Raises:
         InputError: bad input found before any model is loaded; nothing is written.
         TrainingDiverged: the loss became non-finite; checkpoints written so far stay.
+        hub.PushError: with `config.push_to_hub`, the push failed; the adapter folder is complete.
     """
-    return Trainer(config).run().output_dir
+    if config.push_to_hub:
+        from .hub import check_repo_id, push_to_hub
+
+        check_repo_id(config.push_to_hub)  # before the run, not hours later
+    trainer = Trainer(config)
+    output_dir = trainer.run().output_dir
+    if config.push_to_hub and trainer.accelerator.is_main_process:
+        push_to_hub(output_dir, config.push_to_hub)
+    return output_dir
 
 
 class Trainer:

@@ -1,0 +1,234 @@
+# Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
+"""The adapter folder's kohya copy, safetensors metadata and model card."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import pytest
+import torch
+from conftest import make_config
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from attndb_peft.export import (
+    CONFIG_NAME,
+    EMBEDDING_NAME,
+    FORMAT_VERSION,
+    KOHYA_NAME,
+    LORA_NAME,
+    MODEL_CARD_NAME,
+    REPO_PLACEHOLDER,
+    export_adapter,
+    render_model_card,
+)
+from attndb_peft.stages import LoraFactors
+from attndb_peft.testing import TINY_RESOLUTION
+
+_KOHYA_KEY = re.compile(r"^lora_unet_([a-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+
+
+def _fresh(model):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _generate(pipe, prompt):
+    with torch.no_grad():
+        return pipe(
+            prompt,
+            num_inference_steps=3,
+            height=TINY_RESOLUTION,
+            width=TINY_RESOLUTION,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ).images
+
+
+def _metadata(path):
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def _unet_outputs(unet):
+    g = torch.Generator().manual_seed(0)
+    x, t, states = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, t, states).sample
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # The tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP threads that wait
+    # on each other make every forward pass ~10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------- kohya copy
+def test_kohya_copy_reproduces_the_diffusers_images(trained, tiny_model):
+    out = trained.output_dir
+    prompt = "a photo of a <attndb-dog> dog on the beach"
+    images = {}
+    for name in (LORA_NAME, KOHYA_NAME):
+        pipe = _fresh(tiny_model)
+        pipe.load_textual_inversion(str(out / EMBEDDING_NAME))
+        pipe.load_lora_weights(str(out), weight_name=name, adapter_name="concept")
+        images[name] = _generate(pipe, prompt)
+    assert abs(images[KOHYA_NAME] - images[LORA_NAME]).max() < 1e-6
+    # ... and the LoRA is not a no-op (the stage-2 attention modules have twice the rank of the others, the case a
+    # per-module kohya alpha would get wrong in diffusers)
+    assert abs(images[LORA_NAME] - _generate(_fresh(tiny_model), prompt)).max() > 1e-3
+
+
+def test_kohya_keys_follow_sd_scripts(trained):
+    out = trained.output_dir
+    diffusers_sd = load_file(str(out / LORA_NAME))
+    kohya_sd = load_file(str(out / KOHYA_NAME))
+    modules = sorted({k[len("unet.") : k.index(".lora_A.")] for k in diffusers_sd if ".lora_A." in k})
+    assert all(_KOHYA_KEY.match(k) for k in kohya_sd), [k for k in kohya_sd if not _KOHYA_KEY.match(k)][:3]
+    assert len(kohya_sd) == 3 * len(modules)
+    ranks = {diffusers_sd[f"unet.{m}.lora_A.weight"].shape[0] for m in modules}
+    assert len(ranks) > 1  # stage 2 + 3 concatenated on attn2, stage 3 alone elsewhere
+    alphas = set()
+    for module in modules:
+        # sd-scripts: "lora_unet_" + the diffusers module path with dots as underscores
+        key = "lora_unet_" + module.replace(".", "_")
+        down, up, alpha = (kohya_sd[f"{key}.{part}"] for part in ("lora_down.weight", "lora_up.weight", "alpha"))
+        a, b = diffusers_sd[f"unet.{module}.lora_A.weight"], diffusers_sd[f"unet.{module}.lora_B.weight"]
+        assert alpha.shape == () and down.shape == a.shape and up.shape == b.shape
+        alphas.add(float(alpha))
+        torch.testing.assert_close(float(alpha) / down.shape[0] * up @ down, b @ a, rtol=1e-5, atol=1e-7)
+    # one alpha for all modules (the most common rank); the rest of each module's scale is folded into lora_up
+    module_ranks = [diffusers_sd[f"unet.{m}.lora_A.weight"].shape[0] for m in modules]
+    assert alphas == {float(Counter(module_ranks).most_common(1)[0][0])}
+
+
+def _every_layer_lora(unet, seed=0):
+    """A random LoRA on every Linear and Conv2d of the U-Net (ResNet 3x3 convs, strided downsamplers, conv_in,
+    the time embedding, ...: everything a `--stage3 full` SVD export can contain), with mixed ranks and scales."""
+    g = torch.Generator().manual_seed(seed)
+    lora = {}
+    for i, (name, module) in enumerate(unet.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            rank = 2 + i % 3
+            down = torch.randn(rank, module.in_features, generator=g) * 0.1
+            up = torch.randn(module.out_features, rank, generator=g) * 0.1
+        elif isinstance(module, torch.nn.Conv2d):
+            rank = 2 + i % 3
+            down = torch.randn(rank, *module.weight.shape[1:], generator=g) * 0.1
+            up = torch.randn(module.out_channels, rank, 1, 1, generator=g) * 0.1
+        else:
+            continue
+        lora[name] = LoraFactors(down=down, up=up, scale=0.5 if i % 2 else 1.0)
+    return lora
+
+
+def test_kohya_and_diffusers_copies_of_every_layer_type_match_the_math(tiny_model, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    config = make_config(tiny_model, tmp_path / "images", tmp_path / "out")
+    reference = UNet2DConditionModel.from_pretrained(str(tiny_model), subfolder="unet")
+    lora = _every_layer_lora(reference)
+    assert any(f.down.ndim == 4 for f in lora.values()) and len({f.rank for f in lora.values()}) == 3
+    export_adapter(tmp_path / "out", config, torch.randn(1, 32), lora)
+    with torch.no_grad():  # the exact meaning of the LoRA: W + scale * up @ down
+        for name, factors in lora.items():
+            reference.get_submodule(name).weight += factors.delta()
+    want = _unet_outputs(reference)
+    for weight_name in (LORA_NAME, KOHYA_NAME):
+        pipe = _fresh(tiny_model)
+        pipe.load_lora_weights(str(tmp_path / "out"), weight_name=weight_name, adapter_name="x")
+        torch.testing.assert_close(_unet_outputs(pipe.unet), want, rtol=1e-4, atol=1e-5, msg=weight_name)
+
+
+# ---------------------------------------------------------------------------------------------- metadata
+def test_every_file_carries_the_attndb_metadata(trained):
+    out = trained.output_dir
+    config = trained.config
+    info = json.loads((out / CONFIG_NAME).read_text())
+    diffusers_sd = load_file(str(out / LORA_NAME))
+    ranks = sorted({v.shape[0] for k, v in diffusers_sd.items() if ".lora_A." in k})
+    for name in (EMBEDDING_NAME, LORA_NAME, KOHYA_NAME):
+        meta = _metadata(out / name)
+        assert meta["attndb_format_version"] == FORMAT_VERSION == info["format_version"], name
+        assert meta["attndb_version"] == info["versions"]["attndb_peft"], name
+        assert meta["attndb_token"] == config.token == info["token"], name
+        assert meta["attndb_category"] == "dog" and meta["attndb_base_model"] == config.model, name
+        assert json.loads(meta["attndb_ranks"]) == ranks == info["lora"]["ranks"], name
+    assert json.loads(_metadata(out / LORA_NAME)["attndb_alphas"]) == ranks  # alpha = rank in diffusers keys
+    kohya_meta = _metadata(out / KOHYA_NAME)
+    kohya_sd = load_file(str(out / KOHYA_NAME))
+    alphas = {float(v) for k, v in kohya_sd.items() if k.endswith(".alpha")}
+    assert (
+        alphas
+        == {float(a) for a in json.loads(kohya_meta["attndb_alphas"])}
+        == {float(kohya_meta["ss_network_alpha"])}
+    )
+    assert kohya_meta["ss_network_module"] == "networks.lora"
+
+
+def test_lora_header_carries_the_rank_and_alpha_diffusers_reads(trained):
+    """diffusers builds the LoraConfig from `lora_adapter_metadata` when present; it must give every module the
+    rank of its tensors and alpha = rank (scale 1)."""
+    out = trained.output_dir
+    meta = json.loads(_metadata(out / LORA_NAME)["lora_adapter_metadata"])
+    sd = load_file(str(out / LORA_NAME))
+    r, alpha = meta["unet.r"], meta["unet.lora_alpha"]
+    rank_pattern, alpha_pattern = meta["unet.rank_pattern"], meta["unet.alpha_pattern"]
+    modules = {k[len("unet.") : k.index(".lora_A.")]: v.shape[0] for k, v in sd.items() if ".lora_A." in k}
+    assert set(meta["unet.target_modules"]) == set(modules)
+    for module, rank in modules.items():
+        assert rank_pattern.get(module, r) == rank and alpha_pattern.get(module, alpha) == rank, module
+
+
+# ---------------------------------------------------------------------------------------------- model card
+def test_model_card_parses_and_names_token_and_base_model(trained):
+    from huggingface_hub import ModelCard
+
+    out = trained.output_dir
+    card = ModelCard.load(out / MODEL_CARD_NAME)
+    data = card.data.to_dict()
+    assert {"attndb", "lora", "textual-inversion", "diffusers", "text-to-image"} <= set(data["tags"])
+    assert data["library_name"] == "diffusers" and data["pipeline_tag"] == "text-to-image"
+    assert data["instance_prompt"] == "a photo of a <attndb-dog> dog"
+    assert "base_model" not in data  # a local folder is not a Hub id: named in the text only
+    text = card.text
+    assert "<attndb-dog>" in text and str(trained.config.model) in text
+    assert f'pipe.load_attndb("{REPO_PLACEHOLDER}")' in text and "load_lora_weights(" in text
+    assert "load_textual_inversion(" in text and "attndb_kohya.safetensors" in text
+    assert "<lora:attndb-dog:1>" in text and "ComfyUI" in text and "embedding:attndb-dog" in text
+    assert "| 1 embedding | token embedding | 3 |" in text and "| 3 identity |" in text
+
+
+@pytest.mark.parametrize(
+    ("model", "width", "license_"),
+    [
+        ("stabilityai/stable-diffusion-2-1-base", 1024, "openrail++"),
+        ("stable-diffusion-v1-5/stable-diffusion-v1-5", 768, "creativeml-openrail-m"),
+        ("someone/custom-fine-tune", 1024, "openrail++"),  # the width tells SD 2.x even when the name does not
+    ],
+)
+def test_model_card_front_matter_for_a_hub_base_model(model, width, license_, tmp_path):
+    from huggingface_hub import ModelCard
+
+    config = make_config(model, tmp_path, tmp_path / "out", push_to_hub="me/my-dog")
+    lora = {"down_blocks.0.attentions.0.proj_in": LoraFactors(torch.zeros(4, 8), torch.zeros(8, 4))}
+    samples = [("a photo of {} on the beach", "samples/beach.png"), ("{} in the snow", "samples/snow.png")]
+    card = ModelCard(render_model_card(config, lora, {}, samples, embedding_dim=width))
+    data = card.data.to_dict()
+    assert data["base_model"] == model and data["license"] == license_
+    assert data["widget"] == [
+        {"text": "a photo of <attndb-dog> dog on the beach", "output": {"url": "samples/beach.png"}},
+        {"text": "<attndb-dog> dog in the snow", "output": {"url": "samples/snow.png"}},
+    ]
+    assert f"https://huggingface.co/{model}" in card.text
+    assert 'pipe.load_attndb("me/my-dog")' in card.text and REPO_PLACEHOLDER not in card.text
+    assert "![a photo of <attndb-dog> dog on the beach](samples/beach.png)" in card.text
