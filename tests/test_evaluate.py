@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from attndb_peft.cli import main
 from attndb_peft.evaluate import (
     EVALUATION_PROMPTS,
     ClipEmbedder,
@@ -186,3 +187,23 @@ def test_evaluate_numbers_equal_an_independent_computation(trained, instance_dir
         assert record["identity"] == pytest.approx((_unit(gen[rows]) @ _unit(ref).T).mean(), abs=1e-5)
         assert record["text_alignment"] == pytest.approx((_unit(gen[rows]) @ _unit(txt[p])).mean(), abs=1e-5)
     assert saved["groups"]["style"]["identity"] == pytest.approx(saved["prompts"][1]["identity"])
+
+
+def test_evaluate_command_writes_metrics_grid_and_images(trained, instance_dir, tiny_clip, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("color: a photo of a purple {}\na {} in the snow\n")
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--adapter", str(trained.output_dir), "--images", str(instance_dir), "--clip", str(tiny_clip)]
+    assert main([*argv, "--prompts", str(prompts), "--num-images", "2", "--steps", "2", "--output", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["groups"]) == {"color", "custom"} and "dino_identity" not in metrics
+    assert -1 <= metrics["identity"] <= 1 and -1 <= metrics["text_alignment"] <= 1
+    assert metrics["adapter"] == str(trained.output_dir) and metrics["clip"] == str(tiny_clip)
+    assert [r["scored_against"] for r in metrics["prompts"]] == ["a photo of a purple dog", "a dog in the snow"]
+    assert len(list((out / "images").glob("*.png"))) == 4 and (out / "grid.png").is_file()
+    # the numbers are those of evaluate_concept's own embeddings of the saved images
+    clip = ClipEmbedder(str(tiny_clip))
+    generated = [Image.open(out / f).convert("RGB") for r in metrics["prompts"] for f in r["files"]]
+    expected = identity_similarity(clip.images(generated), clip.images(load_reference_images(instance_dir)))
+    assert metrics["identity"] == pytest.approx(expected, abs=1e-6)
