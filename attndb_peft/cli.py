@@ -505,6 +505,16 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s" if not verbose else "%(levelname)s %(name)s: %(message)s")
     logging.getLogger("attndb_peft").setLevel(level)
+    if not verbose:  # "Loading pipeline components" / "Loading weights" bars tell a user nothing
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+    if quiet:  # downloads keep their bars unless asked for quiet
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -187,7 +187,7 @@ def load_pipeline(
         raise UsageError(f"--dtype {dtype!r}: choose auto, fp32, fp16 or bf16.")
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            model, torch_dtype=torch_dtype, revision=revision, token=hub_token
+            model, revision=revision, token=hub_token, **_dtype_argument(torch_dtype)
         )
     except Exception as exc:  # missing folder, bad id, no network: one line that names the argument
         raise UsageError(
@@ -206,6 +206,15 @@ def load_pipeline(
         except AdapterError as exc:
             raise UsageError(f"--adapter {adapter}: {exc}") from None
     return pipe, info
+
+
+def _dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """diffusers >= 0.36 takes `dtype=` and warns on the older `torch_dtype=`; older versions know only the latter."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (present where `dtype=` is)
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
 
 
 def _generators(seed: int, count: int) -> list[torch.Generator]:
