@@ -35,7 +35,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SAMPLES_DIR = "samples"
-REPORT_TO_CHOICES = ("tensorboard", "wandb")
 
 
 def check_report_to(report_to: str | None) -> str | None:
@@ -46,7 +45,7 @@ def check_report_to(report_to: str | None) -> str | None:
 
     available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
     if report_to not in available:
-        return f"--report-to {report_to!r}: choose one of {', '.join(REPORT_TO_CHOICES)}."
+        return f"--report-to {report_to!r}: choose one of {', '.join(available)}."
     if not available[report_to]():
         return (
             f"--report-to {report_to}: the {report_to} package is not installed; run pip install {report_to} "

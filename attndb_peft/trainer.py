@@ -27,6 +27,7 @@ from .attention import AttentionStore, capture_cross_attention
 from .config import AttnDBConfig
 from .data import LatentCache, batch_indices, encode_views, image_views, load_image, scan_image_folder
 from .regularizer import attention_regularizer, diffusion_loss, diffusion_target
+from .reporting import check_report_to, format_run_summary, tracker_config, trackers_for, write_validation_samples
 from .stages import (
     ADAPTER_STAGE2,
     ADAPTER_STAGE3,
@@ -104,8 +105,6 @@ def check_inputs(config: AttnDBConfig) -> list[str]:
     problems: list[str] = []
     report = scan_image_folder(config.images, config.resolution)
     problems += report.problems
-    from .reporting import check_report_to
-
     if tracker_problem := check_report_to(config.report_to):
         problems.append(tracker_problem)
     out = Path(config.output)
@@ -202,8 +201,6 @@ class Trainer:
         if self.device.type == "cuda":
             self.result.peak_memory_gib = torch.cuda.max_memory_allocated() / 2**30
         if self.accelerator.is_main_process:
-            from .reporting import format_run_summary
-
             logger.info(format_run_summary(self.result, STAGE_NAMES, self.device))
         self.accelerator.end_training()
         return self.result
@@ -216,8 +213,6 @@ class Trainer:
             logger.warning(warning)
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
-
-        from .reporting import tracker_config, trackers_for
 
         self.mixed_precision = _resolve_mixed_precision(cfg.mixed_precision)
         self.accelerator = Accelerator(
@@ -488,8 +483,6 @@ class Trainer:
         """Sample grid of the validation prompts (and at a stage end the attention figure) under OUT/samples/,
         written by the main process (see reporting.py)."""
         if self.config.validation_prompts and self.accelerator.is_main_process:
-            from .reporting import write_validation_samples
-
             started = time.perf_counter()
             self.result.sample_files += write_validation_samples(self, stage, step, stage_end)
             self.result.validation_seconds += time.perf_counter() - started
