@@ -123,8 +123,8 @@ def write_validation_samples(trainer, stage: int, step: int, stage_end: bool) ->
     model card (`trainer.result.card_samples`).
 
     Runs on the main process over the models being trained (`Trainer.pipeline()`): the U-Net is put in eval
-    mode and its attention processors (the training capture, mid-stage) and train mode are restored afterwards;
-    the global RNG is forked so sampling does not change training randomness.
+    mode and its attention processors (the training capture, mid-stage), train mode and the frozen models'
+    devices are restored afterwards; the global RNG is forked so sampling does not change training randomness.
 
     Returns:
         `list[Path]`: the pictures written.
@@ -147,9 +147,13 @@ def write_validation_samples(trainer, stage: int, step: int, stage_end: bool) ->
     )
     unet = trainer.unet
     processors, was_training = unet.attn_processors, unet.training
+    # Frozen models may sit on the CPU during a stage (memory offloading); sampling needs them on the device.
+    frozen = {model: next(model.parameters()).device for model in (trainer.vae, trainer.text_encoder)}
     devices = [trainer.device] if trainer.device.type == "cuda" else []
     written: list[Path] = []
     unet.eval()
+    for model in frozen:
+        model.to(trainer.device)
     try:
         with torch.random.fork_rng(devices=devices), trainer.accelerator.autocast():
             pipe = trainer.pipeline()
@@ -175,5 +179,7 @@ def write_validation_samples(trainer, stage: int, step: int, stage_end: bool) ->
     finally:
         unet.set_attn_processor(processors)
         unet.train(was_training)
+        for model, device in frozen.items():
+            model.to(device)
     logger.debug("Samples of stage %d step %d written to %s", stage, step, folder)
     return written
