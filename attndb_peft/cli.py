@@ -1,7 +1,11 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
 """`attndb` command line: argparse -> `AttnDBConfig` / function calls. No logic of its own.
 
-Exit codes: 0 done, 2 bad input or usage (nothing written), 1 failure during the run.
+Subcommands: `train`, `generate`, `inspect`, `evaluate`, `demo`. In prompts, `{}` expands to `TOKEN CATEGORY`
+(read from the adapter's `attndb_config.json`).
+
+Exit codes: 0 done, 2 bad input or usage (nothing written), 1 failure during the run. Errors are one line on
+stderr; `--verbose` adds the traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +21,13 @@ __all__ = ["build_parser", "main"]
 logger = logging.getLogger("attndb_peft")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (argparse's default prints the whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _three(kind):
@@ -106,8 +117,194 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", default=None, help=_config_help("overwrite"))
     p.add_argument("--push-to-hub", dest="push_to_hub", metavar="REPO", help=_config_help("push_to_hub"))
     p.add_argument("--log-every", type=int, dest="log_every", help=_config_help("log_every"))
+    p.add_argument(
+        "--validation-prompts",
+        nargs="*",
+        metavar="PROMPT",
+        dest="validation_prompts",
+        help=_config_help("validation_prompts")
+        + " Give each prompt quoted; give the flag alone to disable. Default: background, style and colour changes.",
+    )
+    p.add_argument("--validation-steps", type=int, dest="validation_steps", help=_config_help("validation_steps"))
+    p.add_argument("--validation-images", type=int, dest="validation_images", help=_config_help("validation_images"))
+    p.add_argument(
+        "--validation-inference-steps",
+        type=int,
+        dest="validation_inference_steps",
+        help=_config_help("validation_inference_steps") + " Default 25.",
+    )
+    p.add_argument(
+        "--report-to",
+        choices=("tensorboard", "wandb"),
+        dest="report_to",
+        help=_config_help("report_to") + " Needs that package installed; logs go to OUT/logs.",
+    )
     _add_common(p)
     p.set_defaults(handler=_cmd_train)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _multiple_of_8(text: str) -> int:
+    value = _positive_int(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"expected a multiple of 8 (the VAE's downsampling), got {value}")
+    return value
+
+
+def _add_generation_args(p: argparse.ArgumentParser, steps: int, adapter_required: bool = False) -> None:
+    """Flags shared by generate, inspect and evaluate: base model, adapter and sampling settings."""
+    p.add_argument(
+        "--model",
+        metavar="MODEL",
+        help="Base model: Hub id or local diffusers folder. Default: the base model named in the adapter's "
+        "attndb_config.json.",
+    )
+    p.add_argument(
+        "--adapter",
+        metavar="PATH_OR_REPO",
+        required=adapter_required,
+        help="Adapter folder written by attndb train, or a Hub repo id; loaded with load_attndb. Its token and "
+        "category fill '{}' in prompts.",
+    )
+    p.add_argument(
+        "--lora-scale", type=float, default=1.0, dest="lora_scale", help="Weight of the adapter's LoRA. Default 1."
+    )
+    p.add_argument("--seed", type=int, default=0, help="Seed of the first image; image i uses seed+i. Default 0.")
+    p.add_argument("--steps", type=_positive_int, default=steps, help=f"Denoising steps. Default {steps}.")
+    p.add_argument("--guidance", type=float, default=7.5, help="Classifier-free guidance scale. Default 7.5.")
+    p.add_argument(
+        "--height", type=_multiple_of_8, help="Image height in pixels (multiple of 8); default the model's."
+    )
+    p.add_argument("--width", type=_multiple_of_8, help="Image width in pixels (multiple of 8); default the model's.")
+    p.add_argument("--device", help="Torch device, e.g. cuda, cuda:1, cpu. Default: CUDA if available, else CPU.")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        default="auto",
+        help="Weights dtype. Default auto: fp16 on CUDA, fp32 elsewhere.",
+    )
+
+
+def _add_generate_parser(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="Generate images with a trained concept.",
+        description="Generate PNGs with a base model and an attndb adapter, plus generate.json with the settings. "
+        "In prompts, {} expands to 'TOKEN CATEGORY'. The same seed gives the same pixels.",
+    )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        help="Prompt, e.g. 'a photo of a {} on the beach' ({} -> TOKEN CATEGORY); repeat for several prompts.",
+    )
+    p.add_argument(
+        "--num-images", type=_positive_int, default=1, dest="num_images", help="Images per prompt. Default 1."
+    )
+    p.add_argument("--negative-prompt", dest="negative_prompt", help="Negative prompt (optional).")
+    p.add_argument(
+        "--output", metavar="DIR", required=True, help="Folder for the PNGs and generate.json (created if missing)."
+    )
+    _add_generation_args(p, steps=30)
+    _add_common(p)
+    p.set_defaults(handler=_cmd_generate)
+
+
+def _add_inspect_parser(sub) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="Show where every prompt token attends (per-token cross-attention maps).",
+        description="Generate one image and draw it next to the cross-attention map of every prompt token "
+        "(averaged over heads, layers and denoising steps, labelled with the token's text), like the "
+        "AttnDreamBooth paper's figures. Also writes a JSON file with the tokens next to the figure.",
+    )
+    p.add_argument(
+        "--prompt", required=True, help="Prompt, e.g. 'a photo of a {} in the jungle' ({} -> TOKEN CATEGORY)."
+    )
+    p.add_argument(
+        "--output", metavar="PNG", required=True, help="The figure's path (.png); the JSON goes next to it."
+    )
+    _add_generation_args(p, steps=30)
+    _add_common(p)
+    p.set_defaults(handler=_cmd_inspect)
+
+
+def _add_evaluate_parser(sub) -> None:
+    from .evaluate import DEFAULT_CLIP_MODEL
+
+    p = sub.add_parser(
+        "evaluate",
+        help="Score a concept: CLIP identity, CLIP text alignment (and DINO identity).",
+        description="Generate images for an evaluation prompt set and report identity (mean CLIP image-image "
+        "cosine similarity to the instance images), text alignment (mean CLIP image-text cosine similarity to the "
+        "prompt without the token) and, with --dino, DINO identity; writes metrics.json, grid.png and the images.",
+    )
+    p.add_argument(
+        "--images", metavar="DIR", required=True, help="Folder with the instance images the concept was trained on."
+    )
+    p.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="Text file, one prompt per line ({} -> TOKEN CATEGORY; optional 'group: ' prefix; # comments). "
+        "Default: the built-in 24 prompts (background, interaction, color, style).",
+    )
+    p.add_argument(
+        "--clip",
+        metavar="MODEL",
+        default=DEFAULT_CLIP_MODEL,
+        help=f"CLIP model (Hub id or folder). Default {DEFAULT_CLIP_MODEL}.",
+    )
+    p.add_argument(
+        "--dino", metavar="MODEL", help="DINO ViT model for DINO identity, e.g. facebook/dino-vits16 (optional)."
+    )
+    p.add_argument(
+        "--num-images", type=_positive_int, default=4, dest="num_images", help="Images per prompt. Default 4."
+    )
+    p.add_argument(
+        "--output",
+        metavar="DIR",
+        default="attndb-eval",
+        help="Folder for metrics.json, grid.png and images/. Default ./attndb-eval.",
+    )
+    _add_generation_args(p, steps=30, adapter_required=True)
+    _add_common(p)
+    p.set_defaults(handler=_cmd_evaluate)
+
+
+def _add_demo_parser(sub) -> None:
+    from .demo import DEMO_STEPS
+
+    p = sub.add_parser(
+        "demo",
+        help="Run the whole flow offline on a tiny random model (about a minute on a CPU).",
+        description="Build a tiny random Stable Diffusion model in code, write procedural instance images, train "
+        "the three stages, export, load the adapter back with pipe.load_attndb, write sample and attention "
+        "pictures, and print where everything is. No network; the pictures are noise, the flow is real.",
+    )
+    p.add_argument(
+        "--output",
+        metavar="DIR",
+        default="attndb-demo",
+        help="Folder for everything the demo writes. Default ./attndb-demo.",
+    )
+    p.add_argument(
+        "--steps",
+        type=_three(int),
+        default=DEMO_STEPS,
+        help=f"Training steps of stages 1,2,3. Default {','.join(map(str, DEMO_STEPS))}.",
+    )
+    p.add_argument("--seed", type=int, default=0, help="Seed of the model, images, training and samples. Default 0.")
+    _add_common(p)
+    p.set_defaults(handler=_cmd_demo)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -137,12 +334,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         check_repo_id(config.push_to_hub)  # before hours of training, not after
     trainer = Trainer(config)
-    result = trainer.run()
-    logger.info("Adapter written to %s", result.output_dir)
-    for stage, seconds in sorted(result.stage_seconds.items()):
-        logger.info("  stage %d: %.1f s", stage, seconds)
-    for path in result.files:
-        logger.info("  %s", path)
+    result = trainer.run()  # logs the run summary (time per stage, peak memory, files)
     print(result.output_dir)
     accelerator = getattr(trainer, "accelerator", None)
     if config.push_to_hub and (accelerator is None or accelerator.is_main_process):
@@ -179,30 +371,150 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _generation_settings(args: argparse.Namespace, info) -> dict:
+    """What generate.json / the inspect JSON / metrics.json record about the model and adapter."""
+    return {
+        "model": args.model or (info.base_model if info else None),
+        "adapter": args.adapter,
+        "token": info.token if info else None,
+        "category": info.category if info else None,
+        "lora_scale": args.lora_scale,
+    }
+
+
+def _load(args: argparse.Namespace):
+    from .inference import load_pipeline
+
+    return load_pipeline(args.model, args.adapter, args.lora_scale, args.device, args.dtype)
+
+
+def _expand(prompt: str, info) -> str:
+    from .inference import expand_prompt
+
+    return expand_prompt(prompt, info.token if info else None, info.category if info else None)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .inference import write_generation
+
+    pipe, info = _load(args)
+    prompts = [_expand(p, info) for p in args.prompt]
+    paths = write_generation(
+        pipe,
+        prompts,
+        args.output,
+        num_images=args.num_images,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        height=args.height,
+        width=args.width,
+        negative_prompt=args.negative_prompt,
+        settings=_generation_settings(args, info),
+    )
+    logger.info("Wrote %d image(s) and generate.json to %s", len(paths), args.output)
+    print(args.output)
+    return EXIT_OK
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .inference import inspect_prompt
+
+    pipe, info = _load(args)
+    result = inspect_prompt(
+        pipe,
+        _expand(args.prompt, info),
+        args.output,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        height=args.height,
+        width=args.width,
+        settings=_generation_settings(args, info),
+    )
+    logger.info("Attention maps of %d token(s): %s", len(result.labels), ", ".join(result.labels))
+    print(args.output)
+    return EXIT_OK
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import ClipEmbedder, DinoEmbedder, evaluate_concept, load_reference_images, read_prompts_file
+
+    references = load_reference_images(args.images)  # cheap input checks first, then the models
+    prompts = read_prompts_file(args.prompts) if args.prompts else None
+    clip = ClipEmbedder(args.clip, args.device)
+    dino = DinoEmbedder(args.dino, args.device) if args.dino else None
+    pipe, info = _load(args)
+    result = evaluate_concept(
+        pipe,
+        info,
+        references,
+        args.output,
+        clip,
+        dino,
+        prompts=prompts,
+        num_images=args.num_images,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        height=args.height,
+        width=args.width,
+        settings={**_generation_settings(args, info), "clip": args.clip, "dino": args.dino, "images": args.images},
+    )
+    scores = ", ".join(f"{k} {result[k]:.4f}" for k in ("identity", "text_alignment", "dino_identity") if k in result)
+    logger.info("%s (metrics.json and grid.png in %s)", scores, args.output)
+    print(args.output)
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(args.output, steps=args.steps, seed=args.seed)
+    print(result.describe())
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="attndb",
-        description="AttnDreamBooth personalization for Stable Diffusion, shipped as PEFT/LoRA adapters.",
+        description="AttnDreamBooth personalization for Stable Diffusion, shipped as PEFT/LoRA adapters. "
+        "Start with 'attndb demo' (offline, tiny model); 'attndb COMMAND --help' describes each command.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train_parser(sub)
+    _add_generate_parser(sub)
+    _add_inspect_parser(sub)
+    _add_evaluate_parser(sub)
     _add_push_parser(sub)
+    _add_demo_parser(sub)
     return parser
 
 
 def _usage_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .data import DataError
+    from .inference import UsageError
     from .loading import AdapterError
     from .trainer import InputError
 
-    return (AdapterError, ConfigError, DataError, InputError)
+    return (AdapterError, ConfigError, DataError, InputError, UsageError)
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s" if not verbose else "%(levelname)s %(name)s: %(message)s")
     logging.getLogger("attndb_peft").setLevel(level)
+    if not verbose:  # "Loading pipeline components" / "Loading weights" bars tell a user nothing
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+    if quiet:  # downloads keep their bars unless asked for quiet
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -214,16 +526,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except KeyboardInterrupt:
-        print("attndb: interrupted; checkpoints written so far are kept (continue with --resume).", file=sys.stderr)
+        kept = "; checkpoints written so far are kept (continue with --resume)" if args.command == "train" else ""
+        print(f"attndb {args.command}: interrupted{kept}.", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as exc:
         code = EXIT_USAGE if isinstance(exc, _usage_errors()) else EXIT_FAILURE
         if verbose:
             logger.exception("attndb %s failed", args.command)
-        message = str(exc) if code == EXIT_USAGE else f"{type(exc).__name__}: {exc}"
+        # Usage messages say what is wrong and how to fix it (one line per problem found). A failure's message is
+        # cut to its first line -- library messages such as CUDA out-of-memory go on for lines -- and --verbose
+        # shows the rest with the traceback.
+        text = str(exc).strip()
+        if code == EXIT_USAGE:
+            message = text
+        else:
+            message = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+            if not verbose:
+                message += " (run again with --verbose for the traceback)"
         print(f"attndb {args.command}: error: {message}", file=sys.stderr)
-        if not verbose and code == EXIT_FAILURE:
-            print("(run again with --verbose for the traceback)", file=sys.stderr)
         return code
 
 

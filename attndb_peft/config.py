@@ -97,6 +97,7 @@ STAGE3_LEARNING_RATES = {"lora": 2e-5, "full": 2e-6}
 
 _MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 _SAVE_DTYPES = ("fp16", "bf16", "fp32")
+_REPORT_TO = ("tensorboard", "wandb")
 
 
 def default_token(category: str) -> str:
@@ -177,6 +178,16 @@ class AttnDBConfig:
         default=0, metadata={"help": "Also write a sample grid every N steps (0: only at stage ends)."}
     )
     validation_inference_steps: int = field(default=25, metadata={"help": "Denoising steps of sample images."})
+    validation_images: int = field(
+        default=2, metadata={"help": "Images per validation prompt (seeds seed, seed+1, ...): the grid's columns."}
+    )
+    validation_guidance_scale: float = field(
+        default=7.5, metadata={"help": "Classifier-free guidance scale of sample images."}
+    )
+    report_to: str | None = field(
+        default=None,
+        metadata={"help": "Log loss, regularizer and learning rate to 'tensorboard' or 'wandb' (accelerate)."},
+    )
     allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs."})
 
     def __post_init__(self) -> None:
@@ -224,6 +235,10 @@ class AttnDBConfig:
         for name in ("random_crops", "checkpointing_steps", "validation_steps", "validation_inference_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.validation_images < 1:
+            raise ConfigError(f"validation_images must be >= 1, got {self.validation_images}.")
+        if self.report_to is not None and self.report_to not in _REPORT_TO:
+            raise ConfigError(f"report_to must be one of {_REPORT_TO} or None, got {self.report_to!r}.")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ConfigError(f"checkpoints_total_limit must be >= 1 or None, got {self.checkpoints_total_limit}.")
         if self.resume and self.overwrite:

@@ -27,6 +27,7 @@ from .attention import AttentionStore, capture_cross_attention
 from .config import AttnDBConfig
 from .data import LatentCache, batch_indices, encode_views, image_views, load_image, scan_image_folder
 from .regularizer import attention_regularizer, diffusion_loss, diffusion_target
+from .reporting import check_report_to, format_run_summary, tracker_config, trackers_for, write_validation_samples
 from .stages import (
     ADAPTER_STAGE2,
     ADAPTER_STAGE3,
@@ -96,6 +97,9 @@ class TrainResult:
     stage_seconds: dict[int, float] = field(default_factory=dict)
     peak_memory_gib: float = 0.0
     files: list[Path] = field(default_factory=list)
+    validation_seconds: float = 0.0
+    sample_files: list[Path] = field(default_factory=list)
+    card_samples: list[tuple[str, str]] = field(default_factory=list)  # (prompt, path in OUT) for the model card
 
 
 def check_inputs(config: AttnDBConfig) -> list[str]:
@@ -105,6 +109,8 @@ def check_inputs(config: AttnDBConfig) -> list[str]:
     problems: list[str] = []
     report = scan_image_folder(config.images, config.resolution)
     problems += report.problems
+    if tracker_problem := check_report_to(config.report_to):
+        problems.append(tracker_problem)
     out = Path(config.output)
     if out.exists() and not out.is_dir():
         problems.append(f"--output {out}: exists and is not a folder; choose another path.")
@@ -216,6 +222,8 @@ class Trainer:
         self.result.files = self.export()
         if self.device.type == "cuda":
             self.result.peak_memory_gib = torch.cuda.max_memory_allocated() / 2**30
+        if self.accelerator.is_main_process:
+            logger.info(format_run_summary(self.result, STAGE_NAMES, self.device))
         self.accelerator.end_training()
         return self.result
 
@@ -223,12 +231,18 @@ class Trainer:
         """Check inputs, start accelerate, load the models, add the token and cache the latents. Returns the
         checkpoint to resume from (with `resume`), else None."""
         from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
 
         cfg = self.config
         self.mixed_precision = _resolve_mixed_precision(cfg.mixed_precision)
         # cpu=True without CUDA makes torchrun / `accelerate launch --multi_gpu` processes on a CPU-only machine
         # join one gloo process group (accelerate's MULTI_CPU) instead of each training alone.
-        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=not torch.cuda.is_available())
+        self.accelerator = Accelerator(
+            mixed_precision=self.mixed_precision,
+            cpu=not torch.cuda.is_available(),
+            log_with=trackers_for(cfg.report_to),
+            project_config=ProjectConfiguration(project_dir=cfg.output, logging_dir=str(Path(cfg.output) / "logs")),
+        )
         self.device = self.accelerator.device
         # Every process checks (they see the same files and all stop alike); nothing is written before this.
         for warning in check_inputs(cfg):
@@ -243,6 +257,8 @@ class Trainer:
         if self.accelerator.is_main_process:
             self._prepare_output_dir()
         self.accelerator.wait_for_everyone()
+        if self.accelerator.log_with:
+            self.accelerator.init_trackers("attndb", config=tracker_config(cfg))
         self._load_models()
         self._build_latent_cache()
         return resume
@@ -252,7 +268,7 @@ class Trainer:
         if self.config.overwrite and out.is_dir():
             for name in OUTPUT_FILES:
                 (out / name).unlink(missing_ok=True)
-            for sub in (ckpt.CHECKPOINT_DIR, "samples"):
+            for sub in (ckpt.CHECKPOINT_DIR, "samples", "logs"):
                 shutil.rmtree(out / sub, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
 
@@ -472,13 +488,33 @@ class Trainer:
                         loss=f"{mse_avg:.4f}", reg=f"{reg_avg:.3g}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.1e}"
                     )
                     logger.debug("stage %d step %d: loss %.5f reg %.5g", stage, done, mse_avg, reg_avg)
+                    self._log_metrics(stage, done, mse_avg, reg_avg)
                 if checkpoint_now:
                     self.save_checkpoint(stage, done)
+                if cfg.validation_steps and done % cfg.validation_steps == 0 and not is_last:
+                    self.validate(stage, done)
         progress.close()
         self.unet.eval()
         if stage_cfg.steps == 0:  # a skipped stage still leaves a checkpoint to resume after it
             self.save_checkpoint(stage, 0)
         self.result.stage_seconds[stage] = time.perf_counter() - started
+        self.validate(stage, stage_cfg.steps, stage_end=True)
+
+    def _log_metrics(self, stage: int, step: int, loss: float, reg: float) -> None:
+        """Send loss, regularizer and learning rate to the trackers of --report-to (a no-op without any);
+        the step axis runs on across stages."""
+        lr = self.lr_scheduler.get_last_lr()[0]
+        values = {f"stage{stage}/loss": loss, f"stage{stage}/regularizer": reg, f"stage{stage}/lr": lr}
+        self.accelerator.log(values, step=sum(s.steps for s in self.config.stages[: stage - 1]) + step)
+
+    def validate(self, stage: int, step: int, stage_end: bool = False) -> None:
+        """Sample grid of the validation prompts (and at a stage end the attention figure) under OUT/samples/,
+        written by the main process (see reporting.py)."""
+        if self.config.validation_prompts and self.accelerator.is_main_process:
+            started = time.perf_counter()
+            self.result.sample_files += write_validation_samples(self, stage, step, stage_end)
+            self.result.validation_seconds += time.perf_counter() - started
+        self.accelerator.wait_for_everyone()
 
     def _check_finite(self, finite: torch.Tensor, stage: int, step: int) -> None:
         if not bool(finite):
@@ -635,7 +671,9 @@ class Trainer:
                     cfg.full_export_rank,
                     100 * report["full_export_retained"],
                 )
-            files = export_adapter(self.output_dir, cfg, embedding, lora, report=report)
+            files = export_adapter(
+                self.output_dir, cfg, embedding, lora, report=report, samples=self.result.card_samples
+            )
         self.accelerator.wait_for_everyone()
         return files
 

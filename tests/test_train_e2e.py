@@ -247,6 +247,7 @@ def test_cli_subprocess_trains_and_exits_zero(tiny_model, instance_dir, tmp_path
             "1",
             "--steps",
             "1,1,1",
+            "--validation-prompts",  # none: sample grids are covered by test_reporting.py
             "--quiet",
         ],
         capture_output=True,

@@ -1,0 +1,466 @@
+# Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
+"""Using a trained concept: load base model + adapter, generate images, and per-token cross-attention maps.
+
+Behind `attndb generate`, `attndb inspect`, the validation samples of `train` and the demo. Adapters are loaded
+with `load_attndb` (the same call users make). In prompts, `{}` stands for `TOKEN CATEGORY` (both read from
+the adapter's `attndb_config.json`).
+
+Per-token attention maps are the softmax cross-attention probabilities of every prompt token, captured on all
+`attn2` layers with `capture_cross_attention`, taken from the text-conditioned half of the classifier-free
+guidance batch, averaged over heads, resized to the largest layer's size (the latent grid), averaged over
+layers and over all denoising steps -- the aggregation of the AttnDreamBooth / Prompt-to-Prompt figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .attention import AttentionStore, capture_cross_attention
+
+__all__ = [
+    "AdapterInfo",
+    "TokenAttention",
+    "UsageError",
+    "aggregate_layer_maps",
+    "expand_prompt",
+    "generate_images",
+    "inspect_prompt",
+    "load_pipeline",
+    "prompt_tokens",
+    "read_adapter_config",
+    "resolve_device",
+    "token_attention_maps",
+    "write_generation",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The placeholder in CLI prompts: `{}` expands to `TOKEN CATEGORY`.
+PLACEHOLDER = "{}"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _first_line(exc: BaseException) -> str:
+    """`Type: first line of the message`: library messages can run for many lines; the CLI prints one."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+class UsageError(ValueError):
+    """Bad input to generate / inspect / evaluate / demo (CLI exit code 2). The message names the argument, the
+    value received and the fix."""
+
+
+@dataclass
+class AdapterInfo:
+    """The concept an adapter adds: its token and category (from `attndb_config.json`) and where it came from."""
+
+    source: str
+    token: str
+    category: str
+    base_model: str | None = None
+    config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def expand_prompt(prompt: str, token: str | None, category: str | None) -> str:
+    """Replace every `{}` in `prompt` by `TOKEN CATEGORY`; `token=None` gives just the category (the prompt
+    "without the token" that text alignment is measured against).
+
+    Raises:
+        UsageError: the prompt has `{}` but no category is known (no adapter).
+    """
+    if PLACEHOLDER not in prompt:
+        return prompt
+    if not category:
+        raise UsageError(f"--prompt {prompt!r} uses '{{}}' but no --adapter was given to fill it in; pass --adapter.")
+    return prompt.replace(PLACEHOLDER, f"{token} {category}" if token else category)
+
+
+def read_adapter_config(path_or_repo_id: str | os.PathLike, token: str | None = None, **hub_kwargs) -> AdapterInfo:
+    """Read `attndb_config.json` of an adapter folder or Hub repo (the file `attndb train` writes).
+
+    Args:
+        path_or_repo_id: a local adapter folder or a Hub repo id.
+        token (`str`, *optional*): Hub access token for private repos.
+        hub_kwargs: passed to `huggingface_hub.hf_hub_download` (e.g. `revision`, `cache_dir`).
+
+    Raises:
+        UsageError: no such folder / repo, or it has no `attndb_config.json`.
+    """
+    from .export import CONFIG_NAME
+
+    source = str(path_or_repo_id)
+    path = Path(source)
+    if path.is_dir():
+        file = path / CONFIG_NAME
+        if not file.is_file():
+            raise UsageError(
+                f"--adapter {source}: folder has no {CONFIG_NAME}; give a folder written by attndb train."
+            )
+    elif path.exists():
+        raise UsageError(f"--adapter {source}: is a file; give the adapter folder (the output of attndb train).")
+    elif not _REPO_ID.match(source) or source.startswith((".", "~")):
+        raise UsageError(
+            f"--adapter {source}: no such folder, and not a Hub repo id ('user/name'); give the folder written by "
+            "attndb train --output, or the Hub repo it was pushed to."
+        )
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            file = Path(hf_hub_download(source, CONFIG_NAME, token=token, **hub_kwargs))
+        except Exception as exc:  # offline, gated, missing repo or file: say what was tried
+            raise UsageError(
+                f"--adapter {source}: not a local folder, and fetching {CONFIG_NAME} from the Hub failed "
+                f"({_first_line(exc)}); "
+                "give an existing adapter folder or a Hub repo id."
+            ) from None
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+        return AdapterInfo(source, config["token"], config["category"], config.get("base_model"), config)
+    except (ValueError, KeyError) as exc:
+        raise UsageError(f"--adapter {source}: {CONFIG_NAME} is not a valid attndb config ({exc}).") from None
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """`device`, or the best available: CUDA, then Apple MPS, then CPU."""
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def load_pipeline(
+    model: str | None,
+    adapter: str | None = None,
+    lora_scale: float = 1.0,
+    device: str | None = None,
+    dtype: str = "auto",
+    revision: str | None = None,
+    hub_token: str | None = None,
+):
+    """Load a Stable Diffusion pipeline and (optionally) an attndb adapter into it with `load_attndb`.
+
+    Args:
+        model (`str`, *optional*): base model (Hub id or local folder); default the adapter's base model.
+        adapter (`str`, *optional*): adapter folder or Hub repo id.
+        lora_scale (`float`): weight of the adapter's LoRA (`load_attndb(..., weight=lora_scale)`).
+        device (`str`, *optional*): e.g. `"cuda"`; default the best available.
+        dtype (`str`): `"auto"` (fp16 on CUDA, else fp32), `"fp32"`, `"fp16"` or `"bf16"`.
+        revision (`str`, *optional*): Hub revision of the base model.
+        hub_token (`str`, *optional*): Hub access token.
+
+    Returns:
+        `(StableDiffusionPipeline, AdapterInfo | None)`.
+
+    Raises:
+        UsageError: the model or adapter cannot be found or loaded.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    info = read_adapter_config(adapter, token=hub_token) if adapter else None
+    model = model or (info.base_model if info else None)
+    if not model:
+        raise UsageError("--model is required (or give --adapter, whose attndb_config.json names its base model).")
+    target = resolve_device(device)
+    if dtype == "auto":
+        torch_dtype = torch.float16 if target.type == "cuda" else torch.float32
+    elif dtype in _DTYPES:
+        torch_dtype = _DTYPES[dtype]
+    else:
+        raise UsageError(f"--dtype {dtype!r}: choose auto, fp32, fp16 or bf16.")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            model, revision=revision, token=hub_token, **_dtype_argument(torch_dtype)
+        )
+    except Exception as exc:  # missing folder, bad id, no network: one line that names the argument
+        raise UsageError(
+            f"--model {model}: cannot load a Stable Diffusion pipeline ({_first_line(exc)}); give a "
+            "diffusers model folder or a Hub id (online, or cached for offline use)."
+        ) from None
+    pipe = pipe.to(target)
+    pipe.set_progress_bar_config(disable=True)
+    if info is not None:
+        from .loading import AdapterError, load_attndb
+
+        try:
+            info.token = load_attndb(
+                pipe, adapter, weight=lora_scale, **({"hf_token": hub_token} if hub_token else {})
+            )
+        except AdapterError as exc:
+            raise UsageError(f"--adapter {adapter}: {exc}") from None
+    return pipe, info
+
+
+def _dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """diffusers >= 0.36 takes `dtype=` and warns on the older `torch_dtype=`; older versions know only the latter."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (present where `dtype=` is)
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
+
+
+def _generators(seed: int, count: int) -> list[torch.Generator]:
+    # CPU generators: the same seed gives the same starting noise on every device.
+    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
+
+
+def generate_images(
+    pipe,
+    prompt: str,
+    num_images: int = 1,
+    seed: int = 0,
+    steps: int = 30,
+    guidance: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | None = None,
+    batch_size: int = 4,
+) -> list:
+    """Generate `num_images` images of `prompt`; image `i` starts from the noise of seed `seed + i`. The same
+    settings give the same pixels; a run with more images extends the first ones (equal up to the float rounding
+    of a different batch size).
+
+    Args:
+        pipe: a `StableDiffusionPipeline`.
+        prompt (`str`): the prompt, already expanded (see `expand_prompt`).
+        num_images (`int`): how many images.
+        seed (`int`): seed of the first image.
+        steps (`int`): denoising steps.
+        guidance (`float`): classifier-free guidance scale.
+        height, width (`int`, *optional*): image size; default the model's.
+        negative_prompt (`str`, *optional*): the negative prompt.
+        batch_size (`int`): images per pipeline call (memory bound).
+
+    Returns:
+        `list[PIL.Image.Image]`.
+    """
+    images = []
+    for start in range(0, num_images, batch_size):
+        count = min(batch_size, num_images - start)
+        with torch.no_grad():
+            out = pipe(
+                prompt,
+                negative_prompt=negative_prompt,
+                num_images_per_prompt=count,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=height,
+                width=width,
+                generator=_generators(seed + start, count),
+            )
+        images += out.images
+    return images
+
+
+def _slug(text: str, limit: int = 48) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].rstrip("-") or "prompt"
+
+
+def write_generation(
+    pipe,
+    prompts: list[str],
+    output_dir: str | os.PathLike,
+    num_images: int = 1,
+    seed: int = 0,
+    steps: int = 30,
+    guidance: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | None = None,
+    settings: dict[str, Any] | None = None,
+) -> list[Path]:
+    """Generate every prompt's images into `output_dir` as PNGs and write `generate.json` with the settings and
+    each file's prompt and seed. Returns the PNG paths."""
+    from .export import package_versions
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    records, paths = [], []
+    for p, prompt in enumerate(prompts):
+        logger.info("Generating %d image(s) of %r", num_images, prompt)
+        images = generate_images(pipe, prompt, num_images, seed, steps, guidance, height, width, negative_prompt)
+        for i, image in enumerate(images):
+            path = output_dir / f"{p:02d}-{_slug(prompt)}-seed{seed + i}.png"
+            image.save(path)
+            paths.append(path)
+            records.append({"file": path.name, "prompt": prompt, "seed": seed + i})
+    info = {
+        **(settings or {}),
+        "num_images": num_images,
+        "seed": seed,
+        "steps": steps,
+        "guidance": guidance,
+        "height": height,
+        "width": width,
+        "negative_prompt": negative_prompt,
+        "scheduler": type(pipe.scheduler).__name__,
+        "images": records,
+        "versions": package_versions(),
+    }
+    (output_dir / "generate.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ attention maps
+def prompt_tokens(tokenizer, prompt: str) -> tuple[list[int], list[str]]:
+    """The prompt's token ids between BOS and EOS (truncated like the pipeline does) and each one's text as the
+    tokenizer decodes it. Text position `i + 1` holds token `i`."""
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    body = ids[1:-1]
+    return body, [tokenizer.decode([i]).strip() for i in body]
+
+
+def _layer_grid(pixels: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) of a U-Net layer's feature map with `pixels` positions: the latent grid halved k times."""
+    h, w = latent_hw
+    for k in range(8):
+        hk, wk = math.ceil(h / 2**k), math.ceil(w / 2**k)
+        if hk * wk == pixels:
+            return hk, wk
+    raise ValueError(f"cannot place an attention map of {pixels} positions on the latent grid {latent_hw}.")
+
+
+def aggregate_layer_maps(maps: list[torch.Tensor], latent_hw: tuple[int, int]) -> torch.Tensor:
+    """Average captured maps over heads and layers.
+
+    Args:
+        maps (`list[torch.Tensor]`): one `[batch, heads, pixels, tokens]` tensor per layer.
+        latent_hw (`tuple[int, int]`): the latent grid; every layer is resized (bilinear) to it.
+
+    Returns:
+        `torch.Tensor`: `[batch, tokens, h, w]` in float32.
+    """
+    resized = []
+    for m in maps:
+        b, _, pixels, n = m.shape
+        h, w = _layer_grid(pixels, latent_hw)
+        grid = m.float().mean(1).transpose(1, 2).reshape(b, n, h, w)
+        if (h, w) != tuple(latent_hw):
+            grid = torch.nn.functional.interpolate(grid, size=latent_hw, mode="bilinear", align_corners=False)
+        resized.append(grid)
+    return torch.stack(resized).mean(0)
+
+
+@dataclass
+class TokenAttention:
+    """A generated image and the aggregated cross-attention map of every prompt token.
+
+    Attributes:
+        image: the generated `PIL.Image.Image`.
+        prompt: the (expanded) prompt.
+        token_ids: the prompt's token ids between BOS and EOS.
+        labels: each token's text, as the tokenizer decodes it.
+        maps: `[len(labels), h, w]` float32 maps on the latent grid, averaged over heads, layers and steps.
+        seed: the seed used.
+    """
+
+    image: Any
+    prompt: str
+    token_ids: list[int]
+    labels: list[str]
+    maps: np.ndarray
+    seed: int
+
+
+def token_attention_maps(
+    pipe,
+    prompt: str,
+    seed: int = 0,
+    steps: int = 30,
+    guidance: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+) -> TokenAttention:
+    """Generate one image of `prompt` and aggregate the cross-attention map of every prompt token over heads,
+    layers (resized to the latent grid) and denoising steps. The original attention processors are restored
+    afterwards.
+    """
+    token_ids, labels = prompt_tokens(pipe.tokenizer, prompt)
+    if not token_ids:
+        raise UsageError(f"--prompt {prompt!r} has no tokens; give a prompt with words.")
+    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    positions = list(range(1, len(token_ids) + 1))
+    total = torch.zeros(len(token_ids), *latent_hw)
+    counted = [0]
+
+    def accumulate(pipeline, step, timestep, callback_kwargs):
+        conditional = [m[-1:] for m in store.maps.values()]  # the CFG batch is [unconditional, conditional]
+        total.add_(aggregate_layer_maps(conditional, latent_hw)[0].cpu())
+        counted[0] += 1
+        store.clear()
+        return {}
+
+    store = AttentionStore()
+    with capture_cross_attention(pipe.unet, positions, store), torch.no_grad():
+        image = pipe(
+            prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=height,
+            width=width,
+            generator=_generators(seed, 1),
+            callback_on_step_end=accumulate,
+        ).images[0]
+    maps = (total / max(counted[0], 1)).numpy()
+    return TokenAttention(image, prompt, token_ids, labels, maps, seed)
+
+
+def inspect_prompt(
+    pipe,
+    prompt: str,
+    output: str | os.PathLike,
+    seed: int = 0,
+    steps: int = 30,
+    guidance: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    settings: dict[str, Any] | None = None,
+) -> TokenAttention:
+    """Write the per-token attention figure of `prompt` to `output` (PNG: the image, then one labelled map per
+    token) and, next to it, a JSON file with the tokens, the per-token attention mass and the settings.
+
+    Returns:
+        `TokenAttention`: the image, labels and maps.
+    """
+    from .visualize import attention_figure
+
+    output = Path(output)
+    if output.suffix.lower() != ".png":
+        raise UsageError(f"--output {output}: the figure is a PNG; give a path ending in .png.")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    result = token_attention_maps(pipe, prompt, seed, steps, guidance, height, width)
+    attention_figure(result.image, result.maps, result.labels, title=prompt).save(output)
+    record = {
+        **(settings or {}),
+        "prompt": prompt,
+        "seed": seed,
+        "steps": steps,
+        "guidance": guidance,
+        "tokens": [
+            {"position": i + 1, "id": int(t), "text": label, "mean_attention": float(result.maps[i].mean())}
+            for i, (t, label) in enumerate(zip(result.token_ids, result.labels))
+        ],
+        "figure": output.name,
+    }
+    output.with_suffix(".json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    return result

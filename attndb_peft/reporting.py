@@ -1,0 +1,185 @@
+# Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
+"""What a training run shows while and after it runs: validation sample grids and attention figures under
+`OUT/samples/`, experiment trackers (TensorBoard / Weights & Biases through accelerate) and the run summary.
+
+The trainer calls these in a few lines; everything else lives here so the training loop stays readable.
+
+Files under `OUT/samples/`:
+
+| file | when, what |
+|---|---|
+| `stage{S}-step{K}.png` | every `validation_steps` steps and at each stage end: a row per prompt, a column per seed |
+| `stage{S}-attention.png` | each stage end: the first validation prompt's image and per-token attention maps |
+| `final-{i}.png` | end of stage 3: prompt `i`'s row of the last grid (what the model card shows) |
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "SAMPLES_DIR",
+    "check_report_to",
+    "format_run_summary",
+    "peak_memory",
+    "tracker_config",
+    "trackers_for",
+    "write_validation_samples",
+]
+
+logger = logging.getLogger(__name__)
+
+SAMPLES_DIR = "samples"
+
+
+def check_report_to(report_to: str | None) -> str | None:
+    """The problem with `--report-to` (an unknown tracker, or its package not installed), or None."""
+    if not report_to:
+        return None
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    if report_to not in available:
+        return f"--report-to {report_to!r}: choose one of {', '.join(available)}."
+    if not available[report_to]():
+        return (
+            f"--report-to {report_to}: the {report_to} package is not installed; run pip install {report_to} "
+            f"(or pip install 'attndb_peft[{report_to}]'), or leave out --report-to."
+        )
+    return None
+
+
+def trackers_for(report_to: str | None) -> list | None:
+    """What `Accelerator(log_with=...)` gets for `--report-to` (None: no tracker)."""
+    return [report_to] if report_to else None
+
+
+def tracker_config(config) -> dict[str, Any]:
+    """The run's settings flattened to scalars (`stage2.learning_rate`, ...): TensorBoard's hparams accept only
+    int, float, str and bool values."""
+    flat: dict[str, Any] = {}
+
+    def add(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                add(f"{prefix}.{key}" if prefix else key, inner)
+        elif isinstance(value, (list, tuple)):
+            flat[prefix] = " | ".join(map(str, value))
+        elif value is None:
+            flat[prefix] = "none"
+        else:
+            flat[prefix] = value
+
+    add("", config.to_dict())
+    return flat
+
+
+def peak_memory(device: torch.device) -> str:
+    """Peak memory of the run: GPU memory allocated by torch on CUDA, else the process's peak resident size."""
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB GPU (torch.cuda.max_memory_allocated)"
+    try:
+        import resource
+    except ImportError:  # Windows
+        return "n/a"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_bytes = peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+    return f"{peak_bytes / 2**30:.2f} GiB (peak resident memory of the process)"
+
+
+def format_run_summary(result, stage_names: dict[int, str], device: torch.device) -> str:
+    """A few lines for the end of `train`: time per stage, time spent on samples, peak memory, files written."""
+    out = Path(result.output_dir)
+    lines = [f"Run summary ({out}):"]
+    for stage, seconds in sorted(result.stage_seconds.items()):
+        lines.append(f"  stage {stage} {stage_names.get(stage, '')}: {seconds:.1f} s")
+    if result.sample_files:
+        lines.append(f"  validation samples: {result.validation_seconds:.1f} s, {len(result.sample_files)} picture(s)")
+    lines.append(f"  peak memory: {peak_memory(device)}")
+    lines.append("  files written:")
+    for path in [*result.files, *result.sample_files]:
+        lines.append(f"    {_relative(Path(path), out)}")
+    checkpoints = out / "checkpoints"
+    if checkpoints.is_dir():
+        lines.append(f"    checkpoints/ ({len([p for p in checkpoints.iterdir() if p.is_dir()])} checkpoint(s))")
+    return "\n".join(lines)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def write_validation_samples(trainer, stage: int, step: int, stage_end: bool) -> list[Path]:
+    """Write the sample grid of the validation prompts (fixed seeds) for `stage`/`step` under `OUT/samples/`;
+    at a stage end also the first prompt's attention figure, and after stage 3 one picture per prompt for the
+    model card (`trainer.result.card_samples`).
+
+    Runs on the main process over the models being trained (`Trainer.pipeline()`): the U-Net is put in eval
+    mode and its attention processors (the training capture, mid-stage), train mode and the frozen models'
+    devices are restored afterwards; the global RNG is forked so sampling does not change training randomness.
+
+    Returns:
+        `list[Path]`: the pictures written.
+    """
+    from .inference import expand_prompt, generate_images, token_attention_maps
+    from .trainer import STAGE_NAMES
+    from .visualize import attention_figure, image_grid
+
+    cfg = trainer.config
+    prompts = [expand_prompt(p, cfg.token, cfg.category) for p in cfg.validation_prompts]
+    folder = trainer.output_dir / SAMPLES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    size = cfg.resolution
+    settings = dict(
+        seed=cfg.seed,
+        steps=cfg.validation_inference_steps,
+        guidance=cfg.validation_guidance_scale,
+        height=size,
+        width=size,
+    )
+    unet = trainer.unet
+    processors, was_training = unet.attn_processors, unet.training
+    # Frozen models may sit on the CPU during a stage (memory offloading); sampling needs them on the device.
+    frozen = {model: next(model.parameters()).device for model in (trainer.vae, trainer.text_encoder)}
+    devices = [trainer.device] if trainer.device.type == "cuda" else []
+    written: list[Path] = []
+    unet.eval()
+    for model in frozen:
+        model.to(trainer.device)
+    try:
+        with torch.random.fork_rng(devices=devices), trainer.accelerator.autocast():
+            pipe = trainer.pipeline()
+            pipe.set_progress_bar_config(disable=True)
+            rows = [generate_images(pipe, prompt, cfg.validation_images, **settings) for prompt in prompts]
+            title = f"stage {stage}/3 ({STAGE_NAMES[stage]}), step {step}"
+            seeds = [f"seed {cfg.seed + j}" for j in range(cfg.validation_images)]
+            path = folder / f"stage{stage}-step{step}.png"
+            image_grid(rows, row_labels=prompts, column_labels=seeds, title=title).save(path)
+            written.append(path)
+            if stage_end:
+                maps = token_attention_maps(pipe, prompts[0], **settings)
+                path = folder / f"stage{stage}-attention.png"
+                attention_figure(maps.image, maps.maps, maps.labels, title=f"{title}: {prompts[0]}").save(path)
+                written.append(path)
+            if stage_end and stage == 3:
+                trainer.result.card_samples = []
+                for i, (prompt, row) in enumerate(zip(prompts, rows)):
+                    path = folder / f"final-{i:02d}.png"
+                    image_grid([row], row_labels=[prompt]).save(path)
+                    written.append(path)
+                    trainer.result.card_samples.append((prompt, f"{SAMPLES_DIR}/{path.name}"))
+    finally:
+        unet.set_attn_processor(processors)
+        unet.train(was_training)
+        for model, device in frozen.items():
+            model.to(device)
+    logger.debug("Samples of stage %d step %d written to %s", stage, step, folder)
+    return written
