@@ -49,9 +49,12 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in chars]
 
 
-def tiny_clip_tokenizer(words: tuple[str, ...] = TINY_WORDS, model_max_length: int = 77):
+def tiny_clip_tokenizer(
+    words: tuple[str, ...] = TINY_WORDS, model_max_length: int = 77, vocab_size: int | None = None
+):
     """A real `CLIPTokenizer` with a byte-level BPE vocabulary: every byte, every byte at a word end, and
-    merges that make each of `words` a single token."""
+    merges that make each of `words` a single token. `vocab_size` pads the vocabulary with placeholder entries
+    that no merge produces, so it fits a text encoder with a real-size embedding matrix (CLIP's is 49 408)."""
     from transformers import CLIPTokenizer
 
     vocab: dict[str, int] = {}
@@ -67,6 +70,8 @@ def tiny_clip_tokenizer(words: tuple[str, ...] = TINY_WORDS, model_max_length: i
                 merges.append(pair)
             vocab.setdefault(pair[0] + pair[1], len(vocab))
             symbols = [pair[0] + pair[1], *symbols[2:]]
+    while vocab_size is not None and len(vocab) < vocab_size - 2:  # the two specials stay last, as in CLIP
+        vocab[f"<|placeholder{len(vocab)}|>"] = len(vocab)
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)

@@ -17,7 +17,10 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -102,10 +105,10 @@ class TrainResult:
     card_samples: list[tuple[str, str]] = field(default_factory=list)  # (prompt, path in OUT) for the model card
 
 
-def check_inputs(config: AttnDBConfig) -> list[str]:
+def check_inputs(config: AttnDBConfig, tokenizer=None) -> list[str]:
     """Every problem with the run's inputs that can be found without loading the U-Net, VAE or text
-    encoder: images, output folder, token and category (with the base model's tokenizer). Returns warnings;
-    raises `InputError` listing all problems."""
+    encoder: images, output folder, token and category (with the base model's tokenizer, or `tokenizer` when
+    given). Returns warnings; raises `InputError` listing all problems."""
     problems: list[str] = []
     report = scan_image_folder(config.images, config.resolution)
     problems += report.problems
@@ -122,7 +125,7 @@ def check_inputs(config: AttnDBConfig) -> list[str]:
     if config.resume and ckpt.find_latest(out) is None:
         problems.append(f"--resume: no complete checkpoint in {out / ckpt.CHECKPOINT_DIR}; start without --resume.")
     try:
-        tokenizer = load_tokenizer(config)
+        tokenizer = load_tokenizer(config) if tokenizer is None else tokenizer
     except Exception as exc:  # missing model, no network, bad folder: say which
         problems.append(f"--model {config.model}: cannot load its tokenizer ({type(exc).__name__}: {exc}).")
     else:
@@ -183,10 +186,19 @@ def train(config: AttnDBConfig) -> Path:
 
 
 class Trainer:
-    """Holds the models and the state shared by the stages; `run` is the whole job."""
+    """Holds the models and the state shared by the stages; `run` is the whole job.
 
-    def __init__(self, config: AttnDBConfig) -> None:
+    Args:
+        config (`AttnDBConfig`): the run's settings.
+        components (`dict`, *optional*): models already in memory, keyed like a diffusers pipeline's
+            `components` (`unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler`), used instead of loading
+            `config.model`. They are trained in place (the tokenizer and text encoder gain the token).
+            benchmarks/bench_train.py uses this for random-weight models; `config.model` then only names them.
+    """
+
+    def __init__(self, config: AttnDBConfig, components: dict | None = None) -> None:
         self.config = config
+        self.components = components
         self.output_dir = Path(config.output)
         self.result = TrainResult(output_dir=self.output_dir, token=config.token)
 
@@ -245,7 +257,7 @@ class Trainer:
         )
         self.device = self.accelerator.device
         # Every process checks (they see the same files and all stop alike); nothing is written before this.
-        for warning in check_inputs(cfg):
+        for warning in check_inputs(cfg, None if self.components is None else self.components["tokenizer"]):
             if self.accelerator.is_main_process:
                 logger.warning(warning)
         self.accelerator.wait_for_everyone()
@@ -279,11 +291,19 @@ class Trainer:
         cfg = self.config
         kwargs = {"revision": cfg.revision}
         weights = {"variant": cfg.variant, "torch_dtype": self.weight_dtype, **kwargs}
-        self.tokenizer = load_tokenizer(cfg)
-        self.text_encoder = CLIPTextModel.from_pretrained(cfg.model, subfolder="text_encoder", **weights)
-        self.vae = AutoencoderKL.from_pretrained(cfg.model, subfolder="vae", **weights)
-        self.unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **weights)
-        self.noise_scheduler = DDPMScheduler.from_pretrained(cfg.model, subfolder="scheduler", **kwargs)
+        if self.components is None:
+            self.tokenizer = load_tokenizer(cfg)
+            self.text_encoder = CLIPTextModel.from_pretrained(cfg.model, subfolder="text_encoder", **weights)
+            self.vae = AutoencoderKL.from_pretrained(cfg.model, subfolder="vae", **weights)
+            self.unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **weights)
+            self.noise_scheduler = DDPMScheduler.from_pretrained(cfg.model, subfolder="scheduler", **kwargs)
+        else:
+            c = self.components
+            self.tokenizer, self.text_encoder, self.vae = c["tokenizer"], c["text_encoder"], c["vae"]
+            self.unet = c["unet"].to(dtype=self.weight_dtype)
+            self.text_encoder.to(dtype=self.weight_dtype)
+            self.vae.to(dtype=self.weight_dtype)
+            self.noise_scheduler = DDPMScheduler.from_config(c["scheduler"].config)
         for model in (self.text_encoder, self.vae, self.unet):
             model.requires_grad_(False)
             model.to(self.device)
@@ -400,11 +420,6 @@ class Trainer:
         stage_cfg = cfg.stages[stage - 1]
         acc = self.accelerator
         started = time.perf_counter()
-        use_regularizer = stage_cfg.lambda_mu > 0 or stage_cfg.lambda_var > 0
-        if stage > 1:
-            with torch.no_grad(), acc.autocast():
-                cached_states = self.text_encoder(self.prompt_ids)[0].to(self.weight_dtype)
-
         progress = tqdm(
             total=stage_cfg.steps,
             initial=start_step,
@@ -413,66 +428,11 @@ class Trainer:
         )
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         running, since_log = torch.zeros(2, device=self.device), 0
-        splice = self.splice if stage == 1 else _null_context()
-        store = AttentionStore()
-        capture = (
-            capture_cross_attention(self.unet, self.concept.capture_indices, store)
-            if use_regularizer
-            else _null_context()
-        )
-        self.unet.train()
-        with splice, capture:
+        with self.stage_loop(stage) as train_step:
             for step in range(start_step, stage_cfg.steps):
-                image_ids, view_choices = batch_indices(
-                    step,
-                    cfg.batch_size,
-                    self.num_images,
-                    self.latents.views_per_image,
-                    cfg.seed * 10 + stage,
-                    acc.process_index,
-                    acc.num_processes,
-                )
-                latents = self.latents.sample(self.latents.view_ids(image_ids, view_choices), self.generator)
-                noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
-                timesteps = torch.randint(
-                    0,
-                    self.noise_scheduler.config.num_train_timesteps,
-                    (latents.shape[0],),
-                    generator=self.generator,
-                    device=self.device,
-                )
-                noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-                target = diffusion_target(self.noise_scheduler, latents, noise, timesteps)
-                with acc.autocast():
-                    if stage == 1:  # gradients reach the spliced token vector through the frozen encoder
-                        states = self.text_encoder(self.prompt_ids)[0]
-                    else:
-                        states = cached_states
-                    states = states.expand(latents.shape[0], -1, -1)
-                    store.clear()
-                    pred = self.unet(noisy.to(self.weight_dtype), timesteps, states.to(self.weight_dtype)).sample
-                    mse = diffusion_loss(pred, target)
-                    if use_regularizer:
-                        reg = attention_regularizer(
-                            *store.concept_and_category(), stage_cfg.lambda_mu, stage_cfg.lambda_var, cfg.regularizer
-                        )
-                    else:
-                        reg = torch.zeros((), device=self.device)
-                    loss = mse + reg
-                acc.backward(loss)
-                store.clear()
-                if acc.num_processes > 1:
-                    for p in self.params:
-                        if p.grad is not None:
-                            p.grad = acc.reduce(p.grad, reduction="mean")
-                grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm or math.inf)
-                finite &= torch.isfinite(loss.detach())
-                if self.mixed_precision != "fp16" and grad_norm is not None:  # fp16 overflow is the scaler's job
-                    finite &= torch.isfinite(grad_norm)
-                self.optimizer.step()
-                self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                running += torch.stack([mse.detach(), reg.detach()])
+                mse, reg, ok = train_step(step)
+                finite &= ok
+                running += torch.stack([mse, reg])
                 since_log += 1
 
                 done = step + 1
@@ -494,7 +454,6 @@ class Trainer:
                 if cfg.validation_steps and done % cfg.validation_steps == 0 and not is_last:
                     self.validate(stage, done)
         progress.close()
-        self.unet.eval()
         if stage_cfg.steps == 0:  # a skipped stage still leaves a checkpoint to resume after it
             self.save_checkpoint(stage, 0)
         self.result.stage_seconds[stage] = time.perf_counter() - started
@@ -515,6 +474,103 @@ class Trainer:
             self.result.sample_files += write_validation_samples(self, stage, step, stage_end)
             self.result.validation_seconds += time.perf_counter() - started
         self.accelerator.wait_for_everyone()
+
+    @contextmanager
+    def stage_loop(self, stage: int) -> Iterator[Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        """Set up the training loop of one stage (after `build_stage` and `make_optimizer`) and yield its step
+        function.
+
+        Inside the block the prompt is encoded once (stages 2-3: the text side is frozen), the token splice
+        (stage 1) and the attn2 capture (when the stage's regularizer is on) are installed and the U-Net is in
+        train mode; all of it is undone on exit. `step(i)` runs optimizer step `i` of the stage and returns
+        `(mse, reg, finite)` as device tensors without waiting for the device; the caller decides when to read
+        them back. `run_stage` is the loop around it; benchmarks/bench_train.py times it directly.
+        """
+        stage_cfg = self.config.stages[stage - 1]
+        use_regularizer = stage_cfg.lambda_mu > 0 or stage_cfg.lambda_var > 0
+        cached_states = None
+        if stage > 1:
+            with torch.no_grad(), self.accelerator.autocast():
+                cached_states = self.text_encoder(self.prompt_ids)[0].to(self.weight_dtype)
+        store = AttentionStore()
+        splice = self.splice if stage == 1 else _null_context()
+        capture = (
+            capture_cross_attention(self.unet, self.concept.capture_indices, store)
+            if use_regularizer
+            else _null_context()
+        )
+        self.unet.train()
+        try:
+            with splice, capture:
+                yield partial(
+                    self._train_step,
+                    stage,
+                    cached_states=cached_states,
+                    store=store if use_regularizer else None,
+                )
+        finally:
+            self.unet.eval()
+
+    def _train_step(
+        self, stage: int, step: int, cached_states: torch.Tensor | None, store: AttentionStore | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step (see `stage_loop`). `cached_states`: the prompt's encoder states (stages 2-3;
+        stage 1 encodes through the splice); `store`: the capture's store when the regularizer is on."""
+        cfg = self.config
+        stage_cfg = cfg.stages[stage - 1]
+        acc = self.accelerator
+        image_ids, view_choices = batch_indices(
+            step,
+            cfg.batch_size,
+            self.num_images,
+            self.latents.views_per_image,
+            cfg.seed * 10 + stage,
+            acc.process_index,
+            acc.num_processes,
+        )
+        latents = self.latents.sample(self.latents.view_ids(image_ids, view_choices), self.generator)
+        noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
+        timesteps = torch.randint(
+            0,
+            self.noise_scheduler.config.num_train_timesteps,
+            (latents.shape[0],),
+            generator=self.generator,
+            device=self.device,
+        )
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = diffusion_target(self.noise_scheduler, latents, noise, timesteps)
+        with acc.autocast():
+            if stage == 1:  # gradients reach the spliced token vector through the frozen encoder
+                states = self.text_encoder(self.prompt_ids)[0]
+            else:
+                states = cached_states
+            states = states.expand(latents.shape[0], -1, -1)
+            if store is not None:
+                store.clear()
+            pred = self.unet(noisy.to(self.weight_dtype), timesteps, states.to(self.weight_dtype)).sample
+            mse = diffusion_loss(pred, target)
+            if store is not None:
+                reg = attention_regularizer(
+                    *store.concept_and_category(), stage_cfg.lambda_mu, stage_cfg.lambda_var, cfg.regularizer
+                )
+            else:
+                reg = torch.zeros((), device=self.device)
+            loss = mse + reg
+        acc.backward(loss)
+        if store is not None:
+            store.clear()
+        if acc.num_processes > 1:
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad = acc.reduce(p.grad, reduction="mean")
+        grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm or math.inf)
+        finite = torch.isfinite(loss.detach())
+        if self.mixed_precision != "fp16" and grad_norm is not None:  # fp16 overflow is the scaler's job
+            finite &= torch.isfinite(grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return mse.detach(), reg.detach(), finite
 
     def _check_finite(self, finite: torch.Tensor, stage: int, step: int) -> None:
         if not bool(finite):
