@@ -100,6 +100,14 @@ def _add_train_parser(sub) -> None:
         help=_config_help("gradient_checkpointing"),
     )
     p.add_argument(
+        "--offload-frozen",
+        action="store_true",
+        default=None,
+        dest="offload_frozen",
+        help=_config_help("offload_frozen"),
+    )
+    p.add_argument("--compile", action="store_true", default=None, help=_config_help("compile"))
+    p.add_argument(
         "--save-dtype", choices=("fp16", "bf16", "fp32"), dest="save_dtype", help=_config_help("save_dtype")
     )
     p.add_argument("--random-crops", type=int, dest="random_crops", help=_config_help("random_crops"))

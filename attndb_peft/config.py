@@ -152,6 +152,20 @@ class AttnDBConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Trade compute for memory in the U-Net (low-memory setting)."}
     )
+    offload_frozen: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the VAE (after the latents are cached) and the text encoder (after stage 1) on the CPU; "
+            "stages 2-3 move the text encoder over once to encode the prompt (low-memory setting)."
+        },
+    )
+    compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the U-Net. Each stage compiles once (minutes on a GPU), which the paper's "
+            "660 steps may not pay back; see the README's performance section."
+        },
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
     save_dtype: str = field(
         default="fp16", metadata={"help": "dtype of the exported LoRA and embedding: fp16, bf16, fp32."}

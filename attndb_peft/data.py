@@ -220,9 +220,10 @@ class LatentCache:
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return (mean + std * eps - self.shift_factor) * self.scaling_factor
 
-    def view_ids(self, image_ids: list[int], choices: list[int]) -> torch.Tensor:
+    def view_ids(self, image_ids: list[int], choices: list[int], device=None) -> torch.Tensor:
+        """Cached-view ids of (image, view choice) pairs, on `device` (default: the cache's)."""
         ids = [self.views_of[i][c % self.views_per_image] for i, c in zip(image_ids, choices)]
-        return torch.tensor(ids, device=self.mean.device)
+        return torch.tensor(ids, device=self.mean.device if device is None else device)
 
 
 def batch_indices(

@@ -154,7 +154,8 @@ class TokenEmbeddingSplice(nn.Module):
     def write_back(self) -> None:
         """Copy the trained vector into the embedding matrix, so later stages and inference use the stock path."""
         weight = self.embedding_module.weight
-        weight[self.token_id] = self.vector.to(weight.dtype)
+        # the text encoder may sit on the CPU while the vector trains on the device (offload_frozen)
+        weight[self.token_id] = self.vector.to(weight.device, weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- stages 2-3

@@ -273,6 +273,7 @@ class Trainer:
             self.accelerator.init_trackers("attndb", config=tracker_config(cfg))
         self._load_models()
         self._build_latent_cache()
+        self._offload_frozen(keep_text_encoder=True)
         return resume
 
     def _prepare_output_dir(self) -> None:
@@ -309,6 +310,8 @@ class Trainer:
             model.to(self.device)
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        if cfg.compile:  # in place (state-dict keys unchanged); each stage's new graph recompiles on first use
+            self.unet.compile()
         try:
             self.concept: ConceptToken = add_concept_token(
                 self.tokenizer, self.text_encoder, cfg.token, cfg.category, cfg.prompt
@@ -486,12 +489,14 @@ class Trainer:
         `(mse, reg, finite)` as device tensors without waiting for the device; the caller decides when to read
         them back. `run_stage` is the loop around it; benchmarks/bench_train.py times it directly.
         """
+        from peft.helpers import disable_input_dtype_casting
+
         stage_cfg = self.config.stages[stage - 1]
         use_regularizer = stage_cfg.lambda_mu > 0 or stage_cfg.lambda_var > 0
         cached_states = None
         if stage > 1:
-            with torch.no_grad(), self.accelerator.autocast():
-                cached_states = self.text_encoder(self.prompt_ids)[0].to(self.weight_dtype)
+            cached_states = self._encode_prompt()
+        self._offload_frozen(keep_text_encoder=stage == 1)
         store = AttentionStore()
         splice = self.splice if stage == 1 else _null_context()
         capture = (
@@ -499,36 +504,76 @@ class Trainer:
             if use_regularizer
             else _null_context()
         )
+        # PEFT casts each LoRA layer's input to the LoRA weights' dtype (float32 here) and autocast casts it
+        # straight back: under autocast that round trip is exact and only costs memory traffic, so skip it.
+        no_input_cast = disable_input_dtype_casting(self.unet, active=self.weight_dtype != torch.float32)
         self.unet.train()
         try:
-            with splice, capture:
+            with splice, capture, no_input_cast:
                 yield partial(
                     self._train_step,
                     stage,
+                    view_schedule=self._view_schedule(stage),
                     cached_states=cached_states,
                     store=store if use_regularizer else None,
                 )
         finally:
             self.unet.eval()
 
+    def _view_schedule(self, stage: int) -> torch.Tensor:
+        """The cached views every step of the stage trains on, `[steps, batch]` on the device.
+
+        Built on the host up front and copied once: building a step's ids from a Python list in the loop would
+        copy host memory to the device every step, and that copy waits for the device to drain (a host sync),
+        so the host could not queue the next step while the device works on this one."""
+        cfg, acc = self.config, self.accelerator
+        rows = [
+            self.latents.view_ids(
+                *batch_indices(
+                    step,
+                    cfg.batch_size,
+                    self.num_images,
+                    self.latents.views_per_image,
+                    cfg.seed * 10 + stage,
+                    acc.process_index,
+                    acc.num_processes,
+                ),
+                device="cpu",
+            )
+            for step in range(cfg.stages[stage - 1].steps)
+        ]
+        schedule = torch.stack(rows) if rows else torch.zeros(0, cfg.batch_size, dtype=torch.long)
+        return schedule.to(self.device)
+
+    def _encode_prompt(self) -> torch.Tensor:
+        """The prompt's encoder states, once per stage in stages 2-3 (the text side is frozen there)."""
+        self.text_encoder.to(self.device)  # back from the CPU with offload_frozen; a no-op otherwise
+        with torch.no_grad(), self.accelerator.autocast():
+            return self.text_encoder(self.prompt_ids)[0].to(self.weight_dtype)
+
+    def _offload_frozen(self, keep_text_encoder: bool) -> None:
+        """With `offload_frozen`, move the frozen models the loop does not run to the CPU: the VAE always (the
+        latents are cached), the text encoder unless the stage encodes through it (stage 1)."""
+        if not self.config.offload_frozen:
+            return
+        self.vae.to("cpu")
+        self.text_encoder.to(self.device if keep_text_encoder else "cpu")
+
     def _train_step(
-        self, stage: int, step: int, cached_states: torch.Tensor | None, store: AttentionStore | None
+        self,
+        stage: int,
+        step: int,
+        view_schedule: torch.Tensor,
+        cached_states: torch.Tensor | None,
+        store: AttentionStore | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One optimizer step (see `stage_loop`). `cached_states`: the prompt's encoder states (stages 2-3;
-        stage 1 encodes through the splice); `store`: the capture's store when the regularizer is on."""
+        """One optimizer step (see `stage_loop`). `view_schedule`: the cached views of every step;
+        `cached_states`: the prompt's encoder states (stages 2-3; stage 1 encodes through the splice); `store`:
+        the capture's store when the regularizer is on."""
         cfg = self.config
         stage_cfg = cfg.stages[stage - 1]
         acc = self.accelerator
-        image_ids, view_choices = batch_indices(
-            step,
-            cfg.batch_size,
-            self.num_images,
-            self.latents.views_per_image,
-            cfg.seed * 10 + stage,
-            acc.process_index,
-            acc.num_processes,
-        )
-        latents = self.latents.sample(self.latents.view_ids(image_ids, view_choices), self.generator)
+        latents = self.latents.sample(view_schedule[step], self.generator)
         noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
         timesteps = torch.randint(
             0,
@@ -688,6 +733,8 @@ class Trainer:
 
         cfg = self.config
         self.splice.write_back()
+        self.vae.to(self.device)  # sampling needs both back on the device after offload_frozen
+        self.text_encoder.to(self.device)
         _, scheduler_class = StableDiffusionPipeline.load_config(cfg.model, revision=cfg.revision)["scheduler"]
         scheduler = getattr(diffusers, scheduler_class).from_pretrained(
             cfg.model, subfolder="scheduler", revision=cfg.revision
