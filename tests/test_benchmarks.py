@@ -1,0 +1,99 @@
+# Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
+"""benchmarks/bench_train.py --tiny runs on a CPU and writes every promised field. No timing thresholds: the
+numbers belong to the machine; this checks that they are there and make sense."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    args = ["--tiny", "--steps", "1", "--warmup", "1", "--repeats", "1", "--load-repeats", "1", "--out", str(out)]
+    assert _load_bench().main(args) == 0
+    return json.loads(out.read_text())
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_every_path_has_its_timings(report):
+    results = report["results"]
+    expected = {
+        "default": ("stage1", "stage2", "stage3"),
+        "default_regularizer_off": ("stage1", "stage2", "stage3"),
+        "full": ("stage3",),
+        "lowmem": ("stage1", "stage2", "stage3"),
+        "floor": ("frozen", "full", "frozen_channels_last", "full_channels_last"),
+        "processor": ("sdpa_no_capture", "capture_sdpa", "capture_explicit"),
+        "reference": ("stage1", "stage2", "stage3"),
+    }
+    for path, stages in expected.items():
+        for stage in stages:
+            entry = results[path][stage]
+            assert _positive(entry["ms"]), (path, stage, entry)
+            assert len(entry["ms_blocks"]) == 1 and _positive(entry["warmup_ms"])
+            assert "peak_gib" in entry  # None on a CPU, GiB on CUDA
+            if report["device"].startswith("cpu"):
+                assert entry["peak_gib"] is None
+
+
+def test_summary_has_totals_ratios_overhead_and_memory(report):
+    summary = report["summary"]
+    assert summary["recipe_steps"] == [60, 100, 500]
+    for key in (
+        "default",
+        "stage3_full",
+        "low_memory",
+        "floor",
+        "floor_channels_last",
+        "reference",
+        "regularizer_off",
+    ):
+        assert _positive(summary["recipe_s"][key]), key
+    assert summary["recipe_s"]["compile"] is None and summary["compile_s"] is None  # only with --compile
+    for key, value in summary["ratios"].items():
+        assert _positive(value), key
+    overhead = summary["regularizer_overhead"]
+    for key in ("stage1", "stage2", "stage3", "recipe"):
+        assert isinstance(overhead[key], float) and -1 < overhead[key] < 1, (key, overhead[key])
+    assert set(summary["peak_gib"]) == {"default", "low_memory", "stage3_full", "reference"}
+
+
+def test_adapter_size_and_load_time(report):
+    from attndb_peft.export import CONFIG_NAME, EMBEDDING_NAME, KOHYA_NAME, LORA_NAME, MODEL_CARD_NAME
+
+    adapter = report["results"]["adapter"]
+    assert set(adapter["file_bytes"]) == {EMBEDDING_NAME, LORA_NAME, KOHYA_NAME, CONFIG_NAME, MODEL_CARD_NAME}
+    assert adapter["mb"] == pytest.approx(sum(adapter["file_bytes"].values()) / 1e6, abs=0.01)
+    assert adapter["save_dtype"] == "fp16" and adapter["ranks"] == {"stage2": 32, "stage3": 32}
+    assert adapter["lora_modules"] > 0 and all(_positive(n) for n in adapter["lora_params"].values())
+    load = report["results"]["load"]
+    assert load["device"] == "cpu" and len(load["all_s"]) == 2
+    assert _positive(load["first_s"]) and _positive(load["s"])
+    assert "load_attndb" in load["loader"]
+
+
+def test_run_description(report):
+    assert report["arch"] == "tiny" and report["batch_size"] == 2 and report["resolution"] == 32
+    assert report["mixed_precision"] in ("no", "fp16", "bf16")
+    assert report["steps"] == report["warmup"] == report["repeats"] == 1
+    assert report["device"] and report["torch"]
+    if report["device"].startswith("cpu"):
+        assert report["host_syncs_per_step"] is None  # counted with CUDA's sync debug mode only
