@@ -212,7 +212,8 @@ class Trainer:
             raise OutOfMemory(
                 f"CUDA ran out of memory (batch size {cfg.batch_size}, {cfg.resolution} px, gradient checkpointing "
                 f"{'on' if cfg.gradient_checkpointing else 'off'}, stage 3 {cfg.stage3_mode}). Reduce memory with "
-                f"--gradient-checkpointing, a smaller --batch-size (e.g. {max(cfg.batch_size // 2, 1)}), a lower "
+                "--gradient-checkpointing --offload-frozen (the low-memory setting), a smaller --batch-size (e.g. "
+                f"{max(cfg.batch_size // 2, 1)}), a lower "
                 "--resolution, or --stage3 lora instead of full. Checkpoints written so far are kept: add "
                 "--gradient-checkpointing and --resume to continue (batch size and resolution must stay the same "
                 "to resume; changing them needs --overwrite)."

@@ -42,6 +42,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -780,15 +781,33 @@ def describe_device(device: torch.device) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     import diffusers
     import transformers
 
+    # Process-wide settings are put back afterwards (tests call main() in their own process).
+    threads = torch.get_num_threads()
+    verbosity = diffusers.utils.logging.get_verbosity(), transformers.utils.logging.get_verbosity()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     diffusers.utils.logging.set_verbosity_error()  # random-weight models make both libraries chatty
     transformers.utils.logging.set_verbosity_error()
     bench = Bench(args)
-    device = bench.device
+    try:
+        report = run(bench)
+    finally:
+        torch.set_num_threads(threads)
+        diffusers.utils.logging.set_verbosity(verbosity[0])
+        transformers.utils.logging.set_verbosity(verbosity[1])
+        shutil.rmtree(bench.workdir, ignore_errors=True)
+    Path(args.out).write_text(json.dumps(report, indent=1), encoding="utf-8")
+    print_table(report)
+    print(f"\nwrote {args.out} ({report['wall_s']} s)")
+    return 0
+
+
+def run(bench: Bench) -> dict:
+    """Run the chosen sections; returns the report."""
+    args, device = bench.args, bench.device
     started = time.perf_counter()
     print(f"attndb bench: {'tiny' if args.tiny else 'sd21-base'} on {device}, sections {sorted(args.sections)}")
     if "train" in args.sections:
@@ -808,11 +827,10 @@ def main(argv=None) -> int:
         bench.run_reference()
     if "adapter" in args.sections:
         bench.run_adapter()
+    syncs = bench.host_syncs if any(v is not None for v in bench.host_syncs.values()) else None
     report = {
         "arch": "tiny" if args.tiny else "sd21-base",
-        "device": torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": describe_device(device),
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "batch_size": args.batch_size,
@@ -824,13 +842,10 @@ def main(argv=None) -> int:
         "sections": sorted(args.sections),
         "wall_s": round(time.perf_counter() - started, 1),
         "results": bench.results,
-        "host_syncs_per_step": bench.host_syncs if any(v is not None for v in bench.host_syncs.values()) else None,
+        "host_syncs_per_step": syncs,
     }
     report["summary"] = summary(bench.results, args.warmup)
-    Path(args.out).write_text(json.dumps(report, indent=1), encoding="utf-8")
-    print_table(report)
-    print(f"\nwrote {args.out} ({report['wall_s']} s)")
-    return 0
+    return report
 
 
 if __name__ == "__main__":
