@@ -166,7 +166,8 @@ def load_attndb(
     # Everything is checked: change the pipeline, undoing what was added if a diffusers call fails.
     before = _capture_lora_state(pipe)
     try:
-        pipe.load_textual_inversion({file_token: embedding}, token=token)
+        with _no_mean_resizing(pipe.text_encoder):
+            pipe.load_textual_inversion({file_token: embedding}, token=token)
         with _quiet_missing_text_encoder_lora():
             pipe.load_lora_weights(
                 str(files.lora.parent), weight_name=files.lora.name, adapter_name=adapter_name, use_safetensors=True
@@ -663,6 +664,38 @@ def _check_token_roundtrip(tokenizer, token: str) -> None:
             f"The token {token!r} does not survive this pipeline's tokenizer as one token (it becomes {ids}); "
             "choose a simpler token, e.g. '<my-concept>'."
         )
+
+
+@contextmanager
+def _no_mean_resizing(text_encoder):
+    """Make `text_encoder.resize_token_embeddings` skip transformers' mean resizing while diffusers grows the
+    embedding matrix in `load_textual_inversion`.
+
+    Mean resizing (transformers' default) initialises new rows from the mean and covariance of the whole
+    vocabulary, 49 408 x 1 024 for SD 2.x, and diffusers overwrites those rows with the loaded embedding right
+    after: on a CPU that was about half of `load_attndb`'s time (benchmarks/bench_train.py). The patch is an
+    instance attribute, removed on exit; text encoders without the argument are left alone."""
+    import inspect
+
+    resize = getattr(text_encoder, "resize_token_embeddings", None)
+    if resize is None or "mean_resizing" not in inspect.signature(resize).parameters:
+        yield
+        return
+
+    def resize_without_mean(*args, **kwargs):
+        kwargs.setdefault("mean_resizing", False)
+        return resize(*args, **kwargs)
+
+    missing = object()
+    previous = text_encoder.__dict__.get("resize_token_embeddings", missing)
+    text_encoder.__dict__["resize_token_embeddings"] = resize_without_mean
+    try:
+        yield
+    finally:
+        if previous is missing:
+            text_encoder.__dict__.pop("resize_token_embeddings", None)
+        else:
+            text_encoder.__dict__["resize_token_embeddings"] = previous
 
 
 @contextmanager
