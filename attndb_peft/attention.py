@@ -53,11 +53,13 @@ class CrossAttnCaptureProcessor:
     self-attention), in at least float32. The layer's output is the same function either way:
 
     - `"sdpa"`: `scaled_dot_product_attention`, as without the capture. The output then skips the bf16 copy
-      of the probabilities and the matmul with the values, and the backward pass keeps neither (on SD2.1-base
-      at batch 8, 512 px about 0.2 GiB less and fewer passes over the `[batch, heads, pixels, 77]` maps).
-    - `"explicit"`: `softmax(scores) @ value` from the same probabilities. On CPUs this is faster (measured:
-      CPU SDPA is slow with 77 keys).
-    - `"auto"` (default): `"sdpa"` on CUDA, `"explicit"` elsewhere.
+      of the probabilities and their matmul with the values, forward and backward: fewer passes over the
+      `[batch, heads, pixels, 77]` maps, which is what a memory-bound GPU step pays for.
+    - `"explicit"`: `softmax(scores) @ value` from the same probabilities. Faster on CPUs (measured: one
+      SD2.1-base attn2 layer at batch 8, 512 px, forward + backward, 491 ms against 576 ms; CPU SDPA is slow
+      with 77 keys).
+    - `"auto"` (default): `"sdpa"` on CUDA, `"explicit"` elsewhere. benchmarks/bench_train.py times both on
+      the device at hand (`capture_sdpa_vs_explicit`).
 
     Both give the same outputs and gradients up to float rounding (tests/test_attention.py).
 

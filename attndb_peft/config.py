@@ -162,7 +162,7 @@ class AttnDBConfig:
     compile: bool = field(
         default=False,
         metadata={
-            "help": "torch.compile the U-Net. Each stage compiles once (minutes on a GPU), which the paper's "
+            "help": "torch.compile the U-Net. Each stage compiles once (minutes), which the paper's "
             "660 steps may not pay back; see the README's performance section."
         },
     )
