@@ -237,7 +237,7 @@ class Bench:
         self.mixed_precision = _resolve_mixed_precision(args.mixed_precision)
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.mixed_precision, torch.float32)
         # Enough steps in each stage's config for every block (the view schedule and LR schedule cover them).
-        self.stage_steps = 2 * (args.warmup + args.steps * args.repeats) + 4
+        self.stage_steps = 2 * (args.warmup + args.steps * args.repeats) + 8
         self.results: dict = {}
         self.host_syncs: dict = {}
 
@@ -278,7 +278,9 @@ class Bench:
             setattr(cfg, name, variants[key])
             reset_peak(self.device)
             with trainer.stage_loop(stage) as train_step:
-                if count_syncs:
+                if count_syncs:  # after one step: entering the loop syncs once (schedule copy, capture indices)
+                    train_step(step)
+                    step += 1
                     result = count_host_syncs(train_step, step, n, self.device)
                 else:
                     result = time_block(train_step, step, n, self.device)
