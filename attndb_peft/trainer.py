@@ -734,8 +734,6 @@ class Trainer:
 
         cfg = self.config
         self.splice.write_back()
-        self.vae.to(self.device)  # sampling needs both back on the device after offload_frozen
-        self.text_encoder.to(self.device)
         _, scheduler_class = StableDiffusionPipeline.load_config(cfg.model, revision=cfg.revision)["scheduler"]
         scheduler = getattr(diffusers, scheduler_class).from_pretrained(
             cfg.model, subfolder="scheduler", revision=cfg.revision
