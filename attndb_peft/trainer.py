@@ -18,7 +18,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -499,11 +499,11 @@ class Trainer:
             cached_states = self._encode_prompt()
         self._offload_frozen(keep_text_encoder=stage == 1)
         store = AttentionStore()
-        splice = self.splice if stage == 1 else _null_context()
+        splice = self.splice if stage == 1 else nullcontext()
         capture = (
             capture_cross_attention(self.unet, self.concept.capture_indices, store)
             if use_regularizer
-            else _null_context()
+            else nullcontext()
         )
         # PEFT casts each LoRA layer's input to the LoRA weights' dtype (float32 here) and autocast casts it
         # straight back: under autocast that round trip is exact and only costs memory traffic, so skip it.
@@ -788,11 +788,3 @@ class Trainer:
                 if delta.abs().max() > 0:
                     deltas[name[: -len(".weight")]] = delta
         return deltas
-
-
-class _null_context:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None

@@ -13,7 +13,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(2)
 
 from attndb_peft.config import AttnDBConfig  # noqa: E402
 from attndb_peft.testing import TINY_RESOLUTION, make_instance_images, save_tiny_pipeline  # noqa: E402
@@ -65,3 +65,25 @@ def trained(tiny_model, instance_dir, tmp_path_factory):
     trainer = Trainer(make_config(tiny_model, instance_dir, tmp_path_factory.mktemp("run") / "out"))
     trainer.run()
     return trainer
+
+
+def fresh_pipeline(model):
+    """A `StableDiffusionPipeline` loaded from a saved folder with `from_pretrained`, progress bar off."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompt, seed=0, steps=3):
+    """Images of `prompt` as a numpy array, from a fixed seed at the tiny resolution."""
+    with torch.no_grad():
+        return pipe(
+            prompt,
+            num_inference_steps=steps,
+            height=TINY_RESOLUTION,
+            width=TINY_RESOLUTION,
+            output_type="np",
+            generator=torch.Generator().manual_seed(seed),
+        ).images

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import make_config
+from conftest import fresh_pipeline, generate, make_config
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -25,29 +25,8 @@ from attndb_peft.export import (
     render_model_card,
 )
 from attndb_peft.stages import LoraFactors
-from attndb_peft.testing import TINY_RESOLUTION
 
 _KOHYA_KEY = re.compile(r"^lora_unet_([a-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
-
-
-def _fresh(model):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(model))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _generate(pipe, prompt):
-    with torch.no_grad():
-        return pipe(
-            prompt,
-            num_inference_steps=3,
-            height=TINY_RESOLUTION,
-            width=TINY_RESOLUTION,
-            output_type="np",
-            generator=torch.Generator().manual_seed(0),
-        ).images
 
 
 def _metadata(path):
@@ -62,30 +41,20 @@ def _unet_outputs(unet):
         return unet(x, t, states).sample
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP threads that wait
-    # on each other make every forward pass ~10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------- kohya copy
 def test_kohya_copy_reproduces_the_diffusers_images(trained, tiny_model):
     out = trained.output_dir
     prompt = "a photo of a <attndb-dog> dog on the beach"
     images = {}
     for name in (LORA_NAME, KOHYA_NAME):
-        pipe = _fresh(tiny_model)
+        pipe = fresh_pipeline(tiny_model)
         pipe.load_textual_inversion(str(out / EMBEDDING_NAME))
         pipe.load_lora_weights(str(out), weight_name=name, adapter_name="concept")
-        images[name] = _generate(pipe, prompt)
+        images[name] = generate(pipe, prompt)
     assert abs(images[KOHYA_NAME] - images[LORA_NAME]).max() < 1e-6
     # ... and the LoRA is not a no-op (the stage-2 attention modules have twice the rank of the others, the case a
     # per-module kohya alpha would get wrong in diffusers)
-    assert abs(images[LORA_NAME] - _generate(_fresh(tiny_model), prompt)).max() > 1e-3
+    assert abs(images[LORA_NAME] - generate(fresh_pipeline(tiny_model), prompt)).max() > 1e-3
 
 
 def test_kohya_keys_follow_sd_scripts(trained):
@@ -144,7 +113,7 @@ def test_kohya_and_diffusers_copies_of_every_layer_type_match_the_math(tiny_mode
             reference.get_submodule(name).weight += factors.delta()
     want = _unet_outputs(reference)
     for weight_name in (LORA_NAME, KOHYA_NAME):
-        pipe = _fresh(tiny_model)
+        pipe = fresh_pipeline(tiny_model)
         pipe.load_lora_weights(str(tmp_path / "out"), weight_name=weight_name, adapter_name="x")
         torch.testing.assert_close(_unet_outputs(pipe.unet), want, rtol=1e-4, atol=1e-5, msg=weight_name)
 

@@ -8,7 +8,6 @@ import hashlib
 import shutil
 
 import pytest
-import torch
 from huggingface_hub import HfApi
 from huggingface_hub.hf_api import CommitInfo
 
@@ -19,16 +18,6 @@ from attndb_peft.loading import AdapterError
 
 ADAPTER_FILES = {EMBEDDING_NAME, LORA_NAME, KOHYA_NAME, CONFIG_NAME, MODEL_CARD_NAME}
 COMMIT_URL = "https://huggingface.co/me/my-dog/commit/0123456789abcdef"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP threads that wait
-    # on each other make every forward pass ~10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class FakeHub:

@@ -9,36 +9,15 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_config
+from conftest import fresh_pipeline, generate, make_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import attndb_peft
 from attndb_peft.export import EMBEDDING_NAME, LORA_NAME
 from attndb_peft.loading import AdapterError, load_attndb, loaded_concepts, unload_attndb
-from attndb_peft.testing import TINY_RESOLUTION
 
 PLAIN = "a photo of a dog in the jungle"
-
-
-def _generate(pipe, prompt):
-    with torch.no_grad():
-        return pipe(
-            prompt,
-            num_inference_steps=3,
-            height=TINY_RESOLUTION,
-            width=TINY_RESOLUTION,
-            output_type="np",
-            generator=torch.Generator().manual_seed(0),
-        ).images
-
-
-def _fresh(model):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(model))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _scalings(pipe):
@@ -123,20 +102,10 @@ def style_lora(tiny_model, tmp_path_factory):
 
 
 def _with_style(model, style, weight=0.6):
-    pipe = _fresh(model)
+    pipe = fresh_pipeline(model)
     pipe.load_lora_weights(str(style), adapter_name="style")
     pipe.set_adapters(["style"], [weight])
     return pipe
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP threads that wait
-    # on each other make every forward pass ~10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -150,25 +119,25 @@ def test_methods_are_added_to_stable_diffusion_pipelines_only_as_new_names():
 
 
 def test_load_attndb_gives_the_stock_diffusers_images(adapter, tiny_model):
-    stock = _fresh(tiny_model)
+    stock = fresh_pipeline(tiny_model)
     stock.load_textual_inversion(str(adapter / EMBEDDING_NAME))
     stock.load_lora_weights(str(adapter), weight_name=LORA_NAME, adapter_name="concept")
-    pipe = _fresh(tiny_model)
+    pipe = fresh_pipeline(tiny_model)
     token = pipe.load_attndb(str(adapter))
     assert token == "<attndb-dog>"
     assert pipe.get_active_adapters() == ["attndb-dog"] and loaded_concepts(pipe) == {"attndb-dog": token}
     prompt = f"a photo of a {token} dog on the beach"
-    got = _generate(pipe, prompt)
-    assert abs(got - _generate(stock, prompt)).max() == 0
-    assert abs(got - _generate(_fresh(tiny_model), prompt)).max() > 1e-3  # it did change something
+    got = generate(pipe, prompt)
+    assert abs(got - generate(stock, prompt)).max() == 0
+    assert abs(got - generate(fresh_pipeline(tiny_model), prompt)).max() > 1e-3  # it did change something
 
     # weight= is the LoRA strength, as set_adapters would set it
-    half = load_attndb(_fresh(tiny_model), adapter, weight=0.5)
+    half = load_attndb(fresh_pipeline(tiny_model), adapter, weight=0.5)
     assert half == token
     stock.set_adapters(["concept"], [0.5])
-    half_pipe = _fresh(tiny_model)
+    half_pipe = fresh_pipeline(tiny_model)
     half_pipe.load_attndb(adapter, weight=0.5)
-    assert abs(_generate(half_pipe, prompt) - _generate(stock, prompt)).max() == 0
+    assert abs(generate(half_pipe, prompt) - generate(stock, prompt)).max() == 0
 
 
 def _lay_out_hub_cache(cache, repo_id, folder, sha):
@@ -199,22 +168,22 @@ def test_hub_repo_id_resolves_offline_from_the_cache(adapter, tiny_model, tmp_pa
         return real(repo_id, filename, **kwargs)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", recording)
-    reference = _fresh(tiny_model)
+    reference = fresh_pipeline(tiny_model)
     token = reference.load_attndb(adapter)
     prompt = f"a photo of a {token} dog"
 
-    pipe = _fresh(tiny_model)
+    pipe = fresh_pipeline(tiny_model)
     assert pipe.load_attndb("attndb-test/dog", cache_dir=cache, hf_token="hf_dummy") == token
-    assert abs(_generate(pipe, prompt) - _generate(reference, prompt)).max() == 0
+    assert abs(generate(pipe, prompt) - generate(reference, prompt)).max() == 0
     assert [c[1] for c in calls] == [EMBEDDING_NAME, LORA_NAME]  # only what is needed
     assert all(c[2]["cache_dir"] == cache and c[2]["token"] == "hf_dummy" for c in calls)
 
     # the default cache (HF_HUB_CACHE / HF_HOME) and a pinned revision
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    pinned = _fresh(tiny_model)
+    pinned = fresh_pipeline(tiny_model)
     pinned.load_attndb("attndb-test/dog", revision=sha, local_files_only=True)
     assert calls[-1][2]["revision"] == sha and calls[-1][2]["local_files_only"] is True
-    assert abs(_generate(pinned, prompt) - _generate(reference, prompt)).max() == 0
+    assert abs(generate(pinned, prompt) - generate(reference, prompt)).max() == 0
 
     before = _state(pinned)
     with pytest.raises(AdapterError, match="not in the local Hub cache"):
@@ -225,7 +194,7 @@ def test_hub_repo_id_resolves_offline_from_the_cache(adapter, tiny_model, tmp_pa
 # ---------------------------------------------------------------------------------------------- mixing
 def test_foreign_lora_stays_active_and_weights_mix(adapter, style_lora, tiny_model):
     pipe = _with_style(tiny_model, style_lora, 0.6)
-    style_only = _generate(pipe, PLAIN)
+    style_only = generate(pipe, PLAIN)
     base_state = _state(pipe)
 
     token = pipe.load_attndb(adapter, weight=0.8)
@@ -233,26 +202,26 @@ def test_foreign_lora_stays_active_and_weights_mix(adapter, style_lora, tiny_mod
     scalings = _scalings(pipe)
     assert {k: v for k, v in scalings.items() if k[2] == "style"} == base_state["scalings"]  # weight kept
     assert {v for k, v in scalings.items() if k[2] == "attndb-dog"} == {0.8}  # alpha = rank: scaling = weight
-    both = _generate(pipe, PLAIN)
+    both = generate(pipe, PLAIN)
     assert abs(both - style_only).max() > 1e-3
 
     pipe.set_adapters(["style", "attndb-dog"], [0.6, 0.0])  # concept LoRA off: the style alone
-    assert abs(_generate(pipe, PLAIN) - style_only).max() < 1e-6
-    concept_only = _fresh(tiny_model)
+    assert abs(generate(pipe, PLAIN) - style_only).max() < 1e-6
+    concept_only = fresh_pipeline(tiny_model)
     concept_only.load_attndb(adapter, weight=0.8)
     pipe.set_adapters(["style", "attndb-dog"], [0.0, 0.8])  # style off: the concept alone
     prompt = f"a photo of a {token} dog"
-    assert abs(_generate(pipe, prompt) - _generate(concept_only, prompt)).max() < 1e-6
+    assert abs(generate(pipe, prompt) - generate(concept_only, prompt)).max() < 1e-6
 
     pipe.set_adapters(["style", "attndb-dog"], [0.6, 0.8])
     assert pipe.unload_attndb("attndb-dog") == token
     assert pipe.get_active_adapters() == ["style"]
     _assert_same_state(base_state, _state(pipe))
-    assert abs(_generate(pipe, PLAIN) - style_only).max() == 0  # exactly the style-only images again
+    assert abs(generate(pipe, PLAIN) - style_only).max() == 0  # exactly the style-only images again
 
 
 def test_per_block_weights_of_active_adapters_are_kept(adapter, style_lora, tiny_model):
-    pipe = _fresh(tiny_model)
+    pipe = fresh_pipeline(tiny_model)
     pipe.load_lora_weights(str(style_lora), adapter_name="style")
     pipe.set_adapters(["style"], [{"unet": {"down": 0.25, "mid": 0.5, "up": 1.5}}])
     before = _scalings(pipe)
@@ -264,9 +233,9 @@ def test_per_block_weights_of_active_adapters_are_kept(adapter, style_lora, tiny
 def test_two_concepts_trained_with_the_same_token_coexist_and_unload_independently(
     adapter, second_adapter, tiny_model
 ):
-    base = _fresh(tiny_model)
+    base = fresh_pipeline(tiny_model)
     base_state = _state(base)
-    pipe = _fresh(tiny_model)
+    pipe = fresh_pipeline(tiny_model)
     assert pipe.load_attndb(adapter, token="<dog-a>") == "<dog-a>"
     assert pipe.load_attndb(second_adapter, token="<dog-b>", weight=0.7) == "<dog-b>"
     assert pipe.get_active_adapters() == ["dog-a", "dog-b"]
@@ -275,26 +244,26 @@ def test_two_concepts_trained_with_the_same_token_coexist_and_unload_independent
     for token, folder in (("<dog-a>", adapter), ("<dog-b>", second_adapter)):
         (vector,) = load_file(str(folder / EMBEDDING_NAME)).values()
         assert torch.equal(rows[pipe.tokenizer.convert_tokens_to_ids(token)], vector[0])
-    both = _generate(pipe, "a photo of a <dog-a> dog and a <dog-b> dog")
+    both = generate(pipe, "a photo of a <dog-a> dog and a <dog-b> dog")
 
     assert pipe.unload_attndb("dog-a") == "<dog-a>"
     assert pipe.get_active_adapters() == ["dog-b"] and "<dog-a>" not in pipe.tokenizer.get_vocab()
-    only_b = _fresh(tiny_model)
+    only_b = fresh_pipeline(tiny_model)
     only_b.load_attndb(second_adapter, token="<dog-b>", weight=0.7)
     prompt = "a photo of a <dog-b> dog"
-    assert abs(_generate(pipe, prompt) - _generate(only_b, prompt)).max() == 0
-    assert abs(_generate(pipe, "a photo of a <dog-a> dog and a <dog-b> dog") - both).max() > 1e-4
+    assert abs(generate(pipe, prompt) - generate(only_b, prompt)).max() == 0
+    assert abs(generate(pipe, "a photo of a <dog-a> dog and a <dog-b> dog") - both).max() > 1e-4
 
     assert pipe.unload_attndb() == "<dog-b>"  # the only one left: no name needed
     state = _state(pipe)
     assert not any(state["adapters"].values()) and state["active"] == []
     for key in ("vocab", "vocab_size", "embeddings", "concepts"):
         _assert_same_state({key: base_state[key]}, {key: state[key]})
-    assert abs(_generate(pipe, PLAIN) - _generate(base, PLAIN)).max() == 0
+    assert abs(generate(pipe, PLAIN) - generate(base, PLAIN)).max() == 0
 
 
 def test_unload_after_the_user_deleted_the_lora(adapter, tiny_model):
-    pipe = _fresh(tiny_model)
+    pipe = fresh_pipeline(tiny_model)
     token = pipe.load_attndb(adapter)
     pipe.delete_adapters("attndb-dog")
     assert pipe.unload_attndb() == token and token not in pipe.tokenizer.get_vocab()
@@ -459,7 +428,7 @@ def test_unload_of_an_unknown_adapter_is_refused(name, message, busy_pipe):
 
 
 def test_unload_needs_a_name_when_several_concepts_are_loaded(adapter, second_adapter, tiny_model):
-    pipe = _fresh(tiny_model)
+    pipe = fresh_pipeline(tiny_model)
     with pytest.raises(AdapterError, match="No attndb concept is loaded"):
         pipe.unload_attndb()
     pipe.load_attndb(adapter)

@@ -5,20 +5,11 @@ same embedding matrix."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from attndb_peft.data import batch_indices
 from attndb_peft.export import EMBEDDING_NAME
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; 2 OpenMP threads on a shared 2-core machine stall each other
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_view_schedule_is_the_per_step_batch(trained):

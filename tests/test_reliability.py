@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_config
+from conftest import fresh_pipeline, generate, make_config
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -238,8 +238,6 @@ def _free_port() -> int:
 
 def test_two_process_cpu_run(tiny_model, instance_dir, tmp_path):
     """Two processes on the CPU (gloo): one writer, per-process RNG state, an adapter that loads."""
-    from diffusers import StableDiffusionPipeline
-
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -252,11 +250,8 @@ def test_two_process_cpu_run(tiny_model, instance_dir, tmp_path):
     checkpoint = out / "checkpoints" / "stage3-step2"
     assert (checkpoint / "rng-0.safetensors").is_file() and (checkpoint / "rng-1.safetensors").is_file()
     assert '"num_processes": 2' in (checkpoint / "state.json").read_text()
-    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model))
-    pipe.set_progress_bar_config(disable=True)
-    kwargs = dict(num_inference_steps=2, height=32, width=32, output_type="np")
-    base = pipe("a photo of a dog", generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe = fresh_pipeline(tiny_model)
+    base = generate(pipe, "a photo of a dog")
     pipe.load_textual_inversion(str(out / EMBEDDING_NAME))
     pipe.load_lora_weights(str(out), weight_name=LORA_NAME)
-    tuned = pipe("a photo of a <attndb-dog> dog", generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert abs(tuned - base).max() > 1e-3
+    assert abs(generate(pipe, "a photo of a <attndb-dog> dog") - base).max() > 1e-3

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY_LRS, make_config
+from conftest import TINY_LRS, fresh_pipeline, generate, make_config
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -19,26 +19,6 @@ from attndb_peft.cli import build_parser, config_from_args
 from attndb_peft.export import CONFIG_NAME, EMBEDDING_NAME, KOHYA_NAME, LORA_NAME, MODEL_CARD_NAME
 from attndb_peft.testing import TINY_RESOLUTION
 from attndb_peft.trainer import Trainer
-
-
-def _generate(pipe, prompt, seed=0):
-    with torch.no_grad():
-        return pipe(
-            prompt,
-            num_inference_steps=3,
-            height=TINY_RESOLUTION,
-            width=TINY_RESOLUTION,
-            output_type="np",
-            generator=torch.Generator().manual_seed(seed),
-        ).images
-
-
-def _fresh_pipeline(model):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(model))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _stock_load(pipe, folder):
@@ -109,14 +89,14 @@ def test_stock_diffusers_reproduces_the_trained_model(cli_run, tiny_model):
     prompt = "a photo of a <attndb-dog> dog in the jungle"
     trained_pipe = cli_run.pipeline()
     trained_pipe.set_progress_bar_config(disable=True)
-    expected = _generate(trained_pipe, prompt)
-    loaded = _stock_load(_fresh_pipeline(tiny_model), cli_run.output_dir)
-    got = _generate(loaded, prompt)
+    expected = generate(trained_pipe, prompt)
+    loaded = _stock_load(fresh_pipeline(tiny_model), cli_run.output_dir)
+    got = generate(loaded, prompt)
     assert abs(got - expected).max() < 1e-5
     # ... and differs from the base model, with and without the token
-    base = _fresh_pipeline(tiny_model)
-    assert abs(_generate(base, prompt) - got).max() > 1e-3
-    assert abs(_generate(base, "a photo of a dog") - _generate(loaded, "a photo of a dog")).max() > 1e-3
+    base = fresh_pipeline(tiny_model)
+    assert abs(generate(base, prompt) - got).max() > 1e-3
+    assert abs(generate(base, "a photo of a dog") - generate(loaded, "a photo of a dog")).max() > 1e-3
 
 
 def test_combined_lora_equals_stage2_plus_stage3(cli_run, tiny_model):
@@ -149,8 +129,8 @@ def test_default_fp16_export_is_close(tiny_model, instance_dir, tmp_path):
     trainer.run()
     assert {v.dtype for v in load_file(str(tmp_path / "out" / LORA_NAME)).values()} == {torch.float16}
     prompt = "a photo of a <attndb-dog> dog"
-    expected = _generate(trainer.pipeline(), prompt)
-    got = _generate(_stock_load(_fresh_pipeline(tiny_model), tmp_path / "out"), prompt)
+    expected = generate(trainer.pipeline(), prompt)
+    got = generate(_stock_load(fresh_pipeline(tiny_model), tmp_path / "out"), prompt)
     assert abs(got - expected).max() < 2e-2
 
 
@@ -166,7 +146,7 @@ def test_stage3_full_exports_an_svd_lora(tiny_model, instance_dir, tmp_path):
     ranks = {v.shape[0] for k, v in lora.items() if ".lora_A." in k}
     assert max(ranks) <= 4
     # the LoRA loads with stock diffusers and moves the base model towards the fine-tuned U-Net
-    pipe = _stock_load(_fresh_pipeline(tiny_model), out)
+    pipe = _stock_load(fresh_pipeline(tiny_model), out)
     g = torch.Generator().manual_seed(1)
     x, t, states = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([300]), torch.randn(1, 77, 32, generator=g)
     with torch.no_grad():
