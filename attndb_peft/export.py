@@ -61,7 +61,6 @@ REPO_PLACEHOLDER = "REPO_OR_FOLDER"
 # Text-encoder width -> (kohya ss_base_model_version, Hub license of the base model). SD 1.x uses CLIP ViT-L
 # (768) under CreativeML OpenRAIL-M; SD 2.x uses OpenCLIP ViT-H (1024) under OpenRAIL++.
 _FAMILIES = {768: ("sd_v1", "creativeml-openrail-m"), 1024: ("sd_v2", "openrail++")}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -167,12 +166,12 @@ def render_model_card(
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .loading import adapter_name_for_token
+    from .loading import adapter_name_for_token, looks_like_repo_id
 
     template = Path(__file__).with_name("model_card_template.md")
     _, license_ = base_model_family(config.model, embedding_dim)
     # The Hub only accepts repo ids as base_model; a local folder is named in the text instead.
-    is_hub_id = bool(_HUB_ID.match(config.model)) and not Path(config.model).expanduser().exists()
+    is_hub_id = looks_like_repo_id(config.model) and not Path(config.model).expanduser().exists()
     expanded = [(p.replace("{}", f"{config.token} {config.category}"), path) for p, path in samples]
     card_data = ModelCardData(
         base_model=config.model if is_hub_id else None,

@@ -47,7 +47,6 @@ logger = logging.getLogger(__name__)
 
 #: The placeholder in CLI prompts: `{}` expands to `TOKEN CATEGORY`.
 PLACEHOLDER = "{}"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -98,6 +97,7 @@ def read_adapter_config(path_or_repo_id: str | os.PathLike, token: str | None = 
         UsageError: no such folder / repo, or it has no `attndb_config.json`.
     """
     from .export import CONFIG_NAME
+    from .loading import looks_like_repo_id
 
     source = str(path_or_repo_id)
     path = Path(source)
@@ -109,7 +109,7 @@ def read_adapter_config(path_or_repo_id: str | os.PathLike, token: str | None = 
             )
     elif path.exists():
         raise UsageError(f"--adapter {source}: is a file; give the adapter folder (the output of attndb train).")
-    elif not _REPO_ID.match(source) or source.startswith((".", "~")):
+    elif not looks_like_repo_id(source):
         raise UsageError(
             f"--adapter {source}: no such folder, and not a Hub repo id ('user/name'); give the folder written by "
             "attndb train --output, or the Hub repo it was pushed to."

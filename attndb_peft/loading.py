@@ -35,6 +35,7 @@ __all__ = [
     "adapter_name_for_token",
     "load_attndb",
     "loaded_concepts",
+    "looks_like_repo_id",
     "unload_attndb",
 ]
 
@@ -77,6 +78,12 @@ class _LoraState:
 
     active: list[str]
     scaling: dict[tuple[str, str, str], float] = field(default_factory=dict)
+
+
+def looks_like_repo_id(text: str) -> bool:
+    """Whether `text` reads as a Hub repo id (`user/name`) rather than a relative path (callers check the disk
+    first: a folder of that name wins)."""
+    return bool(_REPO_ID.match(text)) and not text.startswith((".", "~"))
 
 
 def adapter_name_for_token(token: str) -> str:
@@ -267,7 +274,7 @@ def _resolve_files(path_or_repo_id, hub_kwargs: dict[str, Any]) -> _AdapterFiles
             )
         folder = path / subfolder if subfolder else path
         return _local_files(folder, text)
-    if _REPO_ID.match(text) and not text.startswith((".", "~")):
+    if looks_like_repo_id(text):
         return _hub_files(text, hub_kwargs)
     raise AdapterError(
         f"path_or_repo_id={text!r}: no such folder, and it is not a Hub repo id ('user/name'). Pass the adapter "
