@@ -24,6 +24,7 @@ __all__ = [
     "make_instance_images",
     "save_tiny_pipeline",
     "tiny_clip_tokenizer",
+    "tiny_text_config",
 ]
 
 #: Image size the tiny pipeline is meant to run at (the VAE downsamples by 4, the U-Net sees 8x8 latents).
@@ -77,6 +78,22 @@ def tiny_clip_tokenizer(
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
+def tiny_text_config(tokenizer) -> dict:
+    """The tiny CLIP text tower's settings (`CLIPTextConfig` keywords) for `tokenizer`: the pipeline's text
+    encoder, and the text side of tiny CLIP models in tests."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     """Build a tiny random `StableDiffusionPipeline` (about 0.5 M parameters, runs at 32 px on a CPU).
 
@@ -114,20 +131,7 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
             norm_num_groups=8,
             sample_size=TINY_RESOLUTION,
         )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=37,
-                num_attention_heads=4,
-                num_hidden_layers=2,
-                max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                projection_dim=32,
-            )
-        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_config(tokenizer), projection_dim=32))
     finally:
         torch.random.set_rng_state(generator_state)
     scheduler = DDIMScheduler(

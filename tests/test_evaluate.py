@@ -23,7 +23,7 @@ from attndb_peft.evaluate import (
     text_alignment,
 )
 from attndb_peft.inference import AdapterInfo, UsageError
-from attndb_peft.testing import tiny_clip_tokenizer
+from attndb_peft.testing import tiny_clip_tokenizer, tiny_text_config
 
 
 @pytest.fixture(scope="module")
@@ -34,17 +34,7 @@ def tiny_clip(tmp_path_factory):
     tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
+        text_config=tiny_text_config(tokenizer),
         vision_config=dict(
             image_size=32,
             patch_size=8,

@@ -26,11 +26,12 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _train_args(model, images, out, *extra, steps="2,2,2"):
+    # no sample grids (--validation-prompts with none): test_reporting.py covers them
     return [
         "train", "--model", str(model), "--images", str(images), "--category", "dog", "--output", str(out),
         "--resolution", "32", "--batch-size", "2", "--steps", steps, "--learning-rates", "5e-2,1e-2,1e-2",
         "--save-dtype", "fp32", "--quiet", "--validation-prompts", *extra,
-    ]  # fmt: skip  (no sample grids: test_reporting.py covers them)
+    ]  # fmt: skip
 
 
 def _tree(folder: Path) -> dict[str, int]:
