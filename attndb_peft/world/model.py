@@ -1,0 +1,529 @@
+# Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
+"""The world's base model: a small Stable Diffusion pipeline built from the real diffusers/transformers classes,
+pretrained from scratch on the world's captions, and shipped with the package.
+
+`pretrain(output, ...)` is the command that made the shipped weights. It runs three phases, each deterministic
+from the seed (for a given torch build and thread count):
+
+1. a VAE (32 px -> 16x16x4 latents) trained on general world pictures: any colour, any pattern, any style, so it
+   can represent a concept's pattern that the U-Net never sees in pretraining;
+2. a latent cache of `num_images` captioned pictures of the training captions (`scenes.split_scenes`);
+3. the U-Net and the CLIP text encoder trained jointly on the cached latents (v-prediction, zero terminal SNR,
+   caption dropout for classifier-free guidance, EMA weights).
+
+Zero terminal SNR matters here more than on SD: at 16x16 latents a scaled-linear schedule leaves the mean colour
+of the picture readable at t = T (the noise averaged over 256 positions has std 1/16, the signal 0.068), so a
+model trained on it learns the background from the noise it starts from and ignores the context words.
+
+Phase 3 checkpoints every `checkpoint_every` steps (safetensors + JSON, atomic); running the command again with
+the same output folder resumes bit-identically. The finished pipeline is `OUT/pipeline/` (EMA weights), with
+`OUT/pretrain.json` (settings, timings, loss curve) and `OUT/evaluation.json` (held-out scores).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import scenes as W
+
+__all__ = [
+    "BASE_SETTINGS",
+    "SHIPPED_DIR",
+    "TEXTUAL_INVERSION_LEARNING_RATE",
+    "PretrainConfig",
+    "build_world_pipeline",
+    "load_world_pipeline",
+    "pretrain",
+    "textual_inversion_config",
+    "world_config",
+    "world_tokenizer",
+    "write_base",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Where the shipped, pretrained base model lives (a diffusers folder inside the package).
+SHIPPED_DIR = Path(__file__).parent / "base_model"
+
+#: Training settings that suit the world's base model (the demo's; `attndb world base` writes them as
+#: `attndb.yaml` next to the model for `attndb train --config`). Stage lambdas are the paper's (the defaults).
+BASE_SETTINGS: dict = {
+    "resolution": W.SIZE,
+    "batch_size": 4,
+    "stage1": {"steps": 60, "learning_rate": 5e-3},
+    "stage2": {"steps": 100, "learning_rate": 1e-3, "rank": 8},
+    "stage3": {"steps": 200, "learning_rate": 5e-4, "rank": 8},
+    "save_dtype": "fp32",
+    "validation_prompts": [
+        "a photo of a {}",
+        "a photo of a {} on the beach",
+        "a painting of a {} in the snow",
+        "a photo of a purple {} by a brick wall",
+    ],
+    "validation_guidance_scale": 5.0,
+    "validation_inference_steps": 25,
+    "validation_images": 2,
+    "log_every": 20,
+}
+#: Textual Inversion in the world: the one-vector embedding alone, no regularizer, at this learning rate.
+TEXTUAL_INVERSION_LEARNING_RATE = 5e-3
+
+_MAX_LENGTH = 16  # the longest world caption with a concept token is 13 tokens with start and end
+
+
+@dataclass
+class PretrainConfig:
+    """Settings of `pretrain` (recorded in `pretrain.json` next to the weights)."""
+
+    seed: int = 0
+    steps: int = 3000
+    batch_size: int = 48
+    learning_rate: float = 1e-3
+    warmup_steps: int = 200
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    num_images: int = 12000
+    vae_steps: int = 1500
+    vae_images: int = 4000
+    vae_batch_size: int = 16
+    vae_learning_rate: float = 2e-3
+    checkpoint_every: int = 500
+    threads: int = 2
+    unet_width: int = 64
+    text_width: int = 64
+    text_layers: int = 3
+    held_out: int = 30
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("caption_dropout",):
+                if not 0 <= value < 1:
+                    raise ValueError(f"{f.name}={value}: expected a number in [0, 1).")
+            elif f.name == "ema_decay":
+                if not 0 <= value < 1:
+                    raise ValueError(f"ema_decay={value}: expected a number in [0, 1).")
+            elif f.name == "seed":
+                if value < 0:
+                    raise ValueError(f"seed={value}: expected a non-negative integer.")
+            elif value <= 0 and f.name != "warmup_steps":
+                raise ValueError(f"{f.name}={value}: expected a positive number.")
+
+
+def world_config(**overrides):
+    """An `AttnDBConfig` with the world recipe (`BASE_SETTINGS`); `overrides` (model, images, category, output,
+    ...) win."""
+    from ..config import AttnDBConfig
+
+    return AttnDBConfig.from_dict({**BASE_SETTINGS, **overrides}, source="world recipe")
+
+
+def textual_inversion_config(steps: int, **overrides):
+    """Textual Inversion as attndb's stage 1 alone: `steps` steps on the embedding, no regularizer, no LoRA."""
+    settings = {
+        **BASE_SETTINGS,
+        "stage1": {
+            "steps": steps,
+            "learning_rate": TEXTUAL_INVERSION_LEARNING_RATE,
+            "lambda_mu": 0.0,
+            "lambda_var": 0.0,
+        },
+        "stage2": {"steps": 0},
+        "stage3": {"steps": 0},
+    }
+    return world_config(**{**settings, **overrides})
+
+
+def world_tokenizer():
+    """A real `CLIPTokenizer` in which every world word is one token (max length 16)."""
+    from ..testing import tiny_clip_tokenizer
+
+    return tiny_clip_tokenizer(W.WORLD_WORDS, model_max_length=_MAX_LENGTH)
+
+
+def build_world_pipeline(config: PretrainConfig | None = None, seed: int = 0):
+    """The base model's architecture with fresh random weights (a `StableDiffusionPipeline`).
+
+    U-Net: 16x16x4 latents, block widths (w, 2w), cross-attention at 16x16 and 8x8 (7 `attn2` layers), context
+    width = the text encoder's. VAE: 32 px <-> 16x16x4. Text: CLIP, causal, `text_layers` x `text_width`.
+    Scheduler: DDIM, v-prediction, zero terminal SNR, trailing timesteps.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = config or PretrainConfig()
+    tokenizer = world_tokenizer()
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        w = config.unet_width
+        unet = UNet2DConditionModel(
+            sample_size=W.SIZE // 2,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(w, 2 * w),
+            layers_per_block=1,
+            attention_head_dim=(4, 8),
+            cross_attention_dim=config.text_width,
+            use_linear_projection=True,
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(32, 64),
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=W.SIZE,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=config.text_width,
+                intermediate_size=2 * config.text_width,
+                num_attention_heads=4,
+                num_hidden_layers=config.text_layers,
+                max_position_embeddings=_MAX_LENGTH,
+                projection_dim=config.text_width,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    finally:
+        torch.random.set_rng_state(state)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,  # unused with trailing spacing; diffusers warns without it
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+    )
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def load_world_pipeline(path: str | os.PathLike | None = None, device: str = "cpu"):
+    """The pretrained world base model (the shipped one unless `path` names another pipeline folder)."""
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(path) if path is not None else SHIPPED_DIR
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{path}: no world base model here (model_index.json missing); run `attndb world pretrain --output DIR` "
+            "and pass DIR/pipeline, or reinstall attndb_peft to get the shipped one."
+        )
+    pipe = StableDiffusionPipeline.from_pretrained(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def write_base(output: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
+    """Write the shipped base model as a diffusers folder any `--model` flag takes, with `attndb.yaml` (training
+    settings that suit it) next to it. Refuses a non-empty folder."""
+    import yaml
+
+    output = Path(output)
+    source = Path(source) if source is not None else SHIPPED_DIR
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise FileExistsError(f"--output {output}: exists and is not an empty folder; choose a new path.")
+    if not (source / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{source}: the world base model is missing (model_index.json); reinstall attndb_peft."
+        )
+    tmp = output.with_name(f".tmp-{output.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("__pycache__"))
+    settings = {"model": str(output.resolve()), **BASE_SETTINGS}
+    (tmp / "attndb.yaml").write_text(
+        "# attndb train settings that suit the toy world's base model (`attndb train --config` this file)\n"
+        + yaml.safe_dump(settings, sort_keys=False),
+        encoding="utf-8",
+    )
+    if output.exists():
+        output.rmdir()
+    os.replace(tmp, output)
+    return output
+
+
+# --------------------------------------------------------------------------------------------- pretraining
+def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _vae_pictures(rng: np.random.Generator, n: int) -> torch.Tensor:
+    """General world pictures for the VAE: random styles/contexts, and objects in any colour or pattern."""
+    images = []
+    for _ in range(n):
+        cat = W.CATEGORIES[rng.integers(len(W.CATEGORIES))]
+        ctx = [*W.CONTEXTS, None][rng.integers(len(W.CONTEXTS) + 1)]
+        sty = list(W.STYLES)[rng.integers(len(W.STYLES))]
+        concept = None
+        if rng.random() < 0.5:
+            names = list(W.CONCEPT_COLOURS)
+            a, b = rng.choice(len(names), 2, replace=False)
+            concept = W.Concept(-1, cat, W.PATTERNS[rng.integers(len(W.PATTERNS))], (names[a], names[b]),
+                                int(rng.integers(3, 6)))
+        col = list(W.COLOURS)[rng.integers(len(W.COLOURS))] if concept is None else None
+        images.append(W.render(W.Scene(cat, col, ctx, sty), rng, concept=concept, scale=(6.0, 12.0))[0])
+    return _to_tensor(images)
+
+
+def _train_vae(vae, config: PretrainConfig, log: dict) -> None:
+    import torch.nn.functional as F
+
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng([config.seed, 1])
+    pictures = _vae_pictures(rng, config.vae_images)
+    opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - 0.9 * s / config.vae_steps)
+    vae.train()
+    start = time.perf_counter()
+    for step in range(config.vae_steps):
+        x = pictures[torch.randint(0, len(pictures), (config.vae_batch_size,))]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == config.vae_steps - 1:
+            logger.info("vae step %d/%d loss %.4f", step + 1, config.vae_steps, loss.item())
+            log.setdefault("vae_loss", []).append([step, round(loss.item(), 5)])
+    vae.eval().requires_grad_(False)
+    log["vae_seconds"] = round(time.perf_counter() - start, 1)
+
+
+def _training_set(config: PretrainConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    train, _ = W.split_scenes(config.held_out, seed=1)
+    rng = np.random.default_rng([config.seed, 2])
+    images, ids = [], []
+    for i in range(config.num_images):
+        scene = train[i % len(train)]
+        images.append(W.render(scene, rng)[0])
+        ids.append(W.caption(scene))
+    tok = tokenizer(ids, padding="max_length", max_length=_MAX_LENGTH, truncation=True, return_tensors="pt")
+    return _to_tensor(images), tok.input_ids
+
+
+@torch.no_grad()
+def _encode(vae, pictures: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for i in range(0, len(pictures), 256):
+        dist = vae.encode(pictures[i : i + 256]).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def _lr_lambda(config: PretrainConfig):
+    def f(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
+        progress = min(1.0, step / config.steps)
+        return warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return f
+
+
+def _save_checkpoint(path: Path, step: int, unet, text_encoder, ema: dict, opt, generator, log: dict) -> None:
+    from ..checkpoints import optimizer_state_to_files, save_tensors, write_json_atomic
+
+    tmp = path.with_name(".tmp-" + path.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_tensors(tmp / "unet.safetensors", unet.state_dict())
+    save_tensors(tmp / "text_encoder.safetensors", text_encoder.state_dict())
+    save_tensors(tmp / "ema.safetensors", ema)
+    tensors, plain = optimizer_state_to_files(opt)
+    save_tensors(tmp / "optimizer.safetensors", tensors)
+    save_tensors(tmp / "rng.safetensors", {"generator": generator.get_state(), "torch": torch.get_rng_state()})
+    write_json_atomic(tmp / "optimizer.json", plain)
+    write_json_atomic(tmp / "state.json", {"step": step, "log": log})
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def pretrain(
+    output: str | os.PathLike,
+    config: PretrainConfig | None = None,
+    evaluate: bool = True,
+    stop_after: int | None = None,
+) -> Path | None:
+    """Pretrain the world base model into `output` (see the module docstring); resumes from `output/checkpoint`.
+
+    Args:
+        output: the run's folder (created; a folder of an earlier run with the same settings is resumed).
+        config (`PretrainConfig`): the settings.
+        evaluate (`bool`): score the finished model on held-out captions (`evaluation.json`).
+        stop_after (`int`, *optional*): stop once the checkpoint at or after this step is written (to split a
+            long run across sessions; run again to continue).
+
+    Returns:
+        `Path`: the finished pipeline folder `output/pipeline`, or None when stopped early by `stop_after`.
+    """
+    from diffusers import DDPMScheduler
+    from safetensors.torch import load_file, save_file
+
+    from ..checkpoints import load_optimizer_state, read_json, write_json_atomic
+
+    config = config or PretrainConfig()
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    settings_file = output / "settings.json"
+    if settings_file.is_file():
+        # settings added since that run was started take their defaults
+        previous = {**asdict(PretrainConfig()), **read_json(settings_file)}
+        if previous != asdict(config):
+            changed = sorted(k for k in previous if previous[k] != asdict(config).get(k))
+            raise ValueError(
+                f"{output}: holds a pretraining run with other settings ({', '.join(changed)}); use a new --output "
+                "or the same settings to resume."
+            )
+    write_json_atomic(settings_file, asdict(config))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        pipe = build_world_pipeline(config, seed=config.seed)
+        unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+        log: dict = {"settings": asdict(config), "torch": torch.__version__}
+        started = time.perf_counter()
+
+        vae_file = output / "vae.safetensors"
+        if vae_file.is_file():
+            vae.load_state_dict(load_file(str(vae_file)))
+            vae.eval().requires_grad_(False)
+            log.update(read_json(output / "vae.json"))
+        else:
+            _train_vae(vae, config, log)
+            save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(vae_file))
+            write_json_atomic(output / "vae.json", {k: log[k] for k in ("vae_loss", "vae_seconds")})
+
+        t0 = time.perf_counter()
+        pictures, ids = _training_set(config, tokenizer)
+        means, stds = _encode(vae, pictures)
+        scaling = float(1.0 / means.std())
+        vae.register_to_config(scaling_factor=scaling)
+        empty = tokenizer([""], padding="max_length", max_length=_MAX_LENGTH, return_tensors="pt").input_ids[0]
+        log["cache_seconds"] = round(time.perf_counter() - t0, 1)
+        logger.info("latent cache: %d pictures, scaling factor %.4f (%.0f s)", len(ids), scaling, log["cache_seconds"])
+
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        params = list(unet.parameters()) + list(text_encoder.parameters())
+        opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config))
+        named = {**{f"unet.{k}": v for k, v in unet.named_parameters()},
+                 **{f"text_encoder.{k}": v for k, v in text_encoder.named_parameters()}}
+        ema = {k: v.detach().clone() for k, v in named.items()}
+        generator = torch.Generator().manual_seed(config.seed)
+        torch.manual_seed(config.seed)
+        start_step = 0
+        ckpt = output / "checkpoint"
+        if (ckpt / "state.json").is_file():
+            state = read_json(ckpt / "state.json")
+            unet.load_state_dict(load_file(str(ckpt / "unet.safetensors")))
+            text_encoder.load_state_dict(load_file(str(ckpt / "text_encoder.safetensors")))
+            ema = load_file(str(ckpt / "ema.safetensors"))
+            load_optimizer_state(
+                opt, load_file(str(ckpt / "optimizer.safetensors")), read_json(ckpt / "optimizer.json")
+            )
+            rng = load_file(str(ckpt / "rng.safetensors"))
+            generator.set_state(rng["generator"])
+            torch.set_rng_state(rng["torch"])
+            start_step = int(state["step"])
+            log = state["log"]
+            for _ in range(start_step):
+                sched.step()
+            logger.info("resuming pretraining at step %d", start_step)
+
+        unet.train()
+        text_encoder.train()
+        t1 = time.perf_counter()
+        total = config.steps
+        for step in range(start_step, total):
+            j = torch.randint(0, len(ids), (config.batch_size,), generator=generator)
+            latents = (means[j] + stds[j] * torch.randn(means[j].shape, generator=generator)) * scaling
+            tokens = ids[j].clone()
+            tokens[torch.rand(config.batch_size, generator=generator) < config.caption_dropout] = empty
+            noise = torch.randn(latents.shape, generator=generator)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+            noisy = noise_scheduler.add_noise(latents, noise, t)
+            target = noise_scheduler.get_velocity(latents, noise, t)
+            pred = unet(noisy, t, text_encoder(tokens)[0]).sample
+            loss = torch.nn.functional.mse_loss(pred, target)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                decay = min(config.ema_decay, (1 + step) / (10 + step))
+                for k, v in named.items():
+                    ema[k].lerp_(v.detach(), 1 - decay)
+            done = step + 1
+            if step % 100 == 0 or done == total:
+                rate = (time.perf_counter() - t1) / (done - start_step)
+                logger.info("unet step %d/%d loss %.4f (%.2f s/step, %.0f min left)", done, total, loss.item(), rate,
+                            rate * (total - done) / 60)
+                log.setdefault("unet_loss", []).append([done, round(loss.item(), 5)])
+            if done % config.checkpoint_every == 0 or done == total:
+                log["unet_seconds"] = round(log.get("unet_seconds", 0) + time.perf_counter() - t1, 1)
+                t1 = time.perf_counter()
+                start_step = done
+                _save_checkpoint(ckpt, done, unet, text_encoder, ema, opt, generator, log)
+                if stop_after is not None and done >= stop_after and done < total:
+                    logger.info("stopped after step %d as asked; run again with the same settings to continue", done)
+                    return None
+
+        # The finished pipeline carries the EMA weights.
+        unet.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("unet.")}, strict=False)
+        text_encoder.load_state_dict(
+            {k[13:]: v for k, v in ema.items() if k.startswith("text_encoder.")}, strict=False
+        )
+        unet.eval()
+        text_encoder.eval()
+        final = output / "pipeline"
+        tmp = output / ".tmp-pipeline"
+        shutil.rmtree(tmp, ignore_errors=True)
+        pipe.save_pretrained(str(tmp))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        log["total_seconds_this_run"] = round(time.perf_counter() - started, 1)
+        if evaluate:
+            from .evaluation import evaluate_base
+
+            log["evaluation"] = evaluate_base(pipe)
+            write_json_atomic(output / "evaluation.json", log["evaluation"])
+        write_json_atomic(output / "pretrain.json", log)
+        (final / "pretrain.json").write_text(json.dumps(log, indent=1), encoding="utf-8")
+        return final
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,142 @@
+# Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
+"""The toy world's scenes, concepts and base model: determinism, the caption grammar, the held-out split,
+pretraining that resumes bit-identically, and the base model folder that `--model` takes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from attndb_peft.world import scenes as W
+from attndb_peft.world.model import (
+    SHIPPED_DIR,
+    PretrainConfig,
+    build_world_pipeline,
+    pretrain,
+    world_config,
+    world_tokenizer,
+    write_base,
+)
+
+
+def test_captions_follow_the_training_prompt_grammar():
+    assert W.caption(W.Scene("ball", "red", "grass")) == "a photo of a red ball on the grass"
+    assert W.caption(W.Scene("box", "blue", "snow", "painting")) == "a painting of a blue box in the snow"
+    assert W.caption(W.Scene("cone", None, "brick", "sketch"), token="<v>") == "a sketch of a <v> cone by a brick wall"
+    assert W.caption(W.Scene("ball", "purple", "beach"), token="<v>") == "a photo of a purple <v> ball on the beach"
+    with pytest.raises(ValueError, match="context='jungle'"):
+        W.Scene("ball", "red", "jungle")
+
+
+def test_every_world_word_is_one_token():
+    tok = world_tokenizer()
+    for word in W.WORLD_WORDS:
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+    longest = W.caption(W.Scene("cone", "purple", "brick", "painting"), token="<attndb-cone>")
+    tok.add_tokens(["<attndb-cone>"])
+    assert len(tok(longest).input_ids) <= tok.model_max_length
+
+
+def test_held_out_captions_are_new_combinations_of_seen_pairs():
+    train, held = W.split_scenes()
+    assert len(held) == 30 and not set(held) & set(train)
+    assert len(train) + len(held) == len(W.all_scenes())
+
+    def pairs(s):
+        return set(itertools.combinations([s.category, s.colour, s.context, s.style], 2))
+
+    seen = set().union(*(pairs(s) for s in train))
+    for s in held:
+        assert pairs(s) <= seen, s  # every pair of words was seen together: only the combination is new
+
+
+def test_scenes_and_concepts_are_deterministic_and_concepts_vary():
+    a, mask_a = W.render(W.Scene("ball", "red", "night"), np.random.default_rng(5))
+    b, mask_b = W.render(W.Scene("ball", "red", "night"), np.random.default_rng(5))
+    assert a.dtype == np.uint8 and a.shape == (W.SIZE, W.SIZE, 3) and np.array_equal(a, b)
+    assert np.array_equal(mask_a, mask_b) and 40 < mask_a.sum() < 500
+    assert tuple(a[mask_a].mean(0).round()) == W.COLOURS["red"]
+    concepts = [W.make_concept(s) for s in range(40)]
+    assert W.make_concept(7) == concepts[7]
+    assert len({(c.category, c.pattern, c.colours) for c in concepts}) >= 35
+    assert all(c.colours[0] != c.colours[1] for c in concepts)
+    photos = W.concept_photos(concepts[0], 5)
+    assert len(photos) == 5 and not np.array_equal(photos[0], photos[1])
+    assert W.Concept.from_dict(json.loads(json.dumps(concepts[3].to_dict()))) == concepts[3]
+    for bad in (-1, 1.5, "3", True):
+        with pytest.raises(ValueError, match="non-negative integer"):
+            W.make_concept(bad)
+
+
+def test_no_pretraining_picture_has_a_pattern():
+    # a pretraining object is one flat colour: only concepts carry two colours
+    rng = np.random.default_rng(0)
+    for scene in W.split_scenes()[0][:60]:
+        if scene.style == "photo":
+            image, mask = W.render(scene, rng)
+            assert len(np.unique(image[mask].reshape(-1, 3), axis=0)) == 1
+
+
+def test_world_pipeline_architecture():
+    pipe = build_world_pipeline()
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    attn2 = [n for n, _ in pipe.unet.named_modules() if n.endswith("attn2")]
+    assert len(attn2) == 7  # cross-attention at 16x16 and 8x8 (and the mid block)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.rescale_betas_zero_snr
+    with torch.no_grad():
+        latents = pipe.vae.encode(torch.zeros(1, 3, W.SIZE, W.SIZE)).latent_dist.mean
+    assert latents.shape == (1, 4, W.SIZE // 2, W.SIZE // 2)
+
+
+def _tiny(**kw) -> PretrainConfig:
+    settings = dict(steps=4, batch_size=4, num_images=24, vae_steps=2, vae_images=16, vae_batch_size=4,
+                    checkpoint_every=2, threads=1, unet_width=32, text_width=32, text_layers=1)
+    return PretrainConfig(**{**settings, **kw})
+
+
+def test_pretraining_is_deterministic_and_resumes_bit_identically(tmp_path):
+    straight = pretrain(tmp_path / "a", _tiny(), evaluate=False)
+    # the same run, stopped after its first checkpoint (step 2) and resumed
+    assert pretrain(tmp_path / "b", _tiny(), evaluate=False, stop_after=2) is None
+    assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert not (tmp_path / "b" / "pipeline").exists()
+    resumed = pretrain(tmp_path / "b", _tiny(), evaluate=False)
+    from safetensors.torch import load_file
+
+    for part in ("unet", "text_encoder"):
+        files = sorted((straight / part).glob("*.safetensors"))
+        assert files
+        for f in files:
+            a, b = load_file(str(f)), load_file(str(resumed / part / f.name))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    log = json.loads((tmp_path / "a" / "pretrain.json").read_text())
+    assert log["settings"]["steps"] == 4 and log["unet_loss"][-1][0] == 4
+    with pytest.raises(ValueError, match="other settings"):
+        pretrain(tmp_path / "a", _tiny(learning_rate=1e-4), evaluate=False)
+
+
+def test_pretrain_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="steps=0"):
+        PretrainConfig(steps=0)
+    with pytest.raises(ValueError, match="caption_dropout"):
+        PretrainConfig(caption_dropout=1.5)
+
+
+@pytest.mark.skipif(not (SHIPPED_DIR / "model_index.json").is_file(), reason="shipped world model not built")
+def test_base_folder_loads_with_stock_diffusers_and_carries_the_recipe(tmp_path):
+    import yaml
+    from diffusers import StableDiffusionPipeline
+
+    out = write_base(tmp_path / "base")
+    pipe = StableDiffusionPipeline.from_pretrained(str(out))
+    assert pipe.unet.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32
+    recipe = yaml.safe_load((out / "attndb.yaml").read_text())
+    config = world_config(images="x", category="ball", output="y", **recipe)
+    assert config.resolution == W.SIZE and config.model == str(out.resolve())
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        write_base(out)
