@@ -155,6 +155,15 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == (1 + int(np.argmax(sizes)))
 
 
+def _drop_specks(mask: np.ndarray, size: int = 6) -> np.ndarray:
+    """`mask` without its components of fewer than `size` pixels (noise)."""
+    labels, n = _components(mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    return mask & (sizes[labels] >= size)
+
+
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
     labels, n = _components(~mask)
     border = set(np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))) - {0}
@@ -248,18 +257,22 @@ def object_mask(image: np.ndarray, style: str | None = None, context: str | None
         return np.zeros_like(fg)
     # A patterned object whose one colour is like the background falls apart into stripes or squares: a closing
     # (dilate, keep the largest piece, fill its holes, erode) puts it back together.
+    fg = _drop_specks(fg)
     r = _CLOSING
     closed = _fill_holes(_largest_component(_dilate(fg, r)))
     return _erode(closed, r) | (closed & _largest_component(fg))
 
 
 # Ideal (fill ratio, top-quarter width, bottom-quarter width) of each category (widths over the widest row).
-_SHAPES = {"ball": (0.785, 0.62, 0.62), "box": (1.0, 1.0, 1.0), "cone": (0.52, 0.22, 0.9)}
+_SHAPES = {"ball": (0.79, 0.61, 0.61), "box": (1.0, 1.0, 1.0), "cone": (0.60, 0.23, 0.95)}
+_SHAPE_WEIGHTS = np.asarray([2.0, 1.0, 1.0])  # the fill ratio is the steadiest feature
 
 
 def shape_features(mask: np.ndarray) -> tuple[float, float, float]:
     """(fill ratio of the bounding box, mean width of the top quarter of rows, of the bottom quarter), widths over
     the widest row."""
+    rows, cols = mask.sum(1), mask.sum(0)
+    mask = mask & (rows >= 0.1 * rows.max())[:, None] & (cols >= 0.1 * cols.max())[None, :]  # stray pixels
     ys, xs = np.nonzero(mask)
     h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
     widths = mask[ys.min() : ys.max() + 1].sum(1).astype(np.float32)
@@ -273,7 +286,7 @@ def predict_category(mask: np.ndarray) -> str | None:
     if mask.sum() < _MIN_AREA:
         return None
     f = np.asarray(shape_features(mask))
-    return min(_SHAPES, key=lambda c: float(((f - np.asarray(_SHAPES[c])) ** 2).sum()))
+    return min(_SHAPES, key=lambda c: float((((f - np.asarray(_SHAPES[c])) * _SHAPE_WEIGHTS) ** 2).sum()))
 
 
 def colour_votes(image: np.ndarray, mask: np.ndarray) -> dict[str, float]:
