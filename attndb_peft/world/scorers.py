@@ -17,7 +17,9 @@ diffusion model:
 - identity: the object's colour histogram over `CONCEPT_COLOURS` and its two-colour pattern statistics (the rate
   of colour changes along x and along y, the minority share), compared with the same features of ground-truth
   renders of the concept in the same style and colour; `identity_ok` when the concept is nearer than each of
-  `NUM_DISTRACTORS` fixed distractor concepts of the same category rendered the same way.
+  `NUM_DISTRACTORS` fixed distractor concepts of the same category rendered the same way (distractors that the
+  caption's recolouring makes look like the concept, e.g. when only the shared second colour is left, are left
+  out; with none left, `identity_ok` means the identity distance is small).
 
 `validate_scorers` measures all of them on fresh ground-truth renders, clean and degraded (`degrade`: gaussian
 blur, noise and colour jitter).
@@ -80,6 +82,7 @@ _SIGMA = 28.0  # RGB distance scale of a context vote
 _BG_DISTANCE = {"photo": 48.0, "painting": 60.0}  # farther from every background colour: object
 _PAPER_DISTANCE = 38.0
 _CLOSING = 2  # pixels
+_SAME_LOOK = 0.1  # identity distance under which a picture shows the concept (when no distractor is left)
 
 
 def _posterize(c: np.ndarray) -> np.ndarray:
@@ -320,7 +323,8 @@ def predict_colour(votes: dict[str, float], concept: Concept | None = None) -> s
 
 def identity_features(image: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
     """The object's appearance: a colour histogram over `CONCEPT_COLOURS` (10 values summing to 1) and its
-    two-colour pattern (changes per pixel along x and along y between the two main colours, minority share)."""
+    two-colour pattern (changes per pixel along x and along y between the two main colours, minority share, median
+    stripe width in pixels)."""
     a = _as_image(image)
     if mask.sum() < _MIN_AREA:
         return None
@@ -333,29 +337,49 @@ def identity_features(image: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
     hist /= max(1.0, hist.sum())
     first, second = np.argsort(-hist)[:2]
     if hist[second] < 0.08:  # one colour: no pattern
-        return np.concatenate([hist, [0.0, 0.0, 0.0]]).astype(np.float32)
+        return np.concatenate([hist, [0.0, 0.0, 0.0, 0.0]]).astype(np.float32)
     label = name_d[..., first] > name_d[..., second]  # True: nearer the second colour
     horiz = region[:, 1:] & region[:, :-1]
     vert = region[1:, :] & region[:-1, :]
     gx = float((label[:, 1:] != label[:, :-1])[horiz].mean()) if horiz.any() else 0.0
     gy = float((label[1:, :] != label[:-1, :])[vert].mean()) if vert.any() else 0.0
     minority = float(min(label[region].mean(), 1 - label[region].mean()))
-    return np.concatenate([hist, [gx, gy, minority]]).astype(np.float32)
+    runs = _interior_runs(label, region) + _interior_runs(label.T, region.T)
+    period = float(np.median(runs)) if len(runs) >= 3 else 0.0
+    return np.concatenate([hist, [gx, gy, minority, period]]).astype(np.float32)
+
+
+def _interior_runs(label: np.ndarray, region: np.ndarray) -> list[int]:
+    """Lengths of the runs of equal `label` along each row of `region` that touch neither end of their segment
+    (a stripe's width; runs cut by the object's outline say nothing)."""
+    out = []
+    for row_label, row_region in zip(label, region):
+        xs = np.nonzero(row_region)[0]
+        if len(xs) < 3:
+            continue
+        for segment in np.split(xs, np.nonzero(np.diff(xs) > 1)[0] + 1):
+            values = row_label[segment]
+            cuts = np.nonzero(values[1:] != values[:-1])[0] + 1
+            out.extend(int(n) for n in np.diff(cuts))  # runs between two changes
+    return out
 
 
 def identity_distance(f: np.ndarray, g: np.ndarray) -> float:
-    """0 (same look) .. ~1+: half the L1 distance of the colour histograms plus the pattern differences."""
-    colour = 0.5 * float(np.abs(f[:-3] - g[:-3]).sum())
-    pattern = 2.0 * float(np.abs(f[-3:-1] - g[-3:-1]).sum()) + float(abs(f[-1] - g[-1]))
-    return colour + pattern
+    """0 (same look) .. ~1+: half the L1 distance of the colour histograms plus the pattern differences (changes
+    per pixel along x and y, minority share, a quarter of the stripe width difference in pixels)."""
+    colour = 0.5 * float(np.abs(f[:-4] - g[:-4]).sum())
+    pattern = 2.0 * float(np.abs(f[-4:-2] - g[-4:-2]).sum()) + float(abs(f[-2] - g[-2]))
+    if f[-1] > 0 and g[-1] > 0:  # 0: too few stripes to tell
+        pattern += 0.25 * abs(f[-1] - g[-1])
+    return colour + float(pattern)
 
 
 @functools.lru_cache(maxsize=4096)
-def reference_features(concept: Concept, style: str, colour: str | None, num: int = 4) -> np.ndarray:
+def reference_features(concept: Concept, style: str, colour: str | None, num: int = 6) -> np.ndarray:
     """Mean `identity_features` of `num` ground-truth renders of `concept` on the plain backdrop in `style`,
-    recoloured by `colour`."""
-    rng = np.random.default_rng([concept.seed, 0x1D, list(STYLES).index(style), 1 + list(COLOURS).index(colour)
-                                 if colour else 0])
+    recoloured by `colour` (the stripe width: the median of those measured, 0 when most renders show too few)."""
+    rng = np.random.default_rng([concept.seed, 0x1D, list(STYLES).index(style),
+                                 1 + list(COLOURS).index(colour) if colour else 0])
     scene = Scene(category=concept.category, colour=colour, style=style)
     feats = []
     for _ in range(num):
@@ -363,7 +387,12 @@ def reference_features(concept: Concept, style: str, colour: str | None, num: in
         f = identity_features(image, mask)
         if f is not None:
             feats.append(f)
-    return np.mean(feats, 0)
+    if not feats:
+        return np.zeros(len(_ALL_COLOURS) + 4, np.float32)
+    out = np.mean(feats, 0)
+    periods = [f[-1] for f in feats if f[-1] > 0]
+    out[-1] = float(np.median(periods)) if len(periods) * 2 >= len(feats) else 0.0  # stripe width: known or 0
+    return out
 
 
 @functools.cache
@@ -378,8 +407,13 @@ def distractor_concepts(category: str, num: int = NUM_DISTRACTORS) -> tuple[Conc
     return tuple(out)
 
 
-def _same_look(a: Concept, b: Concept) -> bool:
-    return (a.pattern, a.colours, a.period) == (b.pattern, b.colours, b.period)
+def _look(concept: Concept, colour: str | None) -> tuple:
+    """What a picture of `concept` recoloured by `colour` shows: its pattern, two colours and stripe width, or
+    just one colour when the recolouring made both the same."""
+    first, second = colour or concept.colours[0], concept.colours[1]
+    if first == second:
+        return ("plain", first)
+    return (concept.pattern, first, second, None if concept.pattern == "halves" else concept.period)
 
 
 def score_image(image: np.ndarray, scene: Scene, concept: Concept | None = None) -> dict:
@@ -420,13 +454,15 @@ def score_image(image: np.ndarray, scene: Scene, concept: Concept | None = None)
         if f is None:
             out.update(identity=0.0, identity_ok=False)
         else:
-            d = identity_distance(f, reference_features(concept, scene.style, scene.colour))
-            others = [
-                identity_distance(f, reference_features(c, scene.style, scene.colour))
-                for c in distractor_concepts(concept.category)
-                if not _same_look(c, concept)
-            ]
-            out.update(identity=round(max(0.0, 1.0 - d), 4), identity_ok=bool(all(d < o for o in others)))
+            ref = reference_features(concept, scene.style, scene.colour)
+            d = identity_distance(f, ref)
+            others = []
+            for c in distractor_concepts(concept.category):
+                # A distractor that the caption's recolouring makes look like the concept cannot be told apart
+                if _look(c, scene.colour) != _look(concept, scene.colour):
+                    others.append(identity_distance(f, reference_features(c, scene.style, scene.colour)))
+            ok = all(d < o for o in others) if others else d < _SAME_LOOK
+            out.update(identity=round(max(0.0, 1.0 - d), 4), identity_ok=bool(ok))
     return out
 
 
