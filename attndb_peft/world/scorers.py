@@ -79,7 +79,7 @@ _PALETTES: dict[str | None, list[tuple[tuple[int, int, int], float]]] = {
     "brick": [((125, 62, 50), 1.0), ((205, 195, 185), 0.5)],
 }
 _SIGMA = 28.0  # RGB distance scale of a context vote
-_BG_DISTANCE = {"photo": 48.0, "painting": 60.0}  # farther from every background colour: object
+_BG_DISTANCE = {"photo": 48.0, "painting": 52.0}  # farther from every background colour: object
 _PAPER_DISTANCE = 38.0
 _CLOSING = 2  # pixels
 _SAME_LOOK = 0.1  # identity distance under which a picture shows the concept (when no distractor is left)
