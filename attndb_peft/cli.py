@@ -1,8 +1,8 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
 """`attndb` command line: argparse -> `AttnDBConfig` / function calls. No logic of its own.
 
-Subcommands: `train`, `generate`, `inspect`, `evaluate`, `demo`. In prompts, `{}` expands to `TOKEN CATEGORY`
-(read from the adapter's `attndb_config.json`).
+Subcommands: `train`, `generate`, `inspect`, `evaluate`, `push`, `demo`, `world` (its subcommands live in
+`world/cli.py`). In prompts, `{}` expands to `TOKEN CATEGORY` (read from the adapter's `attndb_config.json`).
 
 Exit codes: 0 done, 2 bad input or usage (nothing written), 1 failure during the run. Errors are one line on
 stderr; `--verbose` adds the traceback.
@@ -15,6 +15,8 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
+
+from .world.cli import add_world_parser
 
 __all__ = ["build_parser", "main"]
 
@@ -496,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_parser(sub)
     _add_push_parser(sub)
     _add_demo_parser(sub)
+    add_world_parser(sub)
     return parser
 
 

@@ -1,0 +1,255 @@
+# Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
+"""`attndb world ...`: the toy world's commands. `add_world_parser(subparsers)` adds the `world` group; each
+subcommand has one `_add_<name>_parser` function (and a `_cmd_<name>` handler), so more are one function away.
+
+- `attndb world concept --seed S --output DIR`: a concept's user photos and `concept.json`.
+- `attndb world score --concept DIR --images DIR [--output FILE]`: scores a folder written by `attndb generate`.
+
+Bad input raises `UsageError` (exit code 2, one line, nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+__all__ = ["add_world_parser", "concept_folder", "score_folder"]
+
+logger = logging.getLogger("attndb_peft")
+
+CONCEPT_FILE = "concept.json"
+GENERATE_FILE = "generate.json"
+
+
+def _usage_error(message: str) -> Exception:
+    from ..inference import UsageError
+
+    return UsageError(message)
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative whole number, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- concept
+def concept_folder(seed: int, output_dir: str | Path, num_images: int = 5) -> dict:
+    """Write the concept of `seed`'s user photos (`instance_XX.png`) and `concept.json` into `output_dir`.
+
+    Returns:
+        `dict`: what `concept.json` holds: `Concept.to_dict()` plus `description`, `token` (the attndb default
+        token of its category), `instance_prompt` and `images`.
+    """
+    from PIL import Image
+
+    from ..config import default_token, instance_prompt
+    from .scenes import concept_photos, make_concept
+
+    concept = make_concept(seed)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, image in enumerate(concept_photos(concept, num_images)):
+        names.append(f"instance_{i:02d}.png")
+        Image.fromarray(image).save(output_dir / names[-1])
+    token = default_token(concept.category)
+    info = {
+        **concept.to_dict(),
+        "description": concept.describe(),
+        "token": token,
+        "instance_prompt": instance_prompt(token, concept.category),
+        "images": names,
+    }
+    (output_dir / CONCEPT_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
+    return info
+
+
+def _add_concept_parser(sub) -> None:
+    from ..cli import _add_common, _positive_int  # lazily: attndb_peft.cli imports this module
+
+    p = sub.add_parser(
+        "concept",
+        help="Write a world concept's user photos and concept.json.",
+        description="Draw the personal concept of SEED (a category with a two-colour pattern no pretraining "
+        "picture has) and write its user photos DIR/instance_XX.png and DIR/concept.json (its category, pattern, "
+        "colours, description and the token to train it under). Train on DIR with attndb train --images DIR.",
+    )
+    p.add_argument("--seed", type=_seed, required=True, help="The concept's seed (any non-negative whole number).")
+    p.add_argument("--output", metavar="DIR", required=True, help="Folder for the images and concept.json.")
+    p.add_argument(
+        "--num-images", type=_positive_int, default=5, dest="num_images", help="How many user photos. Default 5."
+    )
+    _add_common(p)
+    p.set_defaults(handler=_cmd_concept)
+
+
+def _cmd_concept(args: argparse.Namespace) -> int:
+    info = concept_folder(args.seed, args.output, args.num_images)
+    logger.info("Concept %d: %s; %d image(s), token %s", args.seed, info["description"], len(info["images"]),
+                info["token"])
+    print(args.output)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- score
+def _read_concept(folder: str | Path):
+    from .scenes import Concept
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise _usage_error(f"--concept {folder}: no such folder; write one with "
+                           f"`attndb world concept --seed S --output {folder}`.")
+    path = folder / CONCEPT_FILE
+    if not path.is_file():
+        raise _usage_error(f"--concept {folder}: no {CONCEPT_FILE} in it; give the folder written by "
+                           "`attndb world concept`.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        concept = Concept.from_dict(data)
+        from .scenes import make_concept
+
+        make_concept(concept.seed)  # a valid seed
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _usage_error(f"--concept {path}: not a concept file ({exc}); rewrite it with "
+                           "`attndb world concept`.") from None
+    token = data.get("token")
+    if not token:
+        from ..config import default_token
+
+        token = default_token(concept.category)
+    return concept, token
+
+
+def _read_generation(folder: str | Path, token: str) -> list[dict]:
+    from .scorers import parse_caption
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise _usage_error(f"--images {folder}: no such folder; give the --output folder of `attndb generate`.")
+    path = folder / GENERATE_FILE
+    if not path.is_file():
+        raise _usage_error(f"--images {folder}: no {GENERATE_FILE} in it, so not a folder written by "
+                           "`attndb generate`; give that command's --output folder.")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))["images"]
+        records = [{"file": str(r["file"]), "prompt": str(r["prompt"]), "seed": r.get("seed")} for r in records]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _usage_error(f"--images {path}: unreadable ({exc}); regenerate the folder with `attndb generate`.") \
+            from None
+    out = []
+    for r in records:
+        try:
+            scene, found = parse_caption(r["prompt"], token)
+        except ValueError as exc:
+            raise _usage_error(f"--images {path}: prompt {r['prompt']!r} of {r['file']} is not a world caption "
+                               f"({exc}); generate with prompts like 'a painting of a purple {token} ball on the "
+                               "beach'.") from None
+        if not (folder / r["file"]).is_file():
+            raise _usage_error(f"--images {folder}: {r['file']} (listed in {GENERATE_FILE}) is missing; "
+                               "regenerate the folder with `attndb generate`.")
+        out.append({**r, "scene": scene, "has_token": found is not None})
+    return out
+
+
+def _load_image(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    from .scenes import SIZE
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if image.size != (SIZE, SIZE):
+            image = image.resize((SIZE, SIZE), Image.Resampling.BOX)
+        return np.asarray(image, dtype=np.uint8)
+
+
+def score_folder(concept_dir: str | Path, images_dir: str | Path) -> dict:
+    """Score every image of a folder written by `attndb generate` against its prompt and the concept.
+
+    Args:
+        concept_dir: the folder `attndb world concept` wrote (its `concept.json`).
+        images_dir: the folder `attndb generate` wrote (its `generate.json` and PNGs; other sizes than 32 px are
+            resized).
+
+    Returns:
+        `dict`: `{"concept": ..., "images": [per-image record], "summary": summarize(records)}`; a record has
+        the file, prompt, seed, the parsed scene and `score_image`'s fields (identity only for prompts with the
+        concept's token).
+
+    Raises:
+        `UsageError` for a missing folder, a folder without `concept.json` / `generate.json`, or a prompt that
+        is not a world caption.
+    """
+    from dataclasses import asdict
+
+    from .scorers import score_image, summarize
+
+    concept, token = _read_concept(concept_dir)
+    records = _read_generation(images_dir, token)
+    scored = []
+    for r in records:
+        scene = r["scene"]
+        use_concept = concept if r["has_token"] and scene.category == concept.category else None
+        result = score_image(_load_image(Path(images_dir) / r["file"]), scene, use_concept)
+        scored.append({"file": r["file"], "prompt": r["prompt"], "seed": r["seed"], "scene": asdict(scene),
+                       **result})
+    return {"concept": {**concept.to_dict(), "token": token}, "images": scored, "summary": summarize(scored)}
+
+
+def _add_score_parser(sub) -> None:
+    from ..cli import _add_common
+
+    p = sub.add_parser(
+        "score",
+        help="Score the images of `attndb generate` against their world prompts and a concept.",
+        description="Read the prompts of DIR/generate.json (world captions, the concept's token before the "
+        "category, e.g. 'a painting of a purple <attndb-ball> ball on the beach'), score each image's style, "
+        "context, colour, category/presence and identity to the concept from its pixels, and print per-image "
+        "scores and their summary as JSON.",
+    )
+    p.add_argument("--concept", metavar="DIR", required=True, help="Folder written by `attndb world concept`.")
+    p.add_argument("--images", metavar="DIR", required=True, help="Folder written by `attndb generate`.")
+    p.add_argument("--output", metavar="FILE", help="Also write the JSON to FILE (optional).")
+    _add_common(p)
+    p.set_defaults(handler=_cmd_score)
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    result = score_folder(args.concept, args.images)
+    text = json.dumps(result, indent=2)
+    if args.output:
+        path = Path(args.output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n", encoding="utf-8")
+    s = result["summary"]
+    logger.info(
+        "%d image(s): %s",
+        s["num_images"],
+        ", ".join(f"{k} {s[k]:.2f}" for k in ("style_ok", "context_ok", "colour_ok", "present", "identity")
+                  if s[k] is not None),
+    )
+    print(text)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- the group
+def add_world_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `world` command (the toy world: concepts, scoring) with its subcommands to `subparsers`."""
+    p = subparsers.add_parser(
+        "world",
+        help="The toy world: draw a concept, score generated pictures.",
+        description="A small world where personalization quality is measured from pixels: 'attndb world concept' "
+        "draws a personal concept's user photos, 'attndb world score' scores what 'attndb generate' made of it.",
+    )
+    sub = p.add_subparsers(dest="world_command", metavar="SUBCOMMAND", required=True)
+    _add_concept_parser(sub)
+    _add_score_parser(sub)
+    return p
