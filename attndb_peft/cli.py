@@ -291,14 +291,18 @@ def _add_evaluate_parser(sub) -> None:
 
 
 def _add_demo_parser(sub) -> None:
-    from .demo import DEMO_STEPS
+    from .demo import DEMO_STEPS, WORLD_DEMO_CONCEPT
+    from .world.model import BASE_SETTINGS
 
+    world_steps = ",".join(str(BASE_SETTINGS[f"stage{i}"]["steps"]) for i in (1, 2, 3))
     p = sub.add_parser(
         "demo",
-        help="Run the whole flow offline on a tiny random model (about a minute on a CPU).",
-        description="Build a tiny random Stable Diffusion model in code, write procedural instance images, train "
-        "the three stages, export, load the adapter back with pipe.load_attndb, write sample and attention "
-        "pictures, and print where everything is. No network; the pictures are noise, the flow is real.",
+        help="Run the whole flow offline in the toy world: AttnDB vs Textual Inversion, scored (a few minutes).",
+        description="Learn a toy-world concept with the world's pretrained base model: write the base model and the "
+        "concept's photos, train the three stages and a Textual-Inversion-only run of the same length, load both "
+        "back with pipe.load_attndb, draw the same prompts and seeds side by side with every picture's scores, "
+        "and write per-token attention maps. No network. --random-weights runs the few-second smoke path on a "
+        "tiny random model instead (its pictures are noise).",
     )
     p.add_argument(
         "--output",
@@ -309,10 +313,22 @@ def _add_demo_parser(sub) -> None:
     p.add_argument(
         "--steps",
         type=_three(int),
-        default=DEMO_STEPS,
-        help=f"Training steps of stages 1,2,3. Default {','.join(map(str, DEMO_STEPS))}.",
+        default=None,
+        help=f"Training steps of stages 1,2,3. Default {world_steps} (world), {','.join(map(str, DEMO_STEPS))} "
+        "(--random-weights).",
     )
-    p.add_argument("--seed", type=int, default=0, help="Seed of the model, images, training and samples. Default 0.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of training and samples. Default 0.")
+    p.add_argument(
+        "--concept-seed",
+        type=int,
+        default=WORLD_DEMO_CONCEPT,
+        help=f"The world concept to learn (any seed gives a new one). Default {WORLD_DEMO_CONCEPT}.",
+    )
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="The smoke path: a tiny random model built in code, a few seconds, pictures are noise.",
+    )
     _add_common(p)
     p.set_defaults(handler=_cmd_demo)
 
@@ -479,8 +495,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .inference import UsageError
 
-    result = run_demo(args.output, steps=args.steps, seed=args.seed)
+    if args.concept_seed < 0:
+        raise UsageError(f"--concept-seed {args.concept_seed}: expected a non-negative integer.")
+    result = run_demo(
+        args.output,
+        steps=args.steps,
+        seed=args.seed,
+        random_weights=args.random_weights,
+        concept_seed=args.concept_seed,
+    )
     print(result.describe())
     return EXIT_OK
 

@@ -1,5 +1,6 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
-"""`attndb demo` runs the whole flow offline (tiny random model) and says where everything is."""
+"""`attndb demo --random-weights` runs the whole flow offline (tiny random model) and says where everything is
+(the world demo, the default, is tested in test_world_demo.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from attndb_peft.export import CONFIG_NAME, EMBEDDING_NAME, KOHYA_NAME, LORA_NAM
 def test_demo_runs_end_to_end_offline(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network: everything is built or written locally
     out = tmp_path / "attndb-demo"
-    assert main(["demo", "--output", str(out), "--steps", "2,2,2", "--quiet"]) == 0
+    assert main(["demo", "--output", str(out), "--steps", "2,2,2", "--random-weights", "--quiet"]) == 0
     printed = capsys.readouterr().out
 
     assert (out / "base-model" / "model_index.json").is_file()

@@ -124,7 +124,8 @@ def test_summarize_means_over_applicable_records():
     s = summarize(records)
     assert s["num_images"] == 2 and s["style_ok"] == 0.5 and s["context_ok"] == 1.0 and s["colour_ok"] == 0.0
     assert s["identity"] == 0.5 and s["counts"]["identity_ok"] == 1 and s["counts"]["present"] == 2
-    assert summarize([])["style_ok"] is None
+    assert s["text_alignment"] == (0.5 + 0.5) / 2  # (style 1, colour 0) and (style 0, context 1)
+    assert summarize([])["style_ok"] is None and summarize([])["text_alignment"] is None
 
 
 # ---------------------------------------------------------------------------------------------- commands

@@ -596,8 +596,9 @@ def summarize(records: list[dict]) -> dict:
         records (`list[dict]`): `score_image` results (extra keys are ignored).
 
     Returns:
-        `dict`: `{"num_images": n, "style_ok": mean, ..., "identity": mean, "counts": {field: n}}`; a mean is
-        None when no record has that field.
+        `dict`: `{"num_images": n, "style_ok": mean, ..., "identity": mean, "text_alignment": mean,
+        "counts": {field: n}}`; a mean is None when no record has that field. A picture's text alignment is the
+        mean of its applicable `style_ok`, `context_ok` and `colour_ok`.
     """
     out: dict = {"num_images": len(records)}
     counts = {}
@@ -605,6 +606,15 @@ def summarize(records: list[dict]) -> dict:
         values = [float(r[key]) for r in records if r.get(key) is not None]
         out[key] = round(float(np.mean(values)), 4) if values else None
         counts[key] = len(values)
+    # text alignment of one picture: the share of what its caption asks (style, and context / colour where the
+    # caption names them) that the picture shows
+    aligned = [
+        float(np.mean([r[k] for k in ("style_ok", "context_ok", "colour_ok") if r.get(k) is not None]))
+        for r in records
+        if any(r.get(k) is not None for k in ("style_ok", "context_ok", "colour_ok"))
+    ]
+    out["text_alignment"] = round(float(np.mean(aligned)), 4) if aligned else None
+    counts["text_alignment"] = len(aligned)
     out["counts"] = counts
     return out
 
