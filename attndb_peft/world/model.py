@@ -44,6 +44,7 @@ __all__ = [
     "build_world_pipeline",
     "load_world_pipeline",
     "pretrain",
+    "save_pipeline",
     "textual_inversion_config",
     "world_config",
     "world_tokenizer",
@@ -86,7 +87,7 @@ class PretrainConfig:
     """Settings of `pretrain` (recorded in `pretrain.json` next to the weights)."""
 
     seed: int = 0
-    steps: int = 3000
+    steps: int = 1800
     batch_size: int = 48
     learning_rate: float = 1e-3
     warmup_steps: int = 200
@@ -228,6 +229,24 @@ def build_world_pipeline(config: PretrainConfig | None = None, seed: int = 0):
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def save_pipeline(pipe, path: str | os.PathLike) -> Path:
+    """Write `pipe` as the package ships it: U-Net and VAE stored in fp16 (half the size; diffusers loads them
+    back in fp32), the small text encoder in fp32. Atomic: assembled under a temporary name, then renamed."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.unet.half()
+    pipe.vae.half()
+    try:
+        pipe.save_pretrained(str(tmp))
+    finally:
+        pipe.unet.float()
+        pipe.vae.float()
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
 
 
 def load_world_pipeline(path: str | os.PathLike | None = None, device: str = "cpu"):
@@ -434,6 +453,7 @@ def pretrain(
         vae.register_to_config(scaling_factor=scaling)
         empty = tokenizer([""], padding="max_length", max_length=_MAX_LENGTH, return_tensors="pt").input_ids[0]
         log["cache_seconds"] = round(time.perf_counter() - t0, 1)
+        log["scaling_factor"] = scaling
         logger.info("latent cache: %d pictures, scaling factor %.4f (%.0f s)", len(ids), scaling, log["cache_seconds"])
 
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -511,16 +531,12 @@ def pretrain(
         unet.eval()
         text_encoder.eval()
         final = output / "pipeline"
-        tmp = output / ".tmp-pipeline"
-        shutil.rmtree(tmp, ignore_errors=True)
-        pipe.save_pretrained(str(tmp))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        save_pipeline(pipe, final)
         log["total_seconds_this_run"] = round(time.perf_counter() - started, 1)
         if evaluate:
             from .evaluation import evaluate_base
 
-            log["evaluation"] = evaluate_base(pipe)
+            log["evaluation"] = evaluate_base(load_world_pipeline(final))  # what ships: fp16-stored weights
             write_json_atomic(output / "evaluation.json", log["evaluation"])
         write_json_atomic(output / "pretrain.json", log)
         (final / "pretrain.json").write_text(json.dumps(log, indent=1), encoding="utf-8")
