@@ -500,13 +500,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _usage_errors() -> tuple[type[BaseException], ...]:
+    from .base_model import BaseModelError
     from .config import ConfigError
     from .data import DataError
     from .inference import UsageError
     from .loading import AdapterError
     from .trainer import InputError
 
-    return (AdapterError, ConfigError, DataError, InputError, UsageError)
+    return (AdapterError, BaseModelError, ConfigError, DataError, InputError, UsageError)
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:

@@ -174,6 +174,8 @@ def load_pipeline(
     """
     from diffusers import StableDiffusionPipeline
 
+    from .base_model import BaseModelError, check_base_model
+
     info = read_adapter_config(adapter, token=hub_token) if adapter else None
     model = model or (info.base_model if info else None)
     if not model:
@@ -185,6 +187,10 @@ def load_pipeline(
         torch_dtype = _DTYPES[dtype]
     else:
         raise UsageError(f"--dtype {dtype!r}: choose auto, fp32, fp16 or bf16.")
+    try:
+        check_base_model(model, revision)
+    except BaseModelError as exc:
+        raise UsageError(str(exc)) from None
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             model, revision=revision, token=hub_token, **_dtype_argument(torch_dtype)

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import torch
 
+from . import base_model
 from . import checkpoints as ckpt
 from .attention import AttentionStore, capture_cross_attention
+from .base_model import BaseModelError, check_base_model
 from .config import AttnDBConfig
 from .data import LatentCache, batch_indices, encode_views, image_views, load_image, scan_image_folder
 from .regularizer import attention_regularizer, diffusion_loss, diffusion_target
@@ -125,8 +127,12 @@ def check_inputs(config: AttnDBConfig, tokenizer=None) -> list[str]:
     if config.resume and ckpt.find_latest(out) is None:
         problems.append(f"--resume: no complete checkpoint in {out / ckpt.CHECKPOINT_DIR}; start without --resume.")
     try:
-        tokenizer = load_tokenizer(config) if tokenizer is None else tokenizer
-    except Exception as exc:  # missing model, no network, bad folder: say which
+        if tokenizer is None:
+            check_base_model(config.model, config.revision)  # one line for a missing or moved model
+            tokenizer = load_tokenizer(config)
+    except BaseModelError as exc:
+        problems.append(str(exc))
+    except Exception as exc:  # a broken folder: say which
         problems.append(f"--model {config.model}: cannot load its tokenizer ({type(exc).__name__}: {exc}).")
     else:
         token_ids = tokenizer(config.token, add_special_tokens=False).input_ids
@@ -147,9 +153,7 @@ def check_inputs(config: AttnDBConfig, tokenizer=None) -> list[str]:
 
 
 def load_tokenizer(config: AttnDBConfig):
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer.from_pretrained(config.model, subfolder="tokenizer", revision=config.revision)
+    return base_model.load_tokenizer(config.model, config.revision)
 
 
 def _resolve_mixed_precision(requested: str) -> str:

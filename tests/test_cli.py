@@ -112,7 +112,7 @@ def test_usage_errors_are_one_line(capsys, tmp_path):
     line = _one_line_error(
         capsys, ["inspect", "--model", str(tmp_path / "nope"), "--prompt", "a", "--output", "a.png"], 2
     )
-    assert line.startswith("attndb inspect: error: --model") and "diffusers model folder or a Hub id" in line
+    assert line.startswith("attndb inspect: error: --model") and "no such folder or file; give a Hub id" in line
     line = _one_line_error(capsys, ["evaluate", "--adapter", "x", "--images", str(tmp_path / "none")], 2)
     assert "--images" in line
     (tmp_path / "foreign.txt").write_text("not a demo")

