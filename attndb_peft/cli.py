@@ -45,13 +45,57 @@ def _three(kind):
     return parse
 
 
-def _config_help(name: str) -> str:
+def _per_stage(kind, stages: tuple[int, ...] = (1, 2, 3)):
+    """Parse one value for every stage in `stages`, or one value each (comma-separated); returns a 3-tuple with
+    None for the stages not covered."""
+    example = ",".join(["1"] * len(stages)) if kind is not str else ",".join(["constant"] * len(stages))
+
+    def parse(text: str):
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) == 1:
+            parts = parts * len(stages)
+        if len(parts) != len(stages):
+            names = ",".join(map(str, stages))
+            raise argparse.ArgumentTypeError(
+                f"expected one value, or {len(stages)} comma-separated values (stages {names}), got {text!r}"
+            )
+        try:
+            values = dict(zip(stages, (kind(p) for p in parts)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {kind.__name__} values like '{example}', got {text!r}"
+            ) from None
+        return tuple(values.get(stage) for stage in (1, 2, 3))
+
+    return parse
+
+
+def _show(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "none" if value is None else str(value)
+
+
+def _config_help(name: str, show_default: bool = True) -> str:
+    """The setting's help text from `AttnDBConfig`, with its default (or that it is required) appended."""
     from .config import AttnDBConfig
 
     for f in dataclasses.fields(AttnDBConfig):
         if f.name == name:
-            return f.metadata.get("help", "")
+            text = f.metadata.get("help", "")
+            if not show_default or "default" in text.lower():  # the text already says it
+                return text
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                return f"{text} Required (here or in --config)."
+            return f"{text} Default: {_show(f.default)}."
     raise KeyError(name)
+
+
+def _stage_default(field_name: str, stages: tuple[int, ...] = (1, 2, 3)) -> str:
+    from .config import AttnDBConfig
+
+    defaults = AttnDBConfig(model="m", images="i", category="c", output="o").stages
+    return "Default: " + ",".join(_show(getattr(defaults[s - 1], field_name)) for s in stages) + "."
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -71,21 +115,64 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--category", help=_config_help("category"))
     p.add_argument("--output", help=_config_help("output"))
     p.add_argument("--token", help=_config_help("token"))
-    p.add_argument("--config", help="YAML or JSON file of AttnDBConfig settings; flags given here override it.")
+    p.add_argument(
+        "--config",
+        help="YAML or JSON file of AttnDBConfig settings (see examples/config.yaml), or a finished run's "
+        "attndb_config.json to reproduce it; flags given here override it.",
+    )
     p.add_argument("--revision", help=_config_help("revision"))
     p.add_argument("--variant", help=_config_help("variant"))
-    p.add_argument("--resolution", type=int, help=_config_help("resolution") + " Default 512.")
-    p.add_argument("--batch-size", type=int, dest="batch_size", help=_config_help("batch_size") + " Default 8.")
-    p.add_argument("--steps", type=_three(int), help="Steps of stages 1,2,3, e.g. 60,100,500 (the paper's).")
+    p.add_argument("--resolution", type=int, help=_config_help("resolution"))
+    p.add_argument("--batch-size", type=int, dest="batch_size", help=_config_help("batch_size"))
+    p.add_argument("--steps", type=_three(int), help="Steps of stages 1,2,3. Default: 60,100,500 (the paper's).")
     p.add_argument(
         "--learning-rates",
         type=_three(float),
         dest="learning_rates",
         help="Learning rates of stages 1,2,3; default 1e-3,2e-4,2e-5 (stage 3 full: 2e-6).",
     )
+    p.add_argument(
+        "--ranks",
+        type=_per_stage(int, (2, 3)),
+        help="LoRA rank of stages 2,3 (one value: both). " + _stage_default("rank", (2, 3)),
+    )
+    p.add_argument(
+        "--lora-alphas",
+        type=_per_stage(float, (2, 3)),
+        dest="lora_alphas",
+        help="LoRA alpha of stages 2,3 (one value: both); the LoRA's scale is alpha/rank. Default: alpha = rank.",
+    )
+    p.add_argument(
+        "--lr-schedulers",
+        type=_per_stage(str),
+        dest="lr_schedulers",
+        help="Learning-rate schedule of stages 1,2,3 (one name: all), diffusers' get_scheduler names: constant, "
+        "constant_with_warmup, linear, cosine, ... " + _stage_default("lr_scheduler"),
+    )
+    p.add_argument(
+        "--lr-warmup-steps",
+        type=_per_stage(int),
+        dest="lr_warmup_steps",
+        help="Learning-rate warm-up steps of stages 1,2,3 (one value: all). " + _stage_default("lr_warmup_steps"),
+    )
+    p.add_argument(
+        "--lambda-mu",
+        type=_per_stage(float),
+        dest="lambda_mu",
+        help="Regularizer weight of the attention-map mean, stages 1,2,3. " + _stage_default("lambda_mu"),
+    )
+    p.add_argument(
+        "--lambda-var",
+        type=_per_stage(float),
+        dest="lambda_var",
+        help="Regularizer weight of the attention-map variance, stages 1,2,3. " + _stage_default("lambda_var"),
+    )
     p.add_argument("--stage3", choices=("lora", "full"), dest="stage3_mode", help=_config_help("stage3_mode"))
+    p.add_argument(
+        "--full-export-rank", type=int, dest="full_export_rank", help=_config_help("full_export_rank")
+    )
     p.add_argument("--regularizer", choices=("per_layer", "pooled"), help=_config_help("regularizer"))
-    p.add_argument("--seed", type=int, help=_config_help("seed") + " Default 0.")
+    p.add_argument("--seed", type=int, help=_config_help("seed"))
     p.add_argument(
         "--mixed-precision",
         choices=("auto", "no", "fp16", "bf16"),
@@ -111,7 +198,17 @@ def _add_train_parser(sub) -> None:
         "--save-dtype", choices=("fp16", "bf16", "fp32"), dest="save_dtype", help=_config_help("save_dtype")
     )
     p.add_argument("--random-crops", type=int, dest="random_crops", help=_config_help("random_crops"))
-    p.add_argument("--no-flip", action="store_false", default=None, dest="flip", help="Disable horizontal flips.")
+    p.add_argument(
+        "--no-flip", action="store_false", default=None, dest="flip", help="Disable horizontal flips (on by default)."
+    )
+    p.add_argument("--max-grad-norm", type=float, dest="max_grad_norm", help=_config_help("max_grad_norm"))
+    p.add_argument(
+        "--no-tf32",
+        action="store_false",
+        default=None,
+        dest="allow_tf32",
+        help="Disable TF32 matmuls on Ampere+ GPUs (on by default).",
+    )
     p.add_argument(
         "--checkpointing-steps", type=int, dest="checkpointing_steps", help=_config_help("checkpointing_steps")
     )
@@ -130,7 +227,7 @@ def _add_train_parser(sub) -> None:
         nargs="*",
         metavar="PROMPT",
         dest="validation_prompts",
-        help=_config_help("validation_prompts")
+        help=_config_help("validation_prompts", show_default=False)
         + " Give each prompt quoted; give the flag alone to disable. Default: background, style and colour changes.",
     )
     p.add_argument("--validation-steps", type=int, dest="validation_steps", help=_config_help("validation_steps"))
@@ -139,13 +236,19 @@ def _add_train_parser(sub) -> None:
         "--validation-inference-steps",
         type=int,
         dest="validation_inference_steps",
-        help=_config_help("validation_inference_steps") + " Default 25.",
+        help=_config_help("validation_inference_steps"),
+    )
+    p.add_argument(
+        "--validation-guidance-scale",
+        type=float,
+        dest="validation_guidance_scale",
+        help=_config_help("validation_guidance_scale"),
     )
     p.add_argument(
         "--report-to",
         choices=("tensorboard", "wandb"),
         dest="report_to",
-        help=_config_help("report_to") + " Needs that package installed; logs go to OUT/logs.",
+        help=_config_help("report_to", show_default=False) + " Needs that package installed; logs go to OUT/logs.",
     )
     _add_common(p)
     p.set_defaults(handler=_cmd_train)
@@ -328,8 +431,18 @@ def config_from_args(args: argparse.Namespace):
     if missing:
         raise ConfigError(f"missing required argument(s): {', '.join(missing)} (on the command line or in --config).")
     config = AttnDBConfig.from_dict(values, source=args.config or "arguments")
-    if args.steps is not None or args.learning_rates is not None:
-        config = config.with_stage_values(steps=args.steps, learning_rates=args.learning_rates)
+    stage_values = {
+        "steps": args.steps,
+        "learning_rates": args.learning_rates,
+        "rank": args.ranks,
+        "alpha": args.lora_alphas,
+        "lr_scheduler": args.lr_schedulers,
+        "lr_warmup_steps": args.lr_warmup_steps,
+        "lambda_mu": args.lambda_mu,
+        "lambda_var": args.lambda_var,
+    }
+    if any(v is not None for v in stage_values.values()):
+        config = config.with_stage_values(**stage_values)
     return config
 
 

@@ -69,6 +69,13 @@ class StageConfig:
             raise ConfigError(f"rank must be >= 1, got {self.rank}.")
         if self.lr_warmup_steps < 0:
             raise ConfigError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}.")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ConfigError(f"alpha must be > 0 or None (alpha = rank), got {self.alpha}.")
+        from diffusers.optimization import SchedulerType
+
+        names = [t.value for t in SchedulerType]
+        if self.lr_scheduler not in names:
+            raise ConfigError(f"lr_scheduler must be one of {', '.join(names)}; got {self.lr_scheduler!r}.")
 
     @property
     def lora_alpha(self) -> float:
@@ -132,7 +139,11 @@ class AttnDBConfig:
     stage2: StageConfig = field(default_factory=_stage2, metadata={"help": "Stage 2: attn2 LoRA."})
     stage3: StageConfig = field(default_factory=_stage3, metadata={"help": "Stage 3: U-Net LoRA or full."})
     stage3_mode: str = field(
-        default="lora", metadata={"help": "Stage 3 trains a high-rank U-Net LoRA ('lora') or the full U-Net ('full')."}
+        default="lora",
+        metadata={
+            "help": "Stage 3 trains a LoRA (rank stage3.rank, see --ranks) on every linear layer of the U-Net's "
+            "transformer blocks ('lora') or the full U-Net ('full')."
+        },
     )
     full_export_rank: int = field(
         default=64, metadata={"help": "With stage3_mode='full': SVD rank of the exported LoRA of the U-Net delta."}
@@ -299,17 +310,22 @@ class AttnDBConfig:
     def stages(self) -> tuple[StageConfig, StageConfig, StageConfig]:
         return (self.stage1, self.stage2, self.stage3)
 
-    def with_stage_values(self, steps=None, learning_rates=None) -> AttnDBConfig:
-        """Return a copy with per-stage steps / learning rates replaced (each a 3-sequence or None)."""
+    def with_stage_values(self, steps=None, learning_rates=None, **stage_fields) -> AttnDBConfig:
+        """Return a copy with per-stage values replaced.
+
+        Args:
+            steps, learning_rates: 3-sequences (stages 1, 2, 3) or None.
+            stage_fields: any other `StageConfig` field, e.g. `rank=(None, 16, 64)`, as a 3-sequence whose
+                `None` entries keep that stage's value.
+        """
+        stage_fields = {"steps": steps, "learning_rate": learning_rates, **stage_fields}
         updates = {}
         for i, name in enumerate(("stage1", "stage2", "stage3")):
-            stage = getattr(self, name)
-            changes = {}
-            if steps is not None:
-                changes["steps"] = int(steps[i])
-            if learning_rates is not None:
-                changes["learning_rate"] = float(learning_rates[i])
-            updates[name] = dataclasses.replace(stage, **changes)
+            changes = {k: v[i] for k, v in stage_fields.items() if v is not None and v[i] is not None}
+            try:
+                updates[name] = dataclasses.replace(getattr(self, name), **changes)
+            except ConfigError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
         return dataclasses.replace(self, **updates)
 
 
@@ -326,7 +342,8 @@ def _stage_from_dict(name: str, values: dict[str, Any]) -> StageConfig:
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Parse a YAML or JSON config file into a dict, with errors that name the file."""
+    """Parse a YAML or JSON config file into a dict, with errors that name the file. An adapter folder's
+    `attndb_config.json` gives the settings of the run that wrote it (so it reproduces that run)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file.")
@@ -346,4 +363,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(
             f"--config {path}: expected a mapping of settings at the top level, got {type(data).__name__}."
         )
+    if "format_version" in data and isinstance(data.get("settings"), dict):
+        # an adapter's attndb_config.json: its "settings" are the run's AttnDBConfig
+        return dict(data["settings"])
     return data
