@@ -124,6 +124,12 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--variant", help=_config_help("variant"))
     p.add_argument("--resolution", type=int, help=_config_help("resolution"))
     p.add_argument("--batch-size", type=int, dest="batch_size", help=_config_help("batch_size"))
+    p.add_argument(
+        "--gradient-accumulation-steps",
+        type=int,
+        dest="gradient_accumulation_steps",
+        help=_config_help("gradient_accumulation_steps"),
+    )
     p.add_argument("--steps", type=_three(int), help="Steps of stages 1,2,3. Default: 60,100,500 (the paper's).")
     p.add_argument(
         "--learning-rates",

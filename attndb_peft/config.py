@@ -133,7 +133,18 @@ class AttnDBConfig:
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
     variant: str | None = field(default=None, metadata={"help": "Weights variant of the base model, e.g. fp16."})
     resolution: int = field(default=512, metadata={"help": "Training resolution in pixels (square)."})
-    batch_size: int = field(default=8, metadata={"help": "Images per optimizer step (per process)."})
+    batch_size: int = field(
+        default=8,
+        metadata={"help": "Images per forward/backward pass (per process); see gradient_accumulation_steps."},
+    )
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Forward/backward passes per optimizer step: the effective batch is batch_size x this x "
+            "processes, at the memory of batch_size (e.g. --batch-size 2 --gradient-accumulation-steps 4 trains "
+            "the paper's batch 8)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed for data order, noise, timesteps and initialisation."})
     stage1: StageConfig = field(default_factory=_stage1, metadata={"help": "Stage 1: token embedding."})
     stage2: StageConfig = field(default_factory=_stage2, metadata={"help": "Stage 2: attn2 LoRA."})
@@ -241,6 +252,8 @@ class AttnDBConfig:
             raise ConfigError(f"resolution must be a positive multiple of 8, got {self.resolution}.")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if self.gradient_accumulation_steps < 1:
+            raise ConfigError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}.")
         if self.stage3_mode not in STAGE3_LEARNING_RATES:
             raise ConfigError(f"stage3_mode must be 'lora' or 'full', got {self.stage3_mode!r}.")
         for name in ("stage1", "stage2"):

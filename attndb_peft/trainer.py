@@ -60,6 +60,7 @@ _RESUME_KEYS = (
     "token",
     "resolution",
     "batch_size",
+    "gradient_accumulation_steps",
     "seed",
     "stage1",
     "stage2",
@@ -71,6 +72,8 @@ _RESUME_KEYS = (
     "max_grad_norm",
     "mixed_precision",
 )
+# Values of resume settings that checkpoints written before the setting existed did not record.
+_SETTING_DEFAULTS = {"gradient_accumulation_steps": 1}
 # Files of a finished run inside the output folder (removed by --overwrite).
 OUTPUT_FILES = (
     "attndb_embedding.safetensors",
@@ -105,6 +108,7 @@ class TrainResult:
     validation_seconds: float = 0.0
     sample_files: list[Path] = field(default_factory=list)
     card_samples: list[tuple[str, str]] = field(default_factory=list)  # (prompt, path in OUT) for the model card
+    batch: str = ""  # the effective batch, spelled out for the run summary
 
 
 def check_inputs(config: AttnDBConfig, tokenizer=None) -> list[str]:
@@ -274,6 +278,13 @@ class Trainer:
         if self.accelerator.is_main_process:
             self._prepare_output_dir()
         self.accelerator.wait_for_everyone()
+        accumulation, processes = cfg.gradient_accumulation_steps, self.accelerator.num_processes
+        self.result.batch = (
+            f"{cfg.batch_size * accumulation * processes} images per optimizer step ({cfg.batch_size} per pass x "
+            f"{accumulation} accumulated pass(es) x {processes} process(es))"
+        )
+        if self.accelerator.is_main_process:
+            logger.info("Effective batch: %s", self.result.batch)
         if self.accelerator.log_with:
             self.accelerator.init_trackers("attndb", config=tracker_config(cfg))
         self._load_models()
@@ -536,7 +547,7 @@ class Trainer:
             self.latents.view_ids(
                 *batch_indices(
                     step,
-                    cfg.batch_size,
+                    cfg.batch_size * cfg.gradient_accumulation_steps,  # this process's passes, in order
                     self.num_images,
                     self.latents.views_per_image,
                     cfg.seed * 10 + stage,
@@ -547,7 +558,8 @@ class Trainer:
             )
             for step in range(cfg.stages[stage - 1].steps)
         ]
-        schedule = torch.stack(rows) if rows else torch.zeros(0, cfg.batch_size, dtype=torch.long)
+        width = cfg.batch_size * cfg.gradient_accumulation_steps
+        schedule = torch.stack(rows) if rows else torch.zeros(0, width, dtype=torch.long)
         return schedule.to(self.device)
 
     def _encode_prompt(self) -> torch.Tensor:
@@ -578,6 +590,8 @@ class Trainer:
         cfg = self.config
         stage_cfg = cfg.stages[stage - 1]
         acc = self.accelerator
+        # The whole step's randomness is drawn up front, in the order of one pass over batch x accumulation images,
+        # so accumulating N passes sees the very inputs of one pass with an N times larger batch.
         latents = self.latents.sample(view_schedule[step], self.generator)
         noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
         timesteps = torch.randint(
@@ -589,32 +603,43 @@ class Trainer:
         )
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = diffusion_target(self.noise_scheduler, latents, noise, timesteps)
-        with acc.autocast():
-            if stage == 1:  # gradients reach the spliced token vector through the frozen encoder
-                states = self.text_encoder(self.prompt_ids)[0]
-            else:
-                states = cached_states
-            states = states.expand(latents.shape[0], -1, -1)
+        passes, size = cfg.gradient_accumulation_steps, cfg.batch_size
+        # The passes add up to the loss of one pass over all their images: the MSE is a mean over the batch, so
+        # each pass's share is divided by the number of passes; the per-layer regularizer is a sum over the batch,
+        # so each pass adds its own sum. The pooled regularizer takes its statistics over the whole batch, which
+        # passes cannot share: each pass pools its own images and the passes are averaged (an approximation).
+        reg_weight = 1.0 if cfg.regularizer == "per_layer" else 1.0 / passes
+        mse_sum = reg_sum = torch.zeros((), device=self.device)
+        for k in range(passes):
+            part = slice(k * size, (k + 1) * size)
+            with acc.autocast():
+                if stage == 1:  # gradients reach the spliced token vector through the frozen encoder
+                    states = self.text_encoder(self.prompt_ids)[0]
+                else:
+                    states = cached_states
+                states = states.expand(size, -1, -1)
+                if store is not None:
+                    store.clear()
+                pred = self.unet(noisy[part].to(self.weight_dtype), timesteps[part], states.to(self.weight_dtype))
+                mse = diffusion_loss(pred.sample, target[part])
+                if store is not None:
+                    reg = attention_regularizer(
+                        *store.concept_and_category(), stage_cfg.lambda_mu, stage_cfg.lambda_var, cfg.regularizer
+                    )
+                else:
+                    reg = torch.zeros((), device=self.device)
+                loss = mse / passes + reg * reg_weight
+            acc.backward(loss)
             if store is not None:
                 store.clear()
-            pred = self.unet(noisy.to(self.weight_dtype), timesteps, states.to(self.weight_dtype)).sample
-            mse = diffusion_loss(pred, target)
-            if store is not None:
-                reg = attention_regularizer(
-                    *store.concept_and_category(), stage_cfg.lambda_mu, stage_cfg.lambda_var, cfg.regularizer
-                )
-            else:
-                reg = torch.zeros((), device=self.device)
-            loss = mse + reg
-        acc.backward(loss)
-        if store is not None:
-            store.clear()
+            mse_sum, reg_sum = mse_sum + mse.detach() / passes, reg_sum + reg.detach() * reg_weight
+        mse, reg = mse_sum, reg_sum
         if acc.num_processes > 1:
             for p in self.params:
                 if p.grad is not None:
                     p.grad = acc.reduce(p.grad, reduction="mean")
         grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm or math.inf)
-        finite = torch.isfinite(loss.detach())
+        finite = torch.isfinite(mse + reg)
         if self.mixed_precision != "fp16" and grad_norm is not None:  # fp16 overflow is the scaler's job
             finite &= torch.isfinite(grad_norm)
         self.optimizer.step()
@@ -679,7 +704,9 @@ class Trainer:
         path = ckpt.find_latest(self.output_dir)
         state = ckpt.read_json(path / "state.json")
         settings = self.config.to_dict()
-        changed = [k for k in _RESUME_KEYS if state["settings"].get(k) != settings[k]]
+        # settings added after a checkpoint was written count as their defaults there
+        written = {**_SETTING_DEFAULTS, **state["settings"]}
+        changed = [k for k in _RESUME_KEYS if written.get(k) != settings[k]]
         if changed:
             raise InputError(
                 f"--resume: {path} was written with different settings ({', '.join(changed)}); use the same "
