@@ -1,8 +1,8 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
 """`attndb` command line: argparse -> `AttnDBConfig` / function calls. No logic of its own.
 
-Subcommands: `train`, `generate`, `inspect`, `evaluate`, `demo`. In prompts, `{}` expands to `TOKEN CATEGORY`
-(read from the adapter's `attndb_config.json`).
+Subcommands: `train`, `generate`, `inspect`, `evaluate`, `push`, `export`, `demo`. In prompts, `{}` expands to
+`TOKEN CATEGORY` (read from the adapter's `attndb_config.json`).
 
 Exit codes: 0 done, 2 bad input or usage (nothing written), 1 failure during the run. Errors are one line on
 stderr; `--verbose` adds the traceback.
@@ -174,9 +174,7 @@ def _add_train_parser(sub) -> None:
         help="Regularizer weight of the attention-map variance, stages 1,2,3. " + _stage_default("lambda_var"),
     )
     p.add_argument("--stage3", choices=("lora", "full"), dest="stage3_mode", help=_config_help("stage3_mode"))
-    p.add_argument(
-        "--full-export-rank", type=int, dest="full_export_rank", help=_config_help("full_export_rank")
-    )
+    p.add_argument("--full-export-rank", type=int, dest="full_export_rank", help=_config_help("full_export_rank"))
     p.add_argument("--regularizer", choices=("per_layer", "pooled"), help=_config_help("regularizer"))
     p.add_argument("--seed", type=int, help=_config_help("seed"))
     p.add_argument(
@@ -472,6 +470,36 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="Write the adapter of a training checkpoint (pick a step).",
+        description="Turn a checkpoint of a run (OUT/checkpoints/stage{2,3}-step{K}, which is resume state, not an "
+        "adapter) into an adapter folder with the same files a finished run writes, loadable with load_attndb.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="DIR",
+        help="The checkpoint folder, e.g. OUT/checkpoints/stage3-step250.",
+    )
+    p.add_argument("--output", required=True, metavar="DIR", help="The adapter folder to write (new or empty).")
+    p.add_argument(
+        "--model", help="Base model, if it is no longer where the run found it. Default: the run's --model."
+    )
+    _add_common(p)
+    p.set_defaults(handler=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .trainer import export_checkpoint
+
+    files = export_checkpoint(args.checkpoint, args.output, model=args.model)
+    logger.info("Wrote %d file(s) to %s", len(files), args.output)
+    print(args.output)
+    return EXIT_OK
+
+
 def _add_push_parser(sub) -> None:
     p = sub.add_parser(
         "push",
@@ -614,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect_parser(sub)
     _add_evaluate_parser(sub)
     _add_push_parser(sub)
+    _add_export_parser(sub)
     _add_demo_parser(sub)
     return parser
 

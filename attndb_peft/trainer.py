@@ -46,7 +46,16 @@ from .stages import (
     set_trainable,
 )
 
-__all__ = ["InputError", "OutOfMemory", "TrainResult", "Trainer", "TrainingDiverged", "check_inputs", "train"]
+__all__ = [
+    "InputError",
+    "OutOfMemory",
+    "TrainResult",
+    "Trainer",
+    "TrainingDiverged",
+    "check_inputs",
+    "export_checkpoint",
+    "train",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -362,6 +371,7 @@ class Trainer:
         stage_cfg = cfg.stages[stage - 1]
         # Seed per stage so a LoRA's random init does not depend on what ran before (exact resume).
         torch.manual_seed(cfg.seed * 1000 + stage)
+        self.built_stage = stage
         if stage == 1:
             self.params = [self.splice.vector]
         else:
@@ -695,6 +705,7 @@ class Trainer:
                     "num_processes": acc.num_processes,
                     "lr_scheduler": self.lr_scheduler.state_dict(),
                     "settings": {k: settings[k] for k in _RESUME_KEYS},
+                    "config": settings,  # everything, for `attndb export --checkpoint`
                 },
             )
             ckpt.prune(self.output_dir, self.config.checkpoints_total_limit)
@@ -706,6 +717,9 @@ class Trainer:
         settings = self.config.to_dict()
         # settings added after a checkpoint was written count as their defaults there
         written = {**_SETTING_DEFAULTS, **state["settings"]}
+        # More (or fewer) stage-3 steps extend a run: the rest of stage 3 must match, and the checkpoint must not
+        # lie beyond the new end of stage 3 (pick an earlier step with `attndb export --checkpoint` instead).
+        written["stage3"] = {**written["stage3"], "steps": settings["stage3"]["steps"]}
         changed = [k for k in _RESUME_KEYS if written.get(k) != settings[k]]
         if changed:
             raise InputError(
@@ -719,6 +733,22 @@ class Trainer:
             )
         logger.info("Resuming from %s", path)
         stage, step = state["stage"], state["step"]
+        steps3, planned3 = self.config.stage3.steps, state["settings"]["stage3"]["steps"]
+        if stage == 3 and step > steps3:
+            raise InputError(
+                f"--resume: {path} is at stage-3 step {step}, beyond the {steps3} stage-3 steps asked for; ask for "
+                f"at least {step}, or export that checkpoint (or an earlier one) with `attndb export --checkpoint`."
+            )
+        if steps3 != planned3:
+            logger.info("Stage 3: %d steps instead of the %d the checkpoint's run planned.", steps3, planned3)
+            if self.config.stage3.lr_scheduler not in ("constant", "constant_with_warmup"):
+                logger.warning(
+                    "The stage-3 learning-rate schedule (%s) is laid out over the new %d steps, so from step %d it "
+                    "differs from the schedule the run had.",
+                    self.config.stage3.lr_scheduler,
+                    steps3,
+                    step if stage == 3 else 0,
+                )
         if step >= self.config.stages[stage - 1].steps and stage < 3:
             # The stage was finished: its weights are restored and the next stage starts from step 0.
             return {"dir": path, "stage": stage + 1, "step": 0, "state": state}
@@ -780,7 +810,7 @@ class Trainer:
             requires_safety_checker=False,
         )
 
-    def export(self) -> list[Path]:
+    def export(self, report: dict | None = None) -> list[Path]:
         from .export import export_adapter
         from .stages import combine_loras, lora_from_delta
 
@@ -788,8 +818,10 @@ class Trainer:
         if self.accelerator.is_main_process:
             cfg = self.config
             embedding = self.splice.vector.detach().float().cpu()[None]
-            report: dict = {}
-            if cfg.stage3_mode == "lora":
+            report = dict(report or {})
+            if self.built_stage == 2:  # a stage-2 checkpoint being exported
+                lora = combine_loras(lora_factors(self.unet, ADAPTER_STAGE2))
+            elif cfg.stage3_mode == "lora":
                 lora = combine_loras(lora_factors(self.unet, ADAPTER_STAGE2), lora_factors(self.unet, ADAPTER_STAGE3))
             else:
                 lora, energy, total = {}, 0.0, 0.0
@@ -810,6 +842,23 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return files
 
+    def export_checkpoint(self, path: Path, stage: int) -> list[Path]:
+        """Load the base model, rebuild stages 1..`stage` with the checkpoint's weights and export them (the
+        steps of `run` without training). Use the module function `export_checkpoint`."""
+        from accelerate import Accelerator
+
+        self.mixed_precision = _resolve_mixed_precision(self.config.mixed_precision)
+        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=not torch.cuda.is_available())
+        self.device = self.accelerator.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.mixed_precision, torch.float32)
+        self._load_models()
+        for built in range(1, stage + 1):
+            self.build_stage(built)
+            self._load_weights(path, built)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        report = {"checkpoint": path.name}
+        return self.export(report)
+
     def _full_delta(self) -> dict[str, torch.Tensor]:
         """Weight deltas (final - base) of every U-Net linear/conv weight that changed in stages 2-3."""
         deltas = {}
@@ -819,3 +868,52 @@ class Trainer:
                 if delta.abs().max() > 0:
                     deltas[name[: -len(".weight")]] = delta
         return deltas
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, model: str | None = None) -> list[Path]:
+    """Write the adapter folder of a training checkpoint: the same files a finished run writes, loadable with
+    `load_attndb`, so any step can be picked (e.g. an earlier stage-3 step when the end over-fits).
+
+    Args:
+        checkpoint: a checkpoint folder, `OUT/checkpoints/stage{2,3}-step{K}` (stage 1 holds only the token).
+        output: the adapter folder to write (new or empty).
+        model (`str`, *optional*): the base model, when it is no longer where the run found it.
+
+    Returns:
+        `list[Path]`: the files written.
+
+    Raises:
+        InputError: not a checkpoint, a stage-1 checkpoint, a non-empty output folder or an unusable base model;
+            nothing is written.
+    """
+    path, out = Path(checkpoint), Path(output)
+    if not (path / "state.json").is_file():
+        raise InputError(
+            f"--checkpoint {path}: not a complete checkpoint (no state.json); give a folder such as "
+            f"OUT/{ckpt.CHECKPOINT_DIR}/stage3-step250 of a run."
+        )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"--output {out}: exists and is not an empty folder; give a new or empty folder.")
+    state = ckpt.read_json(path / "state.json")
+    stage, step = state["stage"], state["step"]
+    if stage == 1:
+        raise InputError(
+            f"--checkpoint {path}: a stage-1 checkpoint holds only the token embedding, not an adapter; export a "
+            "stage-2 or stage-3 checkpoint."
+        )
+    # Checkpoints written before "config" was stored have the resume settings; the rest take their defaults.
+    values = {**state["settings"], **state.get("config", {})}
+    values.update(output=str(out), resume=False, overwrite=False, push_to_hub=None)
+    values.setdefault("images", str(path))  # not read: exporting needs no images
+    if model:
+        values["model"] = model
+    config = AttnDBConfig.from_dict(values, source=str(path / "state.json"))
+    trained = [s.steps for s in config.stages]  # the card and attndb_config.json record what was trained
+    trained[stage - 1] = step
+    trained[stage:] = [0] * (3 - stage)
+    config = config.with_stage_values(steps=trained)
+    try:
+        check_base_model(config.model, config.revision)
+    except BaseModelError as exc:
+        raise InputError(str(exc)) from None
+    return Trainer(config).export_checkpoint(path, stage)
