@@ -1,11 +1,12 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
 """The base model: which Stable Diffusion models are known, where `--model` points, and one-line errors.
 
-`--model` may be a local diffusers folder or a Hub repo id. Some well-known ids have moved: Stability AI took
-`stabilityai/stable-diffusion-2-1-base` off the Hub in November 2025 (community mirrors carry the same weights)
-and `runwayml/stable-diffusion-v1-5` lives on as `stable-diffusion-v1-5/stable-diffusion-v1-5`. The old ids are
-still recognised (family and license of adapters trained on them, configs written earlier); when one cannot be
-found, the error names its replacement.
+`--model` may be a local diffusers folder, a Hub repo id, or a single `.safetensors` checkpoint (with
+`--model-config` naming a diffusers folder or Hub id of the same architecture). Some well-known ids have moved:
+Stability AI took `stabilityai/stable-diffusion-2-1-base` off the Hub in November 2025 (community mirrors carry the
+same weights) and `runwayml/stable-diffusion-v1-5` lives on as `stable-diffusion-v1-5/stable-diffusion-v1-5`.
+The old ids are still recognised (family and license of adapters trained on them, configs written earlier); when
+one cannot be found, the error names its replacement.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ __all__ = [
     "BaseModelError",
     "KnownBaseModel",
     "check_base_model",
+    "config_source",
+    "is_single_file",
     "known_base_model",
+    "load_single_file",
     "load_tokenizer",
 ]
 
@@ -65,7 +69,8 @@ KNOWN_BASE_MODELS: dict[str, KnownBaseModel] = {
     "compvis/stable-diffusion-v1-4": KnownBaseModel(*_V1),
 }
 
-_WHAT_TO_DO = "a local diffusers folder"
+_WHAT_TO_DO = "a local diffusers folder, or a single .safetensors checkpoint with --model-config"
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def known_base_model(model: str) -> KnownBaseModel | None:
@@ -87,7 +92,37 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
-def check_base_model(model: str, revision: str | None = None, argument: str = "--model") -> None:
+def is_single_file(model: str | None) -> bool:
+    """Whether `model` is a single-file checkpoint (one `.safetensors` file in the original Stable Diffusion
+    layout, as A1111/ComfyUI keep them) rather than a diffusers folder or Hub id."""
+    return bool(model) and Path(model).expanduser().is_file() and Path(model).suffix.lower() == ".safetensors"
+
+
+def config_source(model: str, model_config: str | None = None) -> str:
+    """Where the tokenizer, scheduler and component configs come from: `model_config` for a single file, else
+    `model` itself."""
+    return model_config if is_single_file(model) and model_config else model
+
+
+def load_single_file(model: str, model_config: str, torch_dtype=None):
+    """A `StableDiffusionPipeline` from a single-file checkpoint with diffusers' `from_single_file`, its
+    component configs, tokenizer and scheduler taken from `model_config` (a diffusers folder or Hub id of the
+    same architecture)."""
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+    return StableDiffusionPipeline.from_single_file(
+        str(Path(model).expanduser()),
+        config=model_config,
+        safety_checker=None,
+        requires_safety_checker=False,
+        **kwargs,
+    )
+
+
+def check_base_model(
+    model: str, revision: str | None = None, argument: str = "--model", model_config: str | None = None
+) -> None:
     """Check that `model` names a usable base model before anything heavy is loaded.
 
     A local folder must be a diffusers pipeline folder (with `model_index.json`). Anything else is taken as a
@@ -113,6 +148,24 @@ def check_base_model(model: str, revision: str | None = None, argument: str = "-
     )
 
     path = Path(model).expanduser()
+    if is_single_file(model):
+        if not model_config:
+            raise BaseModelError(
+                f"{argument} {model}: a single-file checkpoint needs the diffusers config of its architecture; pass "
+                f"--model-config with a diffusers folder or Hub id ({DEFAULT_BASE_MODEL} for SD 2.x, "
+                f"{SD15_BASE_MODEL} for SD 1.x; offline: a local folder or a repo in the Hub cache)."
+            )
+        return check_base_model(model_config, revision, "--model-config")
+    if model_config:
+        raise BaseModelError(
+            f"--model-config {model_config}: only used with a single .safetensors file as {argument}; "
+            f"{argument} {model} brings its own config, so leave --model-config out."
+        )
+    if path.is_file() and path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise BaseModelError(
+            f"{argument} {model}: pickle checkpoints ({path.suffix}) are not loaded (loading them can run code); "
+            "use the model's .safetensors file with --model-config."
+        )
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise BaseModelError(
@@ -152,8 +205,8 @@ def check_base_model(model: str, revision: str | None = None, argument: str = "-
         raise BaseModelError(f"{argument} {model}: cannot reach it on the Hub ({_first_line(exc)}).") from None
 
 
-def load_tokenizer(model: str, revision: str | None = None):
-    """The base model's `CLIPTokenizer` (subfolder `tokenizer`)."""
+def load_tokenizer(model: str, revision: str | None = None, model_config: str | None = None):
+    """The base model's `CLIPTokenizer` (subfolder `tokenizer`; of `model_config` for a single file)."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", revision=revision)
+    return CLIPTokenizer.from_pretrained(config_source(model, model_config), subfolder="tokenizer", revision=revision)

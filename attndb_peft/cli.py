@@ -111,6 +111,7 @@ def _add_train_parser(sub) -> None:
         description="Train a concept (token embedding, attn2 LoRA, U-Net LoRA or full) and write the adapter folder.",
     )
     p.add_argument("--model", help=_config_help("model"))
+    p.add_argument("--model-config", dest="model_config", help=_config_help("model_config", show_default=False))
     p.add_argument("--images", help=_config_help("images"))
     p.add_argument("--category", help=_config_help("category"))
     p.add_argument("--output", help=_config_help("output"))
@@ -280,8 +281,13 @@ def _add_generation_args(p: argparse.ArgumentParser, steps: int, adapter_require
     p.add_argument(
         "--model",
         metavar="MODEL",
-        help="Base model: Hub id or local diffusers folder. Default: the base model named in the adapter's "
-        "attndb_config.json.",
+        help="Base model: Hub id, local diffusers folder, or single .safetensors file (with --model-config). "
+        "Default: the base model named in the adapter's attndb_config.json.",
+    )
+    p.add_argument(
+        "--model-config",
+        dest="model_config",
+        help="With a single-file --model: a diffusers folder or Hub id of the same architecture.",
     )
     p.add_argument(
         "--adapter",
@@ -487,6 +493,11 @@ def _add_export_parser(sub) -> None:
     p.add_argument(
         "--model", help="Base model, if it is no longer where the run found it. Default: the run's --model."
     )
+    p.add_argument(
+        "--model-config",
+        dest="model_config",
+        help="With a single-file --model: a diffusers folder or Hub id of the same architecture.",
+    )
     _add_common(p)
     p.set_defaults(handler=_cmd_export)
 
@@ -494,7 +505,7 @@ def _add_export_parser(sub) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .trainer import export_checkpoint
 
-    files = export_checkpoint(args.checkpoint, args.output, model=args.model)
+    files = export_checkpoint(args.checkpoint, args.output, model=args.model, model_config=args.model_config)
     logger.info("Wrote %d file(s) to %s", len(files), args.output)
     print(args.output)
     return EXIT_OK
@@ -540,7 +551,12 @@ def _generation_settings(args: argparse.Namespace, info) -> dict:
 def _load(args: argparse.Namespace):
     from .inference import load_pipeline
 
-    return load_pipeline(args.model, args.adapter, args.lora_scale, args.device, args.dtype)
+    model_config = args.model_config
+    if model_config is None and args.model is None and args.adapter:  # the adapter's own base model
+        from .inference import read_adapter_config
+
+        model_config = read_adapter_config(args.adapter).config.get("settings", {}).get("model_config")
+    return load_pipeline(args.model, args.adapter, args.lora_scale, args.device, args.dtype, model_config=model_config)
 
 
 def _expand(prompt: str, info) -> str:

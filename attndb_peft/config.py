@@ -123,12 +123,24 @@ class AttnDBConfig:
     """Everything one AttnDreamBooth run needs. Load from YAML/JSON with `AttnDBConfig.from_file`; the CLI's
     flags override file values."""
 
-    model: str = field(metadata={"help": "Base model: a Hub id or a local diffusers Stable Diffusion folder."})
+    model: str = field(
+        metadata={
+            "help": "Base model: a Hub id, a local diffusers Stable Diffusion folder, or a single .safetensors "
+            "checkpoint (with --model-config)."
+        }
+    )
     images: str = field(metadata={"help": "Folder with the 3-20 instance photos."})
     category: str = field(metadata={"help": "The subject's category word(s), e.g. 'dog' or 'teddy bear'."})
     output: str = field(metadata={"help": "Output folder for the adapter, samples and checkpoints."})
     token: str | None = field(
         default=None, metadata={"help": "The new token; default <attndb-CATEGORY>. Must not exist in the tokenizer."}
+    )
+    model_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "With a single-file --model (.safetensors): a diffusers folder or Hub id of the same "
+            "architecture, for the component configs, tokenizer and scheduler."
+        },
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
     variant: str | None = field(default=None, metadata={"help": "Weights variant of the base model, e.g. fp16."})

@@ -63,6 +63,7 @@ STAGE_NAMES = {1: "embedding alignment", 2: "attention map (attn2 LoRA)", 3: "su
 # Settings a checkpoint must share with the run that resumes it (others, e.g. logging, may change).
 _RESUME_KEYS = (
     "model",
+    "model_config",
     "revision",
     "variant",
     "category",
@@ -82,7 +83,7 @@ _RESUME_KEYS = (
     "mixed_precision",
 )
 # Values of resume settings that checkpoints written before the setting existed did not record.
-_SETTING_DEFAULTS = {"gradient_accumulation_steps": 1}
+_SETTING_DEFAULTS = {"gradient_accumulation_steps": 1, "model_config": None}
 # Files of a finished run inside the output folder (removed by --overwrite).
 OUTPUT_FILES = (
     "attndb_embedding.safetensors",
@@ -141,7 +142,7 @@ def check_inputs(config: AttnDBConfig, tokenizer=None) -> list[str]:
         problems.append(f"--resume: no complete checkpoint in {out / ckpt.CHECKPOINT_DIR}; start without --resume.")
     try:
         if tokenizer is None:
-            check_base_model(config.model, config.revision)  # one line for a missing or moved model
+            check_base_model(config.model, config.revision, model_config=config.model_config)  # one line if unusable
             tokenizer = load_tokenizer(config)
     except BaseModelError as exc:
         problems.append(str(exc))
@@ -166,7 +167,7 @@ def check_inputs(config: AttnDBConfig, tokenizer=None) -> list[str]:
 
 
 def load_tokenizer(config: AttnDBConfig):
-    return base_model.load_tokenizer(config.model, config.revision)
+    return base_model.load_tokenizer(config.model, config.revision, config.model_config)
 
 
 def _resolve_mixed_precision(requested: str) -> str:
@@ -317,7 +318,16 @@ class Trainer:
         cfg = self.config
         kwargs = {"revision": cfg.revision}
         weights = {"variant": cfg.variant, "torch_dtype": self.weight_dtype, **kwargs}
-        if self.components is None:
+        if self.components is None and base_model.is_single_file(cfg.model):
+            pipe = base_model.load_single_file(cfg.model, cfg.model_config, self.weight_dtype)
+            self.tokenizer, self.text_encoder, self.vae, self.unet = (
+                pipe.tokenizer,
+                pipe.text_encoder,
+                pipe.vae,
+                pipe.unet,
+            )
+            self.noise_scheduler = DDPMScheduler.from_pretrained(cfg.model_config, subfolder="scheduler", **kwargs)
+        elif self.components is None:
             self.tokenizer = load_tokenizer(cfg)
             self.text_encoder = CLIPTextModel.from_pretrained(cfg.model, subfolder="text_encoder", **weights)
             self.vae = AutoencoderKL.from_pretrained(cfg.model, subfolder="vae", **weights)
@@ -795,9 +805,10 @@ class Trainer:
 
         cfg = self.config
         self.splice.write_back()
-        _, scheduler_class = StableDiffusionPipeline.load_config(cfg.model, revision=cfg.revision)["scheduler"]
+        source = base_model.config_source(cfg.model, cfg.model_config)
+        _, scheduler_class = StableDiffusionPipeline.load_config(source, revision=cfg.revision)["scheduler"]
         scheduler = getattr(diffusers, scheduler_class).from_pretrained(
-            cfg.model, subfolder="scheduler", revision=cfg.revision
+            source, subfolder="scheduler", revision=cfg.revision
         )
         return StableDiffusionPipeline(
             vae=self.vae,
@@ -870,7 +881,9 @@ class Trainer:
         return deltas
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path, model: str | None = None) -> list[Path]:
+def export_checkpoint(
+    checkpoint: str | Path, output: str | Path, model: str | None = None, model_config: str | None = None
+) -> list[Path]:
     """Write the adapter folder of a training checkpoint: the same files a finished run writes, loadable with
     `load_attndb`, so any step can be picked (e.g. an earlier stage-3 step when the end over-fits).
 
@@ -878,6 +891,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, model: str | N
         checkpoint: a checkpoint folder, `OUT/checkpoints/stage{2,3}-step{K}` (stage 1 holds only the token).
         output: the adapter folder to write (new or empty).
         model (`str`, *optional*): the base model, when it is no longer where the run found it.
+        model_config (`str`, *optional*): with a single-file `model`, its diffusers config (folder or Hub id).
 
     Returns:
         `list[Path]`: the files written.
@@ -907,13 +921,15 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, model: str | N
     values.setdefault("images", str(path))  # not read: exporting needs no images
     if model:
         values["model"] = model
+    if model_config:
+        values["model_config"] = model_config
     config = AttnDBConfig.from_dict(values, source=str(path / "state.json"))
     trained = [s.steps for s in config.stages]  # the card and attndb_config.json record what was trained
     trained[stage - 1] = step
     trained[stage:] = [0] * (3 - stage)
     config = config.with_stage_values(steps=trained)
     try:
-        check_base_model(config.model, config.revision)
+        check_base_model(config.model, config.revision, model_config=config.model_config)
     except BaseModelError as exc:
         raise InputError(str(exc)) from None
     return Trainer(config).export_checkpoint(path, stage)
