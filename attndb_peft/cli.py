@@ -1,8 +1,8 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
 """`attndb` command line: argparse -> `AttnDBConfig` / function calls. No logic of its own.
 
-Subcommands: `train`, `generate`, `inspect`, `evaluate`, `push`, `demo`, `world` (its subcommands live in
-`world/cli.py`). In prompts, `{}` expands to `TOKEN CATEGORY` (read from the adapter's `attndb_config.json`).
+Subcommands: `train`, `generate`, `inspect`, `evaluate`, `push`, `export`, `demo`, `world` (its subcommands live
+in `world/cli.py`). In prompts, `{}` expands to `TOKEN CATEGORY` (read from the adapter's `attndb_config.json`).
 
 Exit codes: 0 done, 2 bad input or usage (nothing written), 1 failure during the run. Errors are one line on
 stderr; `--verbose` adds the traceback.
@@ -47,13 +47,57 @@ def _three(kind):
     return parse
 
 
-def _config_help(name: str) -> str:
+def _per_stage(kind, stages: tuple[int, ...] = (1, 2, 3)):
+    """Parse one value for every stage in `stages`, or one value each (comma-separated); returns a 3-tuple with
+    None for the stages not covered."""
+    example = ",".join(["1"] * len(stages)) if kind is not str else ",".join(["constant"] * len(stages))
+
+    def parse(text: str):
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) == 1:
+            parts = parts * len(stages)
+        if len(parts) != len(stages):
+            names = ",".join(map(str, stages))
+            raise argparse.ArgumentTypeError(
+                f"expected one value, or {len(stages)} comma-separated values (stages {names}), got {text!r}"
+            )
+        try:
+            values = dict(zip(stages, (kind(p) for p in parts)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {kind.__name__} values like '{example}', got {text!r}"
+            ) from None
+        return tuple(values.get(stage) for stage in (1, 2, 3))
+
+    return parse
+
+
+def _show(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "none" if value is None else str(value)
+
+
+def _config_help(name: str, show_default: bool = True) -> str:
+    """The setting's help text from `AttnDBConfig`, with its default (or that it is required) appended."""
     from .config import AttnDBConfig
 
     for f in dataclasses.fields(AttnDBConfig):
         if f.name == name:
-            return f.metadata.get("help", "")
+            text = f.metadata.get("help", "")
+            if not show_default or "default" in text.lower():  # the text already says it
+                return text
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                return f"{text} Required (here or in --config)."
+            return f"{text} Default: {_show(f.default)}."
     raise KeyError(name)
+
+
+def _stage_default(field_name: str, stages: tuple[int, ...] = (1, 2, 3)) -> str:
+    from .config import AttnDBConfig
+
+    defaults = AttnDBConfig(model="m", images="i", category="c", output="o").stages
+    return "Default: " + ",".join(_show(getattr(defaults[s - 1], field_name)) for s in stages) + "."
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -69,25 +113,73 @@ def _add_train_parser(sub) -> None:
         description="Train a concept (token embedding, attn2 LoRA, U-Net LoRA or full) and write the adapter folder.",
     )
     p.add_argument("--model", help=_config_help("model"))
+    p.add_argument("--model-config", dest="model_config", help=_config_help("model_config", show_default=False))
     p.add_argument("--images", help=_config_help("images"))
     p.add_argument("--category", help=_config_help("category"))
     p.add_argument("--output", help=_config_help("output"))
     p.add_argument("--token", help=_config_help("token"))
-    p.add_argument("--config", help="YAML or JSON file of AttnDBConfig settings; flags given here override it.")
+    p.add_argument(
+        "--config",
+        help="YAML or JSON file of AttnDBConfig settings (see examples/config.yaml), or a finished run's "
+        "attndb_config.json to reproduce it; flags given here override it.",
+    )
     p.add_argument("--revision", help=_config_help("revision"))
     p.add_argument("--variant", help=_config_help("variant"))
-    p.add_argument("--resolution", type=int, help=_config_help("resolution") + " Default 512.")
-    p.add_argument("--batch-size", type=int, dest="batch_size", help=_config_help("batch_size") + " Default 8.")
-    p.add_argument("--steps", type=_three(int), help="Steps of stages 1,2,3, e.g. 60,100,500 (the paper's).")
+    p.add_argument("--resolution", type=int, help=_config_help("resolution"))
+    p.add_argument("--batch-size", type=int, dest="batch_size", help=_config_help("batch_size"))
+    p.add_argument(
+        "--gradient-accumulation-steps",
+        type=int,
+        dest="gradient_accumulation_steps",
+        help=_config_help("gradient_accumulation_steps"),
+    )
+    p.add_argument("--steps", type=_three(int), help="Steps of stages 1,2,3. Default: 60,100,500 (the paper's).")
     p.add_argument(
         "--learning-rates",
         type=_three(float),
         dest="learning_rates",
         help="Learning rates of stages 1,2,3; default 1e-3,2e-4,2e-5 (stage 3 full: 2e-6).",
     )
+    p.add_argument(
+        "--ranks",
+        type=_per_stage(int, (2, 3)),
+        help="LoRA rank of stages 2,3 (one value: both). " + _stage_default("rank", (2, 3)),
+    )
+    p.add_argument(
+        "--lora-alphas",
+        type=_per_stage(float, (2, 3)),
+        dest="lora_alphas",
+        help="LoRA alpha of stages 2,3 (one value: both); the LoRA's scale is alpha/rank. Default: alpha = rank.",
+    )
+    p.add_argument(
+        "--lr-schedulers",
+        type=_per_stage(str),
+        dest="lr_schedulers",
+        help="Learning-rate schedule of stages 1,2,3 (one name: all), diffusers' get_scheduler names: constant, "
+        "constant_with_warmup, linear, cosine, ... " + _stage_default("lr_scheduler"),
+    )
+    p.add_argument(
+        "--lr-warmup-steps",
+        type=_per_stage(int),
+        dest="lr_warmup_steps",
+        help="Learning-rate warm-up steps of stages 1,2,3 (one value: all). " + _stage_default("lr_warmup_steps"),
+    )
+    p.add_argument(
+        "--lambda-mu",
+        type=_per_stage(float),
+        dest="lambda_mu",
+        help="Regularizer weight of the attention-map mean, stages 1,2,3. " + _stage_default("lambda_mu"),
+    )
+    p.add_argument(
+        "--lambda-var",
+        type=_per_stage(float),
+        dest="lambda_var",
+        help="Regularizer weight of the attention-map variance, stages 1,2,3. " + _stage_default("lambda_var"),
+    )
     p.add_argument("--stage3", choices=("lora", "full"), dest="stage3_mode", help=_config_help("stage3_mode"))
+    p.add_argument("--full-export-rank", type=int, dest="full_export_rank", help=_config_help("full_export_rank"))
     p.add_argument("--regularizer", choices=("per_layer", "pooled"), help=_config_help("regularizer"))
-    p.add_argument("--seed", type=int, help=_config_help("seed") + " Default 0.")
+    p.add_argument("--seed", type=int, help=_config_help("seed"))
     p.add_argument(
         "--mixed-precision",
         choices=("auto", "no", "fp16", "bf16"),
@@ -113,7 +205,17 @@ def _add_train_parser(sub) -> None:
         "--save-dtype", choices=("fp16", "bf16", "fp32"), dest="save_dtype", help=_config_help("save_dtype")
     )
     p.add_argument("--random-crops", type=int, dest="random_crops", help=_config_help("random_crops"))
-    p.add_argument("--no-flip", action="store_false", default=None, dest="flip", help="Disable horizontal flips.")
+    p.add_argument(
+        "--no-flip", action="store_false", default=None, dest="flip", help="Disable horizontal flips (on by default)."
+    )
+    p.add_argument("--max-grad-norm", type=float, dest="max_grad_norm", help=_config_help("max_grad_norm"))
+    p.add_argument(
+        "--no-tf32",
+        action="store_false",
+        default=None,
+        dest="allow_tf32",
+        help="Disable TF32 matmuls on Ampere+ GPUs (on by default).",
+    )
     p.add_argument(
         "--checkpointing-steps", type=int, dest="checkpointing_steps", help=_config_help("checkpointing_steps")
     )
@@ -132,7 +234,7 @@ def _add_train_parser(sub) -> None:
         nargs="*",
         metavar="PROMPT",
         dest="validation_prompts",
-        help=_config_help("validation_prompts")
+        help=_config_help("validation_prompts", show_default=False)
         + " Give each prompt quoted; give the flag alone to disable. Default: background, style and colour changes.",
     )
     p.add_argument("--validation-steps", type=int, dest="validation_steps", help=_config_help("validation_steps"))
@@ -141,13 +243,19 @@ def _add_train_parser(sub) -> None:
         "--validation-inference-steps",
         type=int,
         dest="validation_inference_steps",
-        help=_config_help("validation_inference_steps") + " Default 25.",
+        help=_config_help("validation_inference_steps"),
+    )
+    p.add_argument(
+        "--validation-guidance-scale",
+        type=float,
+        dest="validation_guidance_scale",
+        help=_config_help("validation_guidance_scale"),
     )
     p.add_argument(
         "--report-to",
         choices=("tensorboard", "wandb"),
         dest="report_to",
-        help=_config_help("report_to") + " Needs that package installed; logs go to OUT/logs.",
+        help=_config_help("report_to", show_default=False) + " Needs that package installed; logs go to OUT/logs.",
     )
     _add_common(p)
     p.set_defaults(handler=_cmd_train)
@@ -175,8 +283,13 @@ def _add_generation_args(p: argparse.ArgumentParser, steps: int, adapter_require
     p.add_argument(
         "--model",
         metavar="MODEL",
-        help="Base model: Hub id or local diffusers folder. Default: the base model named in the adapter's "
-        "attndb_config.json.",
+        help="Base model: Hub id, local diffusers folder, or single .safetensors file (with --model-config). "
+        "Default: the base model named in the adapter's attndb_config.json.",
+    )
+    p.add_argument(
+        "--model-config",
+        dest="model_config",
+        help="With a single-file --model: a diffusers folder or Hub id of the same architecture.",
     )
     p.add_argument(
         "--adapter",
@@ -346,8 +459,18 @@ def config_from_args(args: argparse.Namespace):
     if missing:
         raise ConfigError(f"missing required argument(s): {', '.join(missing)} (on the command line or in --config).")
     config = AttnDBConfig.from_dict(values, source=args.config or "arguments")
-    if args.steps is not None or args.learning_rates is not None:
-        config = config.with_stage_values(steps=args.steps, learning_rates=args.learning_rates)
+    stage_values = {
+        "steps": args.steps,
+        "learning_rates": args.learning_rates,
+        "rank": args.ranks,
+        "alpha": args.lora_alphas,
+        "lr_scheduler": args.lr_schedulers,
+        "lr_warmup_steps": args.lr_warmup_steps,
+        "lambda_mu": args.lambda_mu,
+        "lambda_var": args.lambda_var,
+    }
+    if any(v is not None for v in stage_values.values()):
+        config = config.with_stage_values(**stage_values)
     return config
 
 
@@ -368,6 +491,41 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         url = push_to_hub(result.output_dir, config.push_to_hub)
         logger.info("Pushed to the Hub: %s", url)
+    return EXIT_OK
+
+
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="Write the adapter of a training checkpoint (pick a step).",
+        description="Turn a checkpoint of a run (OUT/checkpoints/stage{2,3}-step{K}, which is resume state, not an "
+        "adapter) into an adapter folder with the same files a finished run writes, loadable with load_attndb.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="DIR",
+        help="The checkpoint folder, e.g. OUT/checkpoints/stage3-step250.",
+    )
+    p.add_argument("--output", required=True, metavar="DIR", help="The adapter folder to write (new or empty).")
+    p.add_argument(
+        "--model", help="Base model, if it is no longer where the run found it. Default: the run's --model."
+    )
+    p.add_argument(
+        "--model-config",
+        dest="model_config",
+        help="With a single-file --model: a diffusers folder or Hub id of the same architecture.",
+    )
+    _add_common(p)
+    p.set_defaults(handler=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .trainer import export_checkpoint
+
+    files = export_checkpoint(args.checkpoint, args.output, model=args.model, model_config=args.model_config)
+    logger.info("Wrote %d file(s) to %s", len(files), args.output)
+    print(args.output)
     return EXIT_OK
 
 
@@ -411,7 +569,12 @@ def _generation_settings(args: argparse.Namespace, info) -> dict:
 def _load(args: argparse.Namespace):
     from .inference import load_pipeline
 
-    return load_pipeline(args.model, args.adapter, args.lora_scale, args.device, args.dtype)
+    model_config = args.model_config
+    if model_config is None and args.model is None and args.adapter:  # the adapter's own base model
+        from .inference import read_adapter_config
+
+        model_config = read_adapter_config(args.adapter).config.get("settings", {}).get("model_config")
+    return load_pipeline(args.model, args.adapter, args.lora_scale, args.device, args.dtype, model_config=model_config)
 
 
 def _expand(prompt: str, info) -> str:
@@ -522,19 +685,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect_parser(sub)
     _add_evaluate_parser(sub)
     _add_push_parser(sub)
+    _add_export_parser(sub)
     _add_demo_parser(sub)
     add_world_parser(sub)
     return parser
 
 
 def _usage_errors() -> tuple[type[BaseException], ...]:
+    from .base_model import BaseModelError
     from .config import ConfigError
     from .data import DataError
     from .inference import UsageError
     from .loading import AdapterError
     from .trainer import InputError
 
-    return (AdapterError, ConfigError, DataError, InputError, UsageError)
+    return (AdapterError, BaseModelError, ConfigError, DataError, InputError, UsageError)
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:

@@ -69,6 +69,13 @@ class StageConfig:
             raise ConfigError(f"rank must be >= 1, got {self.rank}.")
         if self.lr_warmup_steps < 0:
             raise ConfigError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}.")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ConfigError(f"alpha must be > 0 or None (alpha = rank), got {self.alpha}.")
+        from diffusers.optimization import SchedulerType
+
+        names = [t.value for t in SchedulerType]
+        if self.lr_scheduler not in names:
+            raise ConfigError(f"lr_scheduler must be one of {', '.join(names)}; got {self.lr_scheduler!r}.")
 
     @property
     def lora_alpha(self) -> float:
@@ -116,23 +123,50 @@ class AttnDBConfig:
     """Everything one AttnDreamBooth run needs. Load from YAML/JSON with `AttnDBConfig.from_file`; the CLI's
     flags override file values."""
 
-    model: str = field(metadata={"help": "Base model: a Hub id or a local diffusers Stable Diffusion folder."})
+    model: str = field(
+        metadata={
+            "help": "Base model: a Hub id, a local diffusers Stable Diffusion folder, or a single .safetensors "
+            "checkpoint (with --model-config)."
+        }
+    )
     images: str = field(metadata={"help": "Folder with the 3-20 instance photos."})
     category: str = field(metadata={"help": "The subject's category word(s), e.g. 'dog' or 'teddy bear'."})
     output: str = field(metadata={"help": "Output folder for the adapter, samples and checkpoints."})
     token: str | None = field(
         default=None, metadata={"help": "The new token; default <attndb-CATEGORY>. Must not exist in the tokenizer."}
     )
+    model_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "With a single-file --model (.safetensors): a diffusers folder or Hub id of the same "
+            "architecture, for the component configs, tokenizer and scheduler."
+        },
+    )
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
     variant: str | None = field(default=None, metadata={"help": "Weights variant of the base model, e.g. fp16."})
     resolution: int = field(default=512, metadata={"help": "Training resolution in pixels (square)."})
-    batch_size: int = field(default=8, metadata={"help": "Images per optimizer step (per process)."})
+    batch_size: int = field(
+        default=8,
+        metadata={"help": "Images per forward/backward pass (per process); see gradient_accumulation_steps."},
+    )
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Forward/backward passes per optimizer step: the effective batch is batch_size x this x "
+            "processes, at the memory of batch_size (e.g. --batch-size 2 --gradient-accumulation-steps 4 trains "
+            "the paper's batch 8)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed for data order, noise, timesteps and initialisation."})
     stage1: StageConfig = field(default_factory=_stage1, metadata={"help": "Stage 1: token embedding."})
     stage2: StageConfig = field(default_factory=_stage2, metadata={"help": "Stage 2: attn2 LoRA."})
     stage3: StageConfig = field(default_factory=_stage3, metadata={"help": "Stage 3: U-Net LoRA or full."})
     stage3_mode: str = field(
-        default="lora", metadata={"help": "Stage 3 trains a high-rank U-Net LoRA ('lora') or the full U-Net ('full')."}
+        default="lora",
+        metadata={
+            "help": "Stage 3 trains a LoRA (rank stage3.rank, see --ranks) on every linear layer of the U-Net's "
+            "transformer blocks ('lora') or the full U-Net ('full')."
+        },
     )
     full_export_rank: int = field(
         default=64, metadata={"help": "With stage3_mode='full': SVD rank of the exported LoRA of the U-Net delta."}
@@ -230,6 +264,8 @@ class AttnDBConfig:
             raise ConfigError(f"resolution must be a positive multiple of 8, got {self.resolution}.")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if self.gradient_accumulation_steps < 1:
+            raise ConfigError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}.")
         if self.stage3_mode not in STAGE3_LEARNING_RATES:
             raise ConfigError(f"stage3_mode must be 'lora' or 'full', got {self.stage3_mode!r}.")
         for name in ("stage1", "stage2"):
@@ -299,17 +335,22 @@ class AttnDBConfig:
     def stages(self) -> tuple[StageConfig, StageConfig, StageConfig]:
         return (self.stage1, self.stage2, self.stage3)
 
-    def with_stage_values(self, steps=None, learning_rates=None) -> AttnDBConfig:
-        """Return a copy with per-stage steps / learning rates replaced (each a 3-sequence or None)."""
+    def with_stage_values(self, steps=None, learning_rates=None, **stage_fields) -> AttnDBConfig:
+        """Return a copy with per-stage values replaced.
+
+        Args:
+            steps, learning_rates: 3-sequences (stages 1, 2, 3) or None.
+            stage_fields: any other `StageConfig` field, e.g. `rank=(None, 16, 64)`, as a 3-sequence whose
+                `None` entries keep that stage's value.
+        """
+        stage_fields = {"steps": steps, "learning_rate": learning_rates, **stage_fields}
         updates = {}
         for i, name in enumerate(("stage1", "stage2", "stage3")):
-            stage = getattr(self, name)
-            changes = {}
-            if steps is not None:
-                changes["steps"] = int(steps[i])
-            if learning_rates is not None:
-                changes["learning_rate"] = float(learning_rates[i])
-            updates[name] = dataclasses.replace(stage, **changes)
+            changes = {k: v[i] for k, v in stage_fields.items() if v is not None and v[i] is not None}
+            try:
+                updates[name] = dataclasses.replace(getattr(self, name), **changes)
+            except ConfigError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
         return dataclasses.replace(self, **updates)
 
 
@@ -326,7 +367,8 @@ def _stage_from_dict(name: str, values: dict[str, Any]) -> StageConfig:
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Parse a YAML or JSON config file into a dict, with errors that name the file."""
+    """Parse a YAML or JSON config file into a dict, with errors that name the file. An adapter folder's
+    `attndb_config.json` gives the settings of the run that wrote it (so it reproduces that run)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file.")
@@ -346,4 +388,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(
             f"--config {path}: expected a mapping of settings at the top level, got {type(data).__name__}."
         )
+    if "format_version" in data and isinstance(data.get("settings"), dict):
+        # an adapter's attndb_config.json: its "settings" are the run's AttnDBConfig
+        return dict(data["settings"])
     return data

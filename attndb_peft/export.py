@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .base_model import known_base_model
 from .config import AttnDBConfig
 from .stages import LoraFactors, combined_lora_config
 
@@ -81,6 +82,9 @@ def base_model_family(model: str, embedding_dim: int | None = None) -> tuple[str
     folder's name says nothing), else from its name; `(None, "other")` when neither tells."""
     if embedding_dim in _FAMILIES:
         return _FAMILIES[embedding_dim]
+    known = known_base_model(model)  # also ids that have moved, e.g. stabilityai/stable-diffusion-2-1-base
+    if known is not None:
+        return known.family, known.license
     name = model.lower()
     if re.search(r"stable-diffusion-v1|sd-?1[.-]?[45]|v1-[45]", name):
         return _FAMILIES[768]

@@ -154,6 +154,7 @@ def load_pipeline(
     dtype: str = "auto",
     revision: str | None = None,
     hub_token: str | None = None,
+    model_config: str | None = None,
 ):
     """Load a Stable Diffusion pipeline and (optionally) an attndb adapter into it with `load_attndb`.
 
@@ -165,6 +166,8 @@ def load_pipeline(
         dtype (`str`): `"auto"` (fp16 on CUDA, else fp32), `"fp32"`, `"fp16"` or `"bf16"`.
         revision (`str`, *optional*): Hub revision of the base model.
         hub_token (`str`, *optional*): Hub access token.
+        model_config (`str`, *optional*): with a single-file `model` (.safetensors), a diffusers folder or Hub id
+            of the same architecture (configs, tokenizer, scheduler).
 
     Returns:
         `(StableDiffusionPipeline, AdapterInfo | None)`.
@@ -173,6 +176,8 @@ def load_pipeline(
         UsageError: the model or adapter cannot be found or loaded.
     """
     from diffusers import StableDiffusionPipeline
+
+    from .base_model import BaseModelError, check_base_model, is_single_file, load_single_file
 
     info = read_adapter_config(adapter, token=hub_token) if adapter else None
     model = model or (info.base_model if info else None)
@@ -186,9 +191,16 @@ def load_pipeline(
     else:
         raise UsageError(f"--dtype {dtype!r}: choose auto, fp32, fp16 or bf16.")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            model, revision=revision, token=hub_token, **_dtype_argument(torch_dtype)
-        )
+        check_base_model(model, revision, model_config=model_config)
+    except BaseModelError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        if is_single_file(model):
+            pipe = load_single_file(model, model_config, torch_dtype)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                model, revision=revision, token=hub_token, **_dtype_argument(torch_dtype)
+            )
     except Exception as exc:  # missing folder, bad id, no network: one line that names the argument
         raise UsageError(
             f"--model {model}: cannot load a Stable Diffusion pipeline ({_first_line(exc)}); give a "

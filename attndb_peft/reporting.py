@@ -96,6 +96,8 @@ def format_run_summary(result, stage_names: dict[int, str], device: torch.device
     """A few lines for the end of `train`: time per stage, time spent on samples, peak memory, files written."""
     out = Path(result.output_dir)
     lines = [f"Run summary ({out}):"]
+    if getattr(result, "batch", ""):
+        lines.append(f"  batch: {result.batch}")
     for stage, seconds in sorted(result.stage_seconds.items()):
         lines.append(f"  stage {stage} {stage_names.get(stage, '')}: {seconds:.1f} s")
     if result.sample_files:

@@ -3,8 +3,8 @@
 
 - Stage 1: one new token embedding, spliced into the frozen text encoder's token embedding output.
 - Stage 2: a PEFT LoRA on every cross-attention (`attn2`) projection of the U-Net.
-- Stage 3: a high-rank PEFT LoRA on the U-Net's transformer blocks (on top of the frozen stage-2 LoRA), or
-  the full U-Net (with stage 2 merged into its weights).
+- Stage 3: a PEFT LoRA (rank 32 by default) on the linear layers of the U-Net's transformer blocks (on top
+  of the frozen stage-2 LoRA), or the full U-Net (with stage 2 merged into its weights).
 
 Also the exact LoRA algebra used by the exporter: reading a PEFT adapter's factors, concatenating two LoRAs
 into one, and the truncated SVD of a full fine-tune's weight delta.

@@ -21,8 +21,10 @@ __all__ = [
     "TINY_RESOLUTION",
     "TINY_WORDS",
     "build_tiny_pipeline",
+    "ldm_state_dict",
     "make_instance_images",
     "save_tiny_pipeline",
+    "save_tiny_single_file",
     "tiny_clip_tokenizer",
     "tiny_text_config",
 ]
@@ -188,3 +190,122 @@ def make_instance_images(
         image.save(path)
         paths.append(path)
     return paths
+
+
+def ldm_state_dict(pipe) -> dict[str, torch.Tensor]:
+    """The pipeline's weights in the original Stable Diffusion (LDM) single-file layout: `model.diffusion_model.*`
+    (U-Net), `first_stage_model.*` (VAE) and `cond_stage_model.transformer.text_model.*` (an SD 1.x CLIP text
+    encoder; the tiny encoder is CLIP-shaped).
+
+    The inverse of diffusers' own single-file conversion (`convert_ldm_unet_checkpoint`,
+    `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint` in `diffusers.loaders.single_file_utils`), written
+    for any layer count so the tiny pipeline can be saved as a single file. Only U-Nets whose down/up blocks are
+    all of one kind per block (resnets, optional attentions, one down/upsampler) are covered, which is every SD
+    1.x/2.x U-Net.
+    """
+    unet, vae = pipe.unet, pipe.vae
+    state: dict[str, torch.Tensor] = {}
+    layers = unet.config.layers_per_block
+
+    def resnet(key: str) -> str:  # a resnet's inner names (`key` without its block prefix)
+        key = f".{key}."
+        for new, old in (
+            ("norm1", "in_layers.0"),
+            ("conv1", "in_layers.2"),
+            ("time_emb_proj", "emb_layers.1"),
+            ("norm2", "out_layers.0"),
+            ("conv2", "out_layers.3"),
+            ("conv_shortcut", "skip_connection"),
+        ):
+            key = key.replace(f".{new}.", f".{old}.")
+        return key[1:-1]
+
+    fixed = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "conv_in": "input_blocks.0.0",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+    }
+    for key, value in unet.state_dict().items():
+        parts = key.split(".")
+        module = ".".join(parts[:-1])
+        if module in fixed:
+            new = f"{fixed[module]}.{parts[-1]}"
+        elif parts[0] == "down_blocks":
+            block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+            if kind == "downsamplers":
+                new = f"input_blocks.{(block + 1) * (layers + 1)}.0.op.{rest.removeprefix('conv.')}"
+            else:
+                position = block * (layers + 1) + index + 1
+                new = (
+                    f"input_blocks.{position}.0.{resnet(rest)}"
+                    if kind == "resnets"
+                    else f"input_blocks.{position}.1.{rest}"
+                )
+        elif parts[0] == "mid_block":
+            kind, index, rest = parts[1], int(parts[2]), ".".join(parts[3:])
+            new = f"middle_block.{2 * index}.{resnet(rest)}" if kind == "resnets" else f"middle_block.1.{rest}"
+        elif parts[0] == "up_blocks":
+            block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+            if kind == "upsamplers":
+                has_attention = hasattr(unet.up_blocks[block], "attentions")
+                new = f"output_blocks.{block * (layers + 1) + layers}.{2 if has_attention else 1}.{rest}"
+            else:
+                position = block * (layers + 1) + index
+                new = (
+                    f"output_blocks.{position}.0.{resnet(rest)}"
+                    if kind == "resnets"
+                    else f"output_blocks.{position}.1.{rest}"
+                )
+        else:
+            raise ValueError(f"no single-file name for U-Net weight {key}")
+        state["model.diffusion_model." + new] = value
+
+    num_up = len(vae.config.up_block_types)
+    attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    for key, value in vae.state_dict().items():
+        new = key
+        if ".down_blocks." in key:
+            _, _, block, kind, rest = key.split(".", 4)
+            new = (
+                f"encoder.down.{block}.downsample.{rest.removeprefix('0.')}"
+                if kind == "downsamplers"
+                else f"encoder.down.{block}.block.{rest}"
+            )
+        elif ".up_blocks." in key:
+            _, _, block, kind, rest = key.split(".", 4)
+            ldm_block = num_up - 1 - int(block)
+            new = (
+                f"decoder.up.{ldm_block}.upsample.{rest.removeprefix('0.')}"
+                if kind == "upsamplers"
+                else f"decoder.up.{ldm_block}.block.{rest}"
+            )
+        elif ".mid_block.resnets." in key:
+            side, _, _, index, rest = key.split(".", 4)
+            new = f"{side}.mid.block_{int(index) + 1}.{rest}"
+        elif ".mid_block.attentions.0." in key:
+            side, rest = key.split(".", 1)[0], key.split(".mid_block.attentions.0.", 1)[1]
+            module, name = rest.rsplit(".", 1)
+            new = f"{side}.mid.attn_1.{attention[module]}.{name}"
+            if name == "weight" and value.ndim == 2:  # LDM keeps these as 1x1 convolutions
+                value = value[:, :, None, None]
+        new = new.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        state["first_stage_model." + new] = value
+
+    for key, value in pipe.text_encoder.state_dict().items():
+        key = key if key.startswith("text_model.") else "text_model." + key  # transformers >= 5.6 flattened it
+        state["cond_stage_model.transformer." + key] = value
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def save_tiny_single_file(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Build the tiny pipeline and write it as one `.safetensors` file in the original Stable Diffusion layout (what
+    A1111/ComfyUI users hold); it loads with diffusers' `from_single_file` given the tiny pipeline's folder as
+    `config` (see `save_tiny_pipeline`, same `seed`, same weights)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(ldm_state_dict(build_tiny_pipeline(seed=seed)), str(path))
+    return path

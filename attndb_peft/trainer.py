@@ -25,8 +25,10 @@ from pathlib import Path
 
 import torch
 
+from . import base_model
 from . import checkpoints as ckpt
 from .attention import AttentionStore, capture_cross_attention
+from .base_model import BaseModelError, check_base_model
 from .config import AttnDBConfig
 from .data import LatentCache, batch_indices, encode_views, image_views, load_image, scan_image_folder
 from .regularizer import attention_regularizer, diffusion_loss, diffusion_target
@@ -44,7 +46,16 @@ from .stages import (
     set_trainable,
 )
 
-__all__ = ["InputError", "OutOfMemory", "TrainResult", "Trainer", "TrainingDiverged", "check_inputs", "train"]
+__all__ = [
+    "InputError",
+    "OutOfMemory",
+    "TrainResult",
+    "Trainer",
+    "TrainingDiverged",
+    "check_inputs",
+    "export_checkpoint",
+    "train",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +63,14 @@ STAGE_NAMES = {1: "embedding alignment", 2: "attention map (attn2 LoRA)", 3: "su
 # Settings a checkpoint must share with the run that resumes it (others, e.g. logging, may change).
 _RESUME_KEYS = (
     "model",
+    "model_config",
     "revision",
     "variant",
     "category",
     "token",
     "resolution",
     "batch_size",
+    "gradient_accumulation_steps",
     "seed",
     "stage1",
     "stage2",
@@ -69,6 +82,8 @@ _RESUME_KEYS = (
     "max_grad_norm",
     "mixed_precision",
 )
+# Values of resume settings that checkpoints written before the setting existed did not record.
+_SETTING_DEFAULTS = {"gradient_accumulation_steps": 1, "model_config": None}
 # Files of a finished run inside the output folder (removed by --overwrite).
 OUTPUT_FILES = (
     "attndb_embedding.safetensors",
@@ -103,6 +118,7 @@ class TrainResult:
     validation_seconds: float = 0.0
     sample_files: list[Path] = field(default_factory=list)
     card_samples: list[tuple[str, str]] = field(default_factory=list)  # (prompt, path in OUT) for the model card
+    batch: str = ""  # the effective batch, spelled out for the run summary
 
 
 def check_inputs(config: AttnDBConfig, tokenizer=None) -> list[str]:
@@ -125,8 +141,12 @@ def check_inputs(config: AttnDBConfig, tokenizer=None) -> list[str]:
     if config.resume and ckpt.find_latest(out) is None:
         problems.append(f"--resume: no complete checkpoint in {out / ckpt.CHECKPOINT_DIR}; start without --resume.")
     try:
-        tokenizer = load_tokenizer(config) if tokenizer is None else tokenizer
-    except Exception as exc:  # missing model, no network, bad folder: say which
+        if tokenizer is None:
+            check_base_model(config.model, config.revision, model_config=config.model_config)  # one line if unusable
+            tokenizer = load_tokenizer(config)
+    except BaseModelError as exc:
+        problems.append(str(exc))
+    except Exception as exc:  # a broken folder: say which
         problems.append(f"--model {config.model}: cannot load its tokenizer ({type(exc).__name__}: {exc}).")
     else:
         token_ids = tokenizer(config.token, add_special_tokens=False).input_ids
@@ -147,9 +167,7 @@ def check_inputs(config: AttnDBConfig, tokenizer=None) -> list[str]:
 
 
 def load_tokenizer(config: AttnDBConfig):
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer.from_pretrained(config.model, subfolder="tokenizer", revision=config.revision)
+    return base_model.load_tokenizer(config.model, config.revision, config.model_config)
 
 
 def _resolve_mixed_precision(requested: str) -> str:
@@ -270,6 +288,13 @@ class Trainer:
         if self.accelerator.is_main_process:
             self._prepare_output_dir()
         self.accelerator.wait_for_everyone()
+        accumulation, processes = cfg.gradient_accumulation_steps, self.accelerator.num_processes
+        self.result.batch = (
+            f"{cfg.batch_size * accumulation * processes} images per optimizer step ({cfg.batch_size} per pass x "
+            f"{accumulation} accumulated pass(es) x {processes} process(es))"
+        )
+        if self.accelerator.is_main_process:
+            logger.info("Effective batch: %s", self.result.batch)
         if self.accelerator.log_with:
             self.accelerator.init_trackers("attndb", config=tracker_config(cfg))
         self._load_models()
@@ -293,7 +318,16 @@ class Trainer:
         cfg = self.config
         kwargs = {"revision": cfg.revision}
         weights = {"variant": cfg.variant, "torch_dtype": self.weight_dtype, **kwargs}
-        if self.components is None:
+        if self.components is None and base_model.is_single_file(cfg.model):
+            pipe = base_model.load_single_file(cfg.model, cfg.model_config, self.weight_dtype)
+            self.tokenizer, self.text_encoder, self.vae, self.unet = (
+                pipe.tokenizer,
+                pipe.text_encoder,
+                pipe.vae,
+                pipe.unet,
+            )
+            self.noise_scheduler = DDPMScheduler.from_pretrained(cfg.model_config, subfolder="scheduler", **kwargs)
+        elif self.components is None:
             self.tokenizer = load_tokenizer(cfg)
             self.text_encoder = CLIPTextModel.from_pretrained(cfg.model, subfolder="text_encoder", **weights)
             self.vae = AutoencoderKL.from_pretrained(cfg.model, subfolder="vae", **weights)
@@ -347,6 +381,7 @@ class Trainer:
         stage_cfg = cfg.stages[stage - 1]
         # Seed per stage so a LoRA's random init does not depend on what ran before (exact resume).
         torch.manual_seed(cfg.seed * 1000 + stage)
+        self.built_stage = stage
         if stage == 1:
             self.params = [self.splice.vector]
         else:
@@ -532,7 +567,7 @@ class Trainer:
             self.latents.view_ids(
                 *batch_indices(
                     step,
-                    cfg.batch_size,
+                    cfg.batch_size * cfg.gradient_accumulation_steps,  # this process's passes, in order
                     self.num_images,
                     self.latents.views_per_image,
                     cfg.seed * 10 + stage,
@@ -543,7 +578,8 @@ class Trainer:
             )
             for step in range(cfg.stages[stage - 1].steps)
         ]
-        schedule = torch.stack(rows) if rows else torch.zeros(0, cfg.batch_size, dtype=torch.long)
+        width = cfg.batch_size * cfg.gradient_accumulation_steps
+        schedule = torch.stack(rows) if rows else torch.zeros(0, width, dtype=torch.long)
         return schedule.to(self.device)
 
     def _encode_prompt(self) -> torch.Tensor:
@@ -574,6 +610,8 @@ class Trainer:
         cfg = self.config
         stage_cfg = cfg.stages[stage - 1]
         acc = self.accelerator
+        # The whole step's randomness is drawn up front, in the order of one pass over batch x accumulation images,
+        # so accumulating N passes sees the very inputs of one pass with an N times larger batch.
         latents = self.latents.sample(view_schedule[step], self.generator)
         noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
         timesteps = torch.randint(
@@ -585,32 +623,43 @@ class Trainer:
         )
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = diffusion_target(self.noise_scheduler, latents, noise, timesteps)
-        with acc.autocast():
-            if stage == 1:  # gradients reach the spliced token vector through the frozen encoder
-                states = self.text_encoder(self.prompt_ids)[0]
-            else:
-                states = cached_states
-            states = states.expand(latents.shape[0], -1, -1)
+        passes, size = cfg.gradient_accumulation_steps, cfg.batch_size
+        # The passes add up to the loss of one pass over all their images: the MSE is a mean over the batch, so
+        # each pass's share is divided by the number of passes; the per-layer regularizer is a sum over the batch,
+        # so each pass adds its own sum. The pooled regularizer takes its statistics over the whole batch, which
+        # passes cannot share: each pass pools its own images and the passes are averaged (an approximation).
+        reg_weight = 1.0 if cfg.regularizer == "per_layer" else 1.0 / passes
+        mse_sum = reg_sum = torch.zeros((), device=self.device)
+        for k in range(passes):
+            part = slice(k * size, (k + 1) * size)
+            with acc.autocast():
+                if stage == 1:  # gradients reach the spliced token vector through the frozen encoder
+                    states = self.text_encoder(self.prompt_ids)[0]
+                else:
+                    states = cached_states
+                states = states.expand(size, -1, -1)
+                if store is not None:
+                    store.clear()
+                pred = self.unet(noisy[part].to(self.weight_dtype), timesteps[part], states.to(self.weight_dtype))
+                mse = diffusion_loss(pred.sample, target[part])
+                if store is not None:
+                    reg = attention_regularizer(
+                        *store.concept_and_category(), stage_cfg.lambda_mu, stage_cfg.lambda_var, cfg.regularizer
+                    )
+                else:
+                    reg = torch.zeros((), device=self.device)
+                loss = mse / passes + reg * reg_weight
+            acc.backward(loss)
             if store is not None:
                 store.clear()
-            pred = self.unet(noisy.to(self.weight_dtype), timesteps, states.to(self.weight_dtype)).sample
-            mse = diffusion_loss(pred, target)
-            if store is not None:
-                reg = attention_regularizer(
-                    *store.concept_and_category(), stage_cfg.lambda_mu, stage_cfg.lambda_var, cfg.regularizer
-                )
-            else:
-                reg = torch.zeros((), device=self.device)
-            loss = mse + reg
-        acc.backward(loss)
-        if store is not None:
-            store.clear()
+            mse_sum, reg_sum = mse_sum + mse.detach() / passes, reg_sum + reg.detach() * reg_weight
+        mse, reg = mse_sum, reg_sum
         if acc.num_processes > 1:
             for p in self.params:
                 if p.grad is not None:
                     p.grad = acc.reduce(p.grad, reduction="mean")
         grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm or math.inf)
-        finite = torch.isfinite(loss.detach())
+        finite = torch.isfinite(mse + reg)
         if self.mixed_precision != "fp16" and grad_norm is not None:  # fp16 overflow is the scaler's job
             finite &= torch.isfinite(grad_norm)
         self.optimizer.step()
@@ -666,6 +715,7 @@ class Trainer:
                     "num_processes": acc.num_processes,
                     "lr_scheduler": self.lr_scheduler.state_dict(),
                     "settings": {k: settings[k] for k in _RESUME_KEYS},
+                    "config": settings,  # everything, for `attndb export --checkpoint`
                 },
             )
             ckpt.prune(self.output_dir, self.config.checkpoints_total_limit)
@@ -675,7 +725,12 @@ class Trainer:
         path = ckpt.find_latest(self.output_dir)
         state = ckpt.read_json(path / "state.json")
         settings = self.config.to_dict()
-        changed = [k for k in _RESUME_KEYS if state["settings"].get(k) != settings[k]]
+        # settings added after a checkpoint was written count as their defaults there
+        written = {**_SETTING_DEFAULTS, **state["settings"]}
+        # More (or fewer) stage-3 steps extend a run: the rest of stage 3 must match, and the checkpoint must not
+        # lie beyond the new end of stage 3 (pick an earlier step with `attndb export --checkpoint` instead).
+        written["stage3"] = {**written["stage3"], "steps": settings["stage3"]["steps"]}
+        changed = [k for k in _RESUME_KEYS if written.get(k) != settings[k]]
         if changed:
             raise InputError(
                 f"--resume: {path} was written with different settings ({', '.join(changed)}); use the same "
@@ -688,6 +743,22 @@ class Trainer:
             )
         logger.info("Resuming from %s", path)
         stage, step = state["stage"], state["step"]
+        steps3, planned3 = self.config.stage3.steps, state["settings"]["stage3"]["steps"]
+        if stage == 3 and step > steps3:
+            raise InputError(
+                f"--resume: {path} is at stage-3 step {step}, beyond the {steps3} stage-3 steps asked for; ask for "
+                f"at least {step}, or export that checkpoint (or an earlier one) with `attndb export --checkpoint`."
+            )
+        if steps3 != planned3:
+            logger.info("Stage 3: %d steps instead of the %d the checkpoint's run planned.", steps3, planned3)
+            if self.config.stage3.lr_scheduler not in ("constant", "constant_with_warmup"):
+                logger.warning(
+                    "The stage-3 learning-rate schedule (%s) is laid out over the new %d steps, so from step %d it "
+                    "differs from the schedule the run had.",
+                    self.config.stage3.lr_scheduler,
+                    steps3,
+                    step if stage == 3 else 0,
+                )
         if step >= self.config.stages[stage - 1].steps and stage < 3:
             # The stage was finished: its weights are restored and the next stage starts from step 0.
             return {"dir": path, "stage": stage + 1, "step": 0, "state": state}
@@ -734,9 +805,10 @@ class Trainer:
 
         cfg = self.config
         self.splice.write_back()
-        _, scheduler_class = StableDiffusionPipeline.load_config(cfg.model, revision=cfg.revision)["scheduler"]
+        source = base_model.config_source(cfg.model, cfg.model_config)
+        _, scheduler_class = StableDiffusionPipeline.load_config(source, revision=cfg.revision)["scheduler"]
         scheduler = getattr(diffusers, scheduler_class).from_pretrained(
-            cfg.model, subfolder="scheduler", revision=cfg.revision
+            source, subfolder="scheduler", revision=cfg.revision
         )
         return StableDiffusionPipeline(
             vae=self.vae,
@@ -749,7 +821,7 @@ class Trainer:
             requires_safety_checker=False,
         )
 
-    def export(self) -> list[Path]:
+    def export(self, report: dict | None = None) -> list[Path]:
         from .export import export_adapter
         from .stages import combine_loras, lora_from_delta
 
@@ -757,8 +829,10 @@ class Trainer:
         if self.accelerator.is_main_process:
             cfg = self.config
             embedding = self.splice.vector.detach().float().cpu()[None]
-            report: dict = {}
-            if cfg.stage3_mode == "lora":
+            report = dict(report or {})
+            if self.built_stage == 2:  # a stage-2 checkpoint being exported
+                lora = combine_loras(lora_factors(self.unet, ADAPTER_STAGE2))
+            elif cfg.stage3_mode == "lora":
                 lora = combine_loras(lora_factors(self.unet, ADAPTER_STAGE2), lora_factors(self.unet, ADAPTER_STAGE3))
             else:
                 lora, energy, total = {}, 0.0, 0.0
@@ -779,6 +853,23 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return files
 
+    def export_checkpoint(self, path: Path, stage: int) -> list[Path]:
+        """Load the base model, rebuild stages 1..`stage` with the checkpoint's weights and export them (the
+        steps of `run` without training). Use the module function `export_checkpoint`."""
+        from accelerate import Accelerator
+
+        self.mixed_precision = _resolve_mixed_precision(self.config.mixed_precision)
+        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=not torch.cuda.is_available())
+        self.device = self.accelerator.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.mixed_precision, torch.float32)
+        self._load_models()
+        for built in range(1, stage + 1):
+            self.build_stage(built)
+            self._load_weights(path, built)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        report = {"checkpoint": path.name}
+        return self.export(report)
+
     def _full_delta(self) -> dict[str, torch.Tensor]:
         """Weight deltas (final - base) of every U-Net linear/conv weight that changed in stages 2-3."""
         deltas = {}
@@ -788,3 +879,57 @@ class Trainer:
                 if delta.abs().max() > 0:
                     deltas[name[: -len(".weight")]] = delta
         return deltas
+
+
+def export_checkpoint(
+    checkpoint: str | Path, output: str | Path, model: str | None = None, model_config: str | None = None
+) -> list[Path]:
+    """Write the adapter folder of a training checkpoint: the same files a finished run writes, loadable with
+    `load_attndb`, so any step can be picked (e.g. an earlier stage-3 step when the end over-fits).
+
+    Args:
+        checkpoint: a checkpoint folder, `OUT/checkpoints/stage{2,3}-step{K}` (stage 1 holds only the token).
+        output: the adapter folder to write (new or empty).
+        model (`str`, *optional*): the base model, when it is no longer where the run found it.
+        model_config (`str`, *optional*): with a single-file `model`, its diffusers config (folder or Hub id).
+
+    Returns:
+        `list[Path]`: the files written.
+
+    Raises:
+        InputError: not a checkpoint, a stage-1 checkpoint, a non-empty output folder or an unusable base model;
+            nothing is written.
+    """
+    path, out = Path(checkpoint), Path(output)
+    if not (path / "state.json").is_file():
+        raise InputError(
+            f"--checkpoint {path}: not a complete checkpoint (no state.json); give a folder such as "
+            f"OUT/{ckpt.CHECKPOINT_DIR}/stage3-step250 of a run."
+        )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"--output {out}: exists and is not an empty folder; give a new or empty folder.")
+    state = ckpt.read_json(path / "state.json")
+    stage, step = state["stage"], state["step"]
+    if stage == 1:
+        raise InputError(
+            f"--checkpoint {path}: a stage-1 checkpoint holds only the token embedding, not an adapter; export a "
+            "stage-2 or stage-3 checkpoint."
+        )
+    # Checkpoints written before "config" was stored have the resume settings; the rest take their defaults.
+    values = {**state["settings"], **state.get("config", {})}
+    values.update(output=str(out), resume=False, overwrite=False, push_to_hub=None)
+    values.setdefault("images", str(path))  # not read: exporting needs no images
+    if model:
+        values["model"] = model
+    if model_config:
+        values["model_config"] = model_config
+    config = AttnDBConfig.from_dict(values, source=str(path / "state.json"))
+    trained = [s.steps for s in config.stages]  # the card and attndb_config.json record what was trained
+    trained[stage - 1] = step
+    trained[stage:] = [0] * (3 - stage)
+    config = config.with_stage_values(steps=trained)
+    try:
+        check_base_model(config.model, config.revision, model_config=config.model_config)
+    except BaseModelError as exc:
+        raise InputError(str(exc)) from None
+    return Trainer(config).export_checkpoint(path, stage)

