@@ -10,7 +10,6 @@ import json
 import numpy as np
 import pytest
 
-from attndb_peft.cli import main
 from attndb_peft.world import scenes as W
 from attndb_peft.world.evaluation import generate
 from attndb_peft.world.model import SHIPPED_DIR, load_world_pipeline
