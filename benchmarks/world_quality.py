@@ -254,6 +254,7 @@ def method_config(
     recipe,
     lr_factor: float = 1.0,
     steps_scale: float = 1.0,
+    stage_lr_factors: tuple[float, float, float] = (1.0, 1.0, 1.0),
     **changes,
 ):
     """The `AttnDBConfig` one method trains with.
@@ -262,6 +263,7 @@ def method_config(
         method (`str`): a `METHODS` name.
         recipe (`AttnDBConfig`): the world recipe for this concept (`world_config(model=..., images=..., ...)`).
         lr_factor (`float`): multiplies every learning rate the method uses (the tuning grid's factor).
+        stage_lr_factors (`tuple`): further factors per stage (the sweep's rate on stages 2-3).
         steps_scale (`float`): multiplies the recipe's stage steps before the method's budget is derived.
         **changes: further fields (e.g. `stage2`/`stage3` dicts for the sweep) applied last.
 
@@ -272,7 +274,8 @@ def method_config(
     fields = spec.overrides(recipe, scaled_steps(recipe, steps_scale))
     for i in (1, 2, 3):
         stage = fields[f"stage{i}"]
-        fields[f"stage{i}"] = dataclasses.replace(stage, learning_rate=stage.learning_rate * lr_factor)
+        rate = stage.learning_rate * lr_factor * stage_lr_factors[i - 1]
+        fields[f"stage{i}"] = dataclasses.replace(stage, learning_rate=rate)
     for key, value in changes.items():
         fields[key] = dataclasses.replace(fields[key], **value) if isinstance(value, dict) else value
     return dataclasses.replace(recipe, **fields)
@@ -476,6 +479,54 @@ def _save_sheet(path: Path, sheet: list) -> None:
     os.replace(tmp, path)
 
 
+def _concept_images(output: Path, seed: int) -> Path:
+    """The concept's user photos under `output/concepts/SEED` (written once)."""
+    from attndb_peft.world.cli import concept_folder
+
+    images = output / "concepts" / str(seed)
+    if not (images / "concept.json").is_file():
+        shutil.rmtree(images, ignore_errors=True)
+        concept_folder(seed, images)
+    return images
+
+
+def _run_job(job: tuple, ctx: dict, evaluation: _Eval, threads: int) -> tuple[dict, bool]:
+    """`run_one` in a worker process (`--workers`): its own torch threads and log handler."""
+    import torch
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d]: %(message)s")
+        logging.getLogger("attndb_peft").setLevel(logging.WARNING)
+    torch.set_num_threads(threads)
+    return run_one(*job, ctx, evaluation)
+
+
+def run_jobs(jobs: list[tuple], ctx: dict, evaluation: _Eval, counts: dict) -> list[dict]:
+    """Run `(key, method, concept, changes)` jobs, in this process or in `ctx["workers"]` spawned processes (each
+    job writes its own result file, so the order they finish in does not matter); results in job order."""
+    workers = ctx.get("workers", 1)
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        for seed in sorted({job[2] for job in jobs}):
+            _concept_images(ctx["output"], seed)  # before the workers, which would race to write them
+        pool = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=sys.path.insert,  # lets a worker import this file by name (also when not run as a script)
+            initargs=(0, str(Path(__file__).resolve().parent)),
+        )
+        with pool:
+            futures = [pool.submit(_run_job, job, ctx, evaluation, ctx["threads"]) for job in jobs]
+            done = [f.result() for f in futures]
+    else:
+        done = [run_one(*job, ctx, evaluation) for job in jobs]
+    for _, reused in done:
+        counts["reused" if reused else "trained"] += 1
+    return [result for result, _ in done]
+
+
 def run_one(
     key: str,
     method: str,
@@ -491,16 +542,12 @@ def run_one(
     """
     from attndb_peft.trainer import Trainer
     from attndb_peft.world import scenes as W
-    from attndb_peft.world.cli import concept_folder
     from attndb_peft.world.model import world_config
 
     out: Path = ctx["output"]
     result_file = out / "runs" / key / f"{method}-{concept_seed}.json"
     concept = W.make_concept(concept_seed)
-    images = out / "concepts" / str(concept_seed)
-    if not (images / "concept.json").is_file():
-        shutil.rmtree(images, ignore_errors=True)
-        concept_folder(concept_seed, images)
+    images = _concept_images(out, concept_seed)
     work = out / "work" / key / f"{method}-{concept_seed}"
     recipe = world_config(model=str(ctx["base"]), images=str(images), category=concept.category,
                           output=str(work), validation_prompts=(), overwrite=True, seed=ctx["seed"])
@@ -567,15 +614,14 @@ def _tune(methods: list[str], ctx: dict, grid: tuple[float, ...], evaluation: _E
     """Run the learning-rate grid of every tuned method the selection needs on the tuning concepts; return, per
     tuned method, the grid's scores and the frozen factor."""
     tuned = sorted({METHODS[m].tuned_as for m in methods}, key=list(METHODS).index)
+    jobs = [(f"tuning/x{factor:.4g}", name, seed, {"lr_factor": factor})
+            for name in tuned for factor in grid for seed in ctx["tuning_concepts"]]
+    results = iter(run_jobs(jobs, ctx, evaluation, counts))
     report = {}
     for name in tuned:
         points = []
         for factor in grid:
-            runs = []
-            for seed in ctx["tuning_concepts"]:
-                result, reused = run_one(f"tuning/x{factor:.4g}", name, seed, {"lr_factor": factor}, ctx, evaluation)
-                counts["reused" if reused else "trained"] += 1
-                runs.append(result)
+            runs = [next(results) for _ in ctx["tuning_concepts"]]
             per_concept = {str(r["concept"]): _tuning_score(r["values"]) for r in runs}
             scores = [s for s in per_concept.values() if s is not None]
             points.append({
@@ -742,6 +788,8 @@ def _context(args: argparse.Namespace) -> dict:
         "steps_scale": args.steps_scale,
         "seed": args.seed,
         "tuning_concepts": tuple(args.tuning_concepts),
+        "workers": args.workers,
+        "threads": args.threads,
     }
 
 
@@ -766,13 +814,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     else:
         tuning = _tune(args.methods, ctx, tuple(args.grid), tuning_eval, counts)
         factors = {m: tuning[METHODS[m].tuned_as]["lr_factor"] for m in args.methods}
-    runs: dict[str, list[dict]] = {}
-    for name in args.methods:
-        runs[name] = []
-        for seed in args.concepts:
-            result, reused = run_one("eval", name, seed, {"lr_factor": factors[name]}, ctx, evaluation)
-            counts["reused" if reused else "trained"] += 1
-            runs[name].append(result)
+    jobs = [("eval", name, seed, {"lr_factor": factors[name]}) for name in args.methods for seed in args.concepts]
+    results = iter(run_jobs(jobs, ctx, evaluation, counts))
+    runs = {name: [next(results) for _ in args.concepts] for name in args.methods}
     methods = {name: _summarize_method(name, runs[name], factors[name]) for name in args.methods}
     prompts = runs[args.methods[0]][0]["prompts"]
     table = markdown_table(methods)
@@ -803,6 +847,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "sample_seeds": f"{_SAMPLE_SEED} + 1000 k + prompt index, k < {args.images}",
             "attention_seeds": f"{_SAMPLE_SEED} + prompt index (one picture per prompt)",
             "inference_steps": args.inference_steps,
+            "workers": args.workers,
+            "threads": args.threads,
             "guidance": args.guidance,
             "ti_steps_factor": TI_PAPER_STEPS / sum(PAPER_STEPS),
             "confidence": "95 % Student-t interval over concepts of the per-concept means",
@@ -831,17 +877,17 @@ def run_sweep(args: argparse.Namespace) -> dict:
     points = []
     cases = [("attndb", rank, rate) for rank in args.sweep_ranks for rate in args.sweep_rates]
     cases.append(("attndb_full", None, 1.0))
+    jobs = []
     for method, rank, rate in cases:
-        changes: dict = {}
-        if rank is not None:
-            changes = {"stage2": {"rank": rank}, "stage3": {"rank": rank}}
-        runs = []
-        for seed in ctx["tuning_concepts"]:
-            key = f"sweep/r{rank}-x{rate:.4g}" if rank is not None else "sweep/full"
-            config_changes = {**changes, "lr_factor": 1.0}
-            result, reused = run_one(key, method, seed, config_changes, ctx, evaluation)
-            counts["reused" if reused else "trained"] += 1
-            runs.append(result)
+        if rank is None:
+            key, changes = "sweep/full", {}
+        else:
+            key, changes = f"sweep/r{rank}-x{rate:.4g}", {"stage2": {"rank": rank}, "stage3": {"rank": rank},
+                                                          "stage_lr_factors": (1.0, rate, rate)}
+        jobs += [(key, method, seed, changes) for seed in ctx["tuning_concepts"]]
+    results = iter(run_jobs(jobs, ctx, evaluation, counts))
+    for method, rank, rate in cases:
+        runs = [next(results) for _ in ctx["tuning_concepts"]]
         per_concept = {str(r["concept"]): {k: r["values"].get(k) for k in ("identity", "text_alignment", "presence")}
                        for r in runs}
         points.append({
@@ -954,6 +1000,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="Training seed of every run.")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: the world's tiny operations do not gain from more).")
+    p.add_argument("--workers", type=int, default=1,
+                   help="Runs trained at once, each in its own process with --threads threads (default 1; on a "
+                   "2-core machine --workers 2 roughly halves the wall time).")
     p.add_argument("-v", "--verbose", action="store_true", help="Log the trainer's progress too.")
     args = p.parse_args(argv)
     from attndb_peft.world.evaluation import WORLD_GUIDANCE, WORLD_INFERENCE_STEPS
@@ -971,8 +1020,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     clash = sorted(set(args.concepts) & set(args.tuning_concepts))
     if clash and not args.sweep:
         p.error(f"--concepts {clash}: these are tuning concepts; evaluate on concepts no setting was tuned on.")
-    if args.steps_scale <= 0 or args.images < 1 or args.threads < 1:
-        p.error("--steps-scale must be > 0, --images and --threads >= 1.")
+    if args.steps_scale <= 0 or min(args.images, args.threads, args.workers) < 1:
+        p.error("--steps-scale must be > 0, --images, --threads and --workers >= 1.")
     return args
 
 

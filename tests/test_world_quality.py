@@ -146,8 +146,9 @@ def test_method_configs(wq):
         assert sum(s.steps for s in c[f"no_stage{i}"].stages) == total - steps[i - 1]
     assert c["pooled"].regularizer == "pooled" and c["attndb"].regularizer == "per_layer"
     assert c["no_reg"].stage2.steps == steps[1]
-    swept = wq.method_config("attndb", recipe, stage2={"rank": 4}, stage3={"rank": 4})
+    swept = wq.method_config("attndb", recipe, stage2={"rank": 4}, stage3={"rank": 4}, stage_lr_factors=(1, 3, 3))
     assert swept.stage2.rank == swept.stage3.rank == 4
+    assert [s.learning_rate for s in swept.stages] == pytest.approx([lrs[0], 3 * lrs[1], 3 * lrs[2]])
 
 
 def _fake_runs(wq, monkeypatch, scores):
@@ -167,10 +168,12 @@ def _fake_runs(wq, monkeypatch, scores):
 
 def test_tuning_picks_the_best_factor_on_the_tuning_concepts_only(wq, monkeypatch, tmp_path):
     best = {"attndb": 3.0, "ti": 1 / 3}
-    calls = _fake_runs(
-        wq, monkeypatch,
-        lambda key, method, seed: (0.5, 0.9 if key == f"tuning/x{best.get(method, 1.0):.4g}" else 0.5),
-    )
+    def scores(key, method, seed):
+        if method == "db":  # every factor scores the same
+            return 0.5, 0.5
+        return 0.5, 0.9 if key == f"tuning/x{best[method]:.4g}" else 0.5
+
+    calls = _fake_runs(wq, monkeypatch, scores)
     ctx = {"tuning_concepts": (900, 901)}
     counts = {"trained": 0, "reused": 0}
     report = wq._tune(["ti", "no_stage2", "pooled", "db"], ctx, wq.LR_GRID, None, counts)
