@@ -454,8 +454,9 @@ def _evaluate(base: Path, adapter: Path, concept, evaluation: _Eval, config) -> 
         "embedding_cosine": cosine,
         "embedding_norm_ratio": float(learned.norm() / initial.norm()),
     }
+    templates = [W.caption(s, "[V]").replace(f"[V] {s.category}", "[V] [category]") for s in scenes]
     return {"values": values, "summary": summary, "records": records, "attention": shares,
-            "prompts": [p.replace(token, "[V]") for p in prompts]}, sheet
+            "prompts": [p.replace(token, "[V]") for p in prompts], "prompt_templates": templates}, sheet
 
 
 def _mean(values) -> float | None:
@@ -818,7 +819,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     results = iter(run_jobs(jobs, ctx, evaluation, counts))
     runs = {name: [next(results) for _ in args.concepts] for name in args.methods}
     methods = {name: _summarize_method(name, runs[name], factors[name]) for name in args.methods}
-    prompts = runs[args.methods[0]][0]["prompts"]
+    prompts = runs[args.methods[0]][0]["prompt_templates"]
     table = markdown_table(methods)
     figure = output / "identity_vs_alignment.png"
     drawn_with = scatter_plot(methods, figure)
@@ -918,7 +919,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
         "recipe": BASE_SETTINGS,
         "settings": {"tuning_concepts": list(ctx["tuning_concepts"]), "steps_scale": args.steps_scale,
                      "ranks": list(args.sweep_ranks), "rate_factors": list(args.sweep_rates),
-                     "prompts": runs[0]["prompts"], "images_per_prompt": args.images,
+                     "prompts": runs[0]["prompt_templates"], "images_per_prompt": args.images,
                      "note": "rate factors multiply the recipe's stage-2 and stage-3 learning rates; ranks set both "
                              "stages'; the full reference runs at the recipe's stage-3 rate x the full/LoRA ratio"},
         "curve": points,

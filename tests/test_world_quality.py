@@ -160,7 +160,7 @@ def _fake_runs(wq, monkeypatch, scores):
         identity, alignment = scores(key, method, seed)
         values = {"identity": identity, "text_alignment": alignment, "presence": 1.0}
         return {"concept": seed, "method": method, "key": key, "values": values, "learning_rates": [1, 2, 3],
-                "prompts": ["p"]}, False
+                "prompt_templates": ["p"]}, False
 
     monkeypatch.setattr(wq, "run_one", fake)
     return calls
