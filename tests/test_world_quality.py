@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "world_quality.py"
-# The smallest --quick that still trains every main method: 1/1/2 AttnDB steps (TI 18), 1 image per prompt,
-# 2 denoising steps.
+# The smallest --quick that still trains every main method: 1% of the recipe's steps (>= 1 per stage; with
+# 60/100/200: 1/1/2, TI 18), 1 image per prompt, 2 denoising steps.
 QUICK = ["--quick", "--steps-scale", "0.01", "--images", "1", "--inference-steps", "2"]
 # Student's t 0.975 quantiles from a printed table (df 1, 2, 7, 30)
 T975 = {1: 12.7062, 2: 4.3027, 7: 2.3646, 30: 2.0423}
@@ -66,8 +66,10 @@ def test_quick_trains_every_main_method_and_writes_the_report(wq, quick):
         assert (out / result_grid(report, name)).is_file()
     settings = {n: r["settings"] for n, r in report["methods"].items()}
     steps = {n: r["steps"] for n, r in report["methods"].items()}
-    assert steps["attndb"] == [1, 1, 2] and steps["db"] == [0, 0, 4] and steps["ti_db"] == [0, 0, 4]
-    assert steps["ti"] == [round(4 * wq.TI_PAPER_STEPS / 660), 0, 0]
+    scaled = list(wq.scaled_steps(_recipe(), 0.01))  # the recipe is read at run time
+    assert steps["attndb"] == steps["attndb_full"] == scaled
+    assert steps["db"] == steps["ti_db"] == [0, 0, sum(scaled)]
+    assert steps["ti"] == [round(sum(scaled) * wq.TI_PAPER_STEPS / 660), 0, 0]
     assert settings["db"]["token_init"] == "random" and settings["ti_db"]["stage3_train_token"]
     assert settings["attndb_full"]["stage3_mode"] == "full" and settings["attndb"]["stage3_mode"] == "lora"
     # the embedding: DreamBooth's never trains, the others moved
