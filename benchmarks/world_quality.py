@@ -84,9 +84,16 @@ __all__ = [
     "Method",
     "confidence_interval",
     "main",
+    "markdown_table",
     "method_config",
     "parse_args",
     "run_benchmark",
+    "run_jobs",
+    "run_one",
+    "run_sweep",
+    "sample_grids",
+    "scaled_steps",
+    "scatter_plot",
     "t_quantile",
 ]
 
