@@ -19,6 +19,7 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_VALIDATION_PROMPTS",
+    "TOKEN_INITS",
     "AttnDBConfig",
     "ConfigError",
     "StageConfig",
@@ -102,6 +103,8 @@ def _stage3() -> StageConfig:
 #: Stage-3 learning rate by stage3_mode: LoRA (10x the paper's) and the full fine-tune (the paper's).
 STAGE3_LEARNING_RATES = {"lora": 2e-5, "full": 2e-6}
 
+#: Ways to initialise the new token's embedding (see `AttnDBConfig.token_init`).
+TOKEN_INITS = ("category", "random")
 _MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 _SAVE_DTYPES = ("fp16", "bf16", "fp32")
 _REPORT_TO = ("tensorboard", "wandb")
@@ -170,6 +173,21 @@ class AttnDBConfig:
     )
     full_export_rank: int = field(
         default=64, metadata={"help": "With stage3_mode='full': SVD rank of the exported LoRA of the U-Net delta."}
+    )
+    token_init: str = field(
+        default="category",
+        metadata={
+            "help": "Initial embedding of the new token: 'category' (the mean of the category's sub-token "
+            "embeddings; the method's) or 'random' (a seeded random direction at the vocabulary's mean embedding "
+            "norm: a token the model has no prior for, DreamBooth's rare token; for baselines)."
+        },
+    )
+    stage3_train_token: bool = field(
+        default=False,
+        metadata={
+            "help": "Also train the token embedding in stage 3, jointly with the U-Net (LoRA or full), at "
+            "stage 1's learning rate and weight decay: the TI+DB baseline of the paper's comparison."
+        },
     )
     regularizer: str = field(
         default="per_layer", metadata={"help": "Regularizer reduction: 'per_layer' (reference code) or 'pooled'."}
@@ -273,6 +291,8 @@ class AttnDBConfig:
                 raise ConfigError(f"{name}.learning_rate is required.")
         if self.stage3.learning_rate is None:
             self.stage3 = dataclasses.replace(self.stage3, learning_rate=STAGE3_LEARNING_RATES[self.stage3_mode])
+        if self.token_init not in TOKEN_INITS:
+            raise ConfigError(f"token_init must be one of {TOKEN_INITS}, got {self.token_init!r}.")
         if self.regularizer not in ("per_layer", "pooled"):
             raise ConfigError(f"regularizer must be 'per_layer' or 'pooled', got {self.regularizer!r}.")
         if self.mixed_precision not in _MIXED_PRECISION:

@@ -34,6 +34,7 @@ __all__ = [
     "lora_config_for",
     "lora_factors",
     "lora_from_delta",
+    "random_token_embedding",
     "set_trainable",
 ]
 
@@ -78,9 +79,21 @@ class ConceptToken:
         return [self.concept_position, *self.category_positions]
 
 
-def add_concept_token(tokenizer, text_encoder, token: str, category: str, prompt: str) -> ConceptToken:
+def random_token_embedding(embeddings: torch.Tensor, seed: int) -> torch.Tensor:
+    """A token embedding the model has no prior for (`token_init='random'`, DreamBooth's rare token): a seeded
+    standard-normal direction scaled to the mean row norm of `embeddings` (`[vocab, hidden]`), float32 on the CPU.
+    Deterministic from `seed` (its own generator; the global RNG is untouched)."""
+    rows = embeddings.detach().float().cpu()
+    direction = torch.randn(rows.shape[1], generator=torch.Generator().manual_seed(int(seed)))
+    return direction / direction.norm() * rows.norm(dim=1).mean()
+
+
+def add_concept_token(
+    tokenizer, text_encoder, token: str, category: str, prompt: str, init: str = "category", seed: int = 0
+) -> ConceptToken:
     """Add `token` to the tokenizer, grow the text encoder's embedding matrix by one row initialised to the
-    mean embedding of the category's sub-tokens, and locate `[V]` and the category in `prompt`.
+    mean embedding of the category's sub-tokens (`init='random'`: to `random_token_embedding(..., seed)`), and
+    locate `[V]` and the category in `prompt`.
 
     Raises:
         ValueError: the token already exists, the category tokenizes to nothing, or the prompt does not
@@ -96,12 +109,18 @@ def add_concept_token(tokenizer, text_encoder, token: str, category: str, prompt
         raise ValueError(
             f"--category {category!r} tokenizes to nothing; give the subject's category as a word, e.g. 'dog'."
         )
+    if init not in ("category", "random"):
+        raise ValueError(f"token init {init!r}: expected 'category' or 'random'.")
     tokenizer.add_tokens(token)
     token_id = tokenizer.convert_tokens_to_ids(token)
     text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the row is set just below
     embeddings = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
-        embeddings[token_id] = embeddings[category_ids].float().mean(0).to(embeddings.dtype)
+        if init == "category":
+            vector = embeddings[category_ids].float().mean(0)
+        else:
+            vector = random_token_embedding(embeddings[:token_id], seed).to(embeddings.device)
+        embeddings[token_id] = vector.to(embeddings.dtype)
 
     prompt_ids = tokenizer(
         prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"

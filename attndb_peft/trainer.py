@@ -76,6 +76,8 @@ _RESUME_KEYS = (
     "stage2",
     "stage3",
     "stage3_mode",
+    "token_init",
+    "stage3_train_token",
     "regularizer",
     "flip",
     "random_crops",
@@ -349,7 +351,7 @@ class Trainer:
             self.unet.compile()
         try:
             self.concept: ConceptToken = add_concept_token(
-                self.tokenizer, self.text_encoder, cfg.token, cfg.category, cfg.prompt
+                self.tokenizer, self.text_encoder, cfg.token, cfg.category, cfg.prompt, cfg.token_init, cfg.seed
             )
         except ValueError as exc:
             raise InputError(str(exc)) from None
@@ -398,6 +400,8 @@ class Trainer:
             else:
                 self._start_full_finetune()
                 self.params = list(self.unet.parameters())
+            if self.trains_token(stage):  # TI+DB: the token vector learns jointly with the U-Net
+                self.params.append(self.splice.vector)
         set_trainable([self.unet, self.text_encoder, self.vae, self.splice], self.params)
         for p in self.params:  # trainable weights live in float32; autocast computes in the weight dtype
             p.data = p.data.float()
@@ -408,8 +412,16 @@ class Trainer:
 
         cfg = self.config
         stage_cfg = cfg.stages[stage - 1]
+        groups = [{"params": self.params}]
+        if stage > 1 and self.trains_token(stage):  # the token at stage 1's rate, the U-Net at this stage's
+            token = [p for p in self.params if p is self.splice.vector]
+            rest = [p for p in self.params if p is not self.splice.vector]
+            groups = [
+                {"params": rest},
+                {"params": token, "lr": cfg.stage1.learning_rate, "weight_decay": cfg.stage1.weight_decay},
+            ]
         optimizer = torch.optim.AdamW(
-            self.params,
+            groups,
             lr=stage_cfg.learning_rate,
             weight_decay=stage_cfg.weight_decay,
             fused=self.device.type == "cuda",
@@ -426,6 +438,11 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(
             cfg.seed * 1000 + stage * 100 + self.accelerator.process_index
         )
+
+    def trains_token(self, stage: int) -> bool:
+        """Whether `stage` trains the token vector: stage 1, and stage 3 with `stage3_train_token` (TI+DB). Such a
+        stage encodes the prompt through the token splice every step."""
+        return stage == 1 or (stage == 3 and self.config.stage3_train_token)
 
     def _start_full_finetune(self) -> None:
         """Stage 3 full: remember the base weights (for the export's delta), fold the stage-2 LoRA into the U-Net
@@ -529,12 +546,13 @@ class Trainer:
 
         stage_cfg = self.config.stages[stage - 1]
         use_regularizer = stage_cfg.lambda_mu > 0 or stage_cfg.lambda_var > 0
+        encodes = self.trains_token(stage)
         cached_states = None
-        if stage > 1:
+        if not encodes:
             cached_states = self._encode_prompt()
-        self._offload_frozen(keep_text_encoder=stage == 1)
+        self._offload_frozen(keep_text_encoder=encodes)
         store = AttentionStore()
-        splice = self.splice if stage == 1 else nullcontext()
+        splice = self.splice if encodes else nullcontext()
         capture = (
             capture_cross_attention(self.unet, self.concept.capture_indices, store)
             if use_regularizer
@@ -633,7 +651,7 @@ class Trainer:
         for k in range(passes):
             part = slice(k * size, (k + 1) * size)
             with acc.autocast():
-                if stage == 1:  # gradients reach the spliced token vector through the frozen encoder
+                if cached_states is None:  # gradients reach the spliced token vector through the frozen encoder
                     states = self.text_encoder(self.prompt_ids)[0]
                 else:
                     states = cached_states
@@ -768,13 +786,13 @@ class Trainer:
         """Restore what `stage` learned from a checkpoint, right after `build_stage(stage)`."""
         weights = ckpt.load_tensors(path / "weights.safetensors")
         with torch.no_grad():
-            if stage == 1:
+            if self.trains_token(stage):
                 self.splice.vector.copy_(weights["token_embedding"])
-            elif stage == 3 and self.config.stage3_mode == "full":
+            if stage == 3 and self.config.stage3_mode == "full":
                 full = {k[len("unet_full.") :]: v for k, v in weights.items() if k.startswith("unet_full.")}
                 if full:
                     self.unet.load_state_dict(full)
-            else:
+            elif stage > 1:
                 adapter = ADAPTER_STAGE2 if stage == 2 else ADAPTER_STAGE3
                 for name, param in self.unet.named_parameters():
                     key = f"unet.{name}"
