@@ -102,9 +102,9 @@ def _tiny(**kw) -> PretrainConfig:
 def test_pretraining_is_deterministic_and_resumes_bit_identically(tmp_path):
     straight = pretrain(tmp_path / "a", _tiny(), evaluate=False)
     # the same run, stopped after its first checkpoint (step 2) and resumed
-    assert pretrain(tmp_path / "b", _tiny(), evaluate=False, stop_after=2) is None
+    early = pretrain(tmp_path / "b", _tiny(), evaluate=False, stop_after=2)
     assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 2
-    assert not (tmp_path / "b" / "pipeline").exists()
+    assert json.loads((early / "pretrain.json").read_text())["steps_done"] == 2
     resumed = pretrain(tmp_path / "b", _tiny(), evaluate=False)
     from safetensors.torch import load_file
 
@@ -115,7 +115,7 @@ def test_pretraining_is_deterministic_and_resumes_bit_identically(tmp_path):
             a, b = load_file(str(f)), load_file(str(resumed / part / f.name))
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     log = json.loads((tmp_path / "a" / "pretrain.json").read_text())
-    assert log["settings"]["steps"] == 4 and log["unet_loss"][-1][0] == 4
+    assert log["settings"]["steps"] == 4 and log["unet_loss"][-1][0] == 4 and log["steps_done"] == 4
     with pytest.raises(ValueError, match="other settings"):
         pretrain(tmp_path / "a", _tiny(learning_rate=1e-4), evaluate=False)
 

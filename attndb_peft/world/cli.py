@@ -267,7 +267,8 @@ def _add_pretrain_parser(sub) -> None:
     p.add_argument("--checkpoint-every", type=_positive_int, default=defaults.checkpoint_every,
                    dest="checkpoint_every", help=f"Steps between checkpoints. Default {defaults.checkpoint_every}.")
     p.add_argument("--stop-after", type=_positive_int, default=None, dest="stop_after",
-                   help="Stop after the first checkpoint at or past this step (continue later with the same command).")
+                   help="Stop at the first checkpoint at or past this step and write DIR/pipeline from its EMA "
+                   "weights (run again without it to continue).")
     p.add_argument("--no-evaluate", action="store_false", dest="evaluate",
                    help="Skip the held-out evaluation at the end.")
     _add_common(p)
@@ -284,11 +285,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         final = pretrain(args.output, config, evaluate=args.evaluate, stop_after=args.stop_after)
     except ValueError as exc:  # another run's settings in --output
         raise _usage_error(f"--output {exc}") from None
-    if final is None:
-        logger.info("Stopped as asked; run the same command again to continue.")
-        print(args.output)
-    else:
-        print(final)
+    print(final)
     return 0
 
 

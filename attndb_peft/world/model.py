@@ -403,11 +403,12 @@ def pretrain(
         output: the run's folder (created; a folder of an earlier run with the same settings is resumed).
         config (`PretrainConfig`): the settings.
         evaluate (`bool`): score the finished model on held-out captions (`evaluation.json`).
-        stop_after (`int`, *optional*): stop once the checkpoint at or after this step is written (to split a
-            long run across sessions; run again to continue).
+        stop_after (`int`, *optional*): stop at the first checkpoint at or after this step (or at the checkpoint
+            resumed from, if it is past it) and write the pipeline of the EMA weights there (`steps_done` in
+            `pretrain.json` says which); running again without it continues the same run.
 
     Returns:
-        `Path`: the finished pipeline folder `output/pipeline`, or None when stopped early by `stop_after`.
+        `Path`: the pipeline folder `output/pipeline`.
     """
     from diffusers import DDPMScheduler
     from safetensors.torch import load_file, save_file
@@ -488,7 +489,9 @@ def pretrain(
         text_encoder.train()
         t1 = time.perf_counter()
         total = config.steps
-        for step in range(start_step, total):
+        # with stop_after at or before the checkpoint resumed from, nothing is trained: the pipeline is written
+        stopped = start_step if stop_after is not None and stop_after <= start_step < total else None
+        for step in range(start_step, total if stopped is None else start_step):
             j = torch.randint(0, len(ids), (config.batch_size,), generator=generator)
             latents = (means[j] + stds[j] * torch.randn(means[j].shape, generator=generator)) * scaling
             tokens = ids[j].clone()
@@ -520,10 +523,14 @@ def pretrain(
                 start_step = done
                 _save_checkpoint(ckpt, done, unet, text_encoder, ema, opt, generator, log)
                 if stop_after is not None and done >= stop_after and done < total:
-                    logger.info("stopped after step %d as asked; run again with the same settings to continue", done)
-                    return None
+                    stopped = done
+                    break
+        log["steps_done"] = stopped or total
+        if stopped:
+            logger.info("stopped after step %d of %d as asked; the pipeline holds the EMA weights of that step; run "
+                        "again with the same settings (without --stop-after) to continue", stopped, total)
 
-        # The finished pipeline carries the EMA weights.
+        # The pipeline carries the EMA weights.
         unet.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("unet.")}, strict=False)
         text_encoder.load_state_dict(
             {k[13:]: v for k, v in ema.items() if k.startswith("text_encoder.")}, strict=False
