@@ -199,13 +199,15 @@ def test_the_latent_cache_holds_each_views_mask(masked):
     assert 0.2 < float(cache.mask.mean()) < 0.9
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")  # the optimizer does not step here
-def test_all_ones_masks_train_like_the_default_and_accumulation_keeps_the_batch(masked):
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")  # the optimizer does not step here
+def test_all_ones_masks_train_like_the_default_and_accumulation_keeps_the_batch(masked, monkeypatch):
     """All-ones masks weight every pixel by 1: the default run's gradients (the masks draw no random numbers, so
     images, noise and timesteps are the same). With real masks, accumulated passes give the gradients of one
     larger batch (each sample is normalised by its own mask)."""
     real = masked.latents.mask
-    default = _step_gradients(masked, None, batch_size=2, masked_loss=False)
+    with monkeypatch.context() as patch:  # off, the step takes the unmasked loss as before masks existed
+        patch.setattr("attndb_peft.trainer.masked_diffusion_loss", None)
+        default = _step_gradients(masked, None, batch_size=2, masked_loss=False)
     ones = _step_gradients(masked, torch.ones_like(real), batch_size=2)
     assert len(default) == len(ones) > 0
     for o, d in zip(ones, default):
@@ -277,3 +279,12 @@ def test_alpha_problems_and_check_inputs(tiny_model, tmp_path):
     warnings = check_inputs(config)
     assert any("opaque.png has no transparency" in w for w in warnings)
     assert check_inputs(make_config(tiny_model, images, tmp_path / "out")) == []  # off: masks not looked at
+
+
+def test_the_model_card_says_the_loss_was_masked(tmp_path):
+    from attndb_peft.export import LoraFactors, render_model_card
+
+    lora = {"down_blocks.0.attentions.0.proj_in": LoraFactors(torch.zeros(4, 8), torch.zeros(8, 4))}
+    off = render_model_card(make_config("m", tmp_path, tmp_path / "o"), lora, {}, [], embedding_dim=1024)
+    on = render_model_card(make_config("m", tmp_path, tmp_path / "o", masked_loss=True), lora, {}, [], 1024)
+    assert "masked_loss" not in off and "an addition to the\npaper's method" in on
