@@ -387,8 +387,8 @@ class Trainer:
             views += image_views_i
             owner += [i] * len(image_views_i)
             if cfg.masked_loss:  # the same views of the subject mask (same crop boxes, resize and flips)
-                mask = load_subject_mask(path, sources[i])
-                masks += mask_views(mask, cfg.resolution, cfg.flip, cfg.random_crops, seed=cfg.seed + i)
+                subject = load_subject_mask(path, sources[i])
+                masks += mask_views(subject, cfg.resolution, cfg.flip, cfg.random_crops, seed=cfg.seed + i)
         mean, std = encode_views(self.vae, views, batch_size=cfg.batch_size)
         mask = latent_masks(masks, tuple(mean.shape[-2:])).to(mean.device) if cfg.masked_loss else None
         self.latents = LatentCache(
