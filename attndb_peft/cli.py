@@ -208,6 +208,14 @@ def _add_train_parser(sub) -> None:
     p.add_argument(
         "--no-flip", action="store_false", default=None, dest="flip", help="Disable horizontal flips (on by default)."
     )
+    p.add_argument(
+        "--masked-loss",
+        action="store_true",
+        default=None,
+        dest="masked_loss",
+        help=_config_help("masked_loss"),
+    )
+    p.add_argument("--masks", metavar="DIR", help=_config_help("masks"))
     p.add_argument("--max-grad-norm", type=float, dest="max_grad_norm", help=_config_help("max_grad_norm"))
     p.add_argument(
         "--no-tf32",

@@ -197,6 +197,21 @@ class AttnDBConfig:
         default=0,
         metadata={"help": "Extra random-crop views cached per image (0: center crop only)."},
     )
+    masked_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "Weight the diffusion loss by a subject mask (an addition to the paper's method): from the "
+            "photos' transparency (cut-out PNGs), or from masks. The background then teaches nothing (cut-outs are "
+            "otherwise learned on white); the attention regularizer is unchanged."
+        },
+    )
+    masks: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder with one mask per photo, same file name stem (dog1.jpg -> dog1.png), same size, white = "
+            "subject; implies masked_loss. Without it masked_loss uses the photos' alpha channel."
+        },
+    )
     mixed_precision: str = field(
         default="auto",
         metadata={"help": "auto (bf16 on GPUs that support it, else fp16 on GPU, no on CPU), no, fp16, bf16."},
@@ -278,6 +293,12 @@ class AttnDBConfig:
             self.token = default_token(self.category)
         elif not self.token.strip() or any(ch.isspace() for ch in self.token):
             raise ConfigError(f"token must be one word without spaces, got {self.token!r}; e.g. --token '<sks-dog>'.")
+        if self.masks is not None:
+            if not isinstance(self.masks, str) or not self.masks.strip():
+                raise ConfigError(f"masks must be a folder path or None, got {self.masks!r}.")
+            self.masked_loss = True  # a masks folder is only read for the masked loss
+        if not isinstance(self.masked_loss, bool):
+            raise ConfigError(f"masked_loss must be true or false, got {self.masked_loss!r}.")
         if self.resolution < 8 or self.resolution % 8:
             raise ConfigError(f"resolution must be a positive multiple of 8, got {self.resolution}.")
         if self.batch_size < 1:

@@ -6,6 +6,10 @@ image, and optionally extra random crops), each view is encoded by the VAE once,
 view per image per step and draws a fresh latent from the cached posterior (mean + std * noise), so the
 VAE's sampling noise stays as in the reference code while the VAE never runs in the loop. Rotations of the
 reference code are not kept: they add black corners and resampling blur to few-shot data.
+
+Subject masks (opt-in, `masked_loss`): from a masks folder (one mask per image, same file stem) or else from the
+images' alpha channel. A mask goes through exactly the geometry of its image's views (crop box, resize, flip) and
+is then area-averaged to latent resolution and cached beside the latents (`LatentCache.mask`).
 """
 
 from __future__ import annotations
@@ -24,11 +28,18 @@ __all__ = [
     "DataError",
     "ImageFolderReport",
     "LatentCache",
+    "MaskReport",
     "batch_indices",
     "encode_views",
     "image_views",
+    "latent_masks",
+    "load_alpha",
     "load_image",
+    "load_mask",
+    "load_subject_mask",
+    "mask_views",
     "scan_image_folder",
+    "scan_masks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -145,6 +156,169 @@ def scan_image_folder(folder: str | os.PathLike, resolution: int) -> ImageFolder
     return report
 
 
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def _alpha_channel(image):
+    """The alpha channel of a decoded image as mode "L", or None when it has none or it is fully opaque."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode not in _ALPHA_MODES:
+        return None
+    alpha = image.convert("RGBA").getchannel("A")
+    return None if alpha.getextrema()[0] == 255 else alpha
+
+
+def load_alpha(path: str | os.PathLike):
+    """The transparency of an image as a mode "L" mask (255 = opaque = subject), oriented like `load_image`;
+    None when the image has no alpha channel or is fully opaque."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    return _alpha_channel(image)
+
+
+def load_mask(path: str | os.PathLike):
+    """A mask file as mode "L" (255 = subject, 0 = background), oriented by its own EXIF tag.
+
+    A mask with transparency uses its alpha channel (a cut-out saved as the mask); any other mask its luminance
+    (white = subject; 16-bit masks are scaled like photos). Grey values weight partially.
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    alpha = _alpha_channel(image)
+    return alpha if alpha is not None else _to_rgb(image).convert("L")
+
+
+def load_subject_mask(image_path: str | os.PathLike, mask_path: str | os.PathLike | None):
+    """The subject mask of one instance image (mode "L"), from the `mask_path` that `scan_masks` chose: a mask
+    file, the image itself (its alpha channel), or None (no mask: the whole frame, all 255)."""
+    from PIL import Image
+
+    if mask_path is None:
+        with Image.open(image_path) as image:
+            size = _displayed_size(image)
+        return Image.new("L", size, 255)
+    if Path(mask_path) == Path(image_path):
+        return load_alpha(image_path)
+    return load_mask(mask_path)
+
+
+def _displayed_size(image) -> tuple[int, int]:
+    """Width and height of an open image as a viewer shows it (EXIF orientations 5-8 swap the sides)."""
+    orientation = image.getexif().get(0x0112, 1)
+    width, height = image.size
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+@dataclass
+class MaskReport:
+    """What `scan_masks` found: for each image, where its mask comes from (a mask file, the image itself for its
+    alpha channel, or None for the whole frame), problems that stop the run and warnings."""
+
+    sources: list[Path | None] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def scan_masks(images: list[Path], masks: str | os.PathLike | None) -> MaskReport:
+    """Find and check the subject mask of every instance image (for `masked_loss`), without loading any model.
+
+    With a `masks` folder each image needs exactly one mask file with its file stem (`dog1.jpg` ->
+    `masks/dog1.png`), of the image's size as displayed, with some subject (not all black). Without one, the
+    images' alpha channels are the masks: at least one image must have transparency; images without are
+    trained on their whole frame (a warning names them). An image's mask file wins over its alpha channel.
+    """
+    from PIL import Image
+
+    report = MaskReport()
+    if masks is not None:
+        folder = Path(masks)
+        if not folder.is_dir():
+            report.problems.append(
+                f"--masks {folder}: no such folder; point --masks at a folder with one mask per photo (same file "
+                "name stem, white = subject)."
+            )
+            return report
+        by_stem: dict[str, list[Path]] = {}
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS:
+                by_stem.setdefault(path.stem, []).append(path)
+        stems = [image.stem for image in images]
+        for image in images:
+            found = by_stem.get(image.stem, [])
+            if stems.count(image.stem) > 1:
+                report.problems.append(
+                    f"{image}: another photo has the file stem {image.stem!r}, so --masks {folder} cannot tell "
+                    "their masks apart; rename one of the photos (and its mask)."
+                )
+            elif not found:
+                report.problems.append(
+                    f"{image}: no mask in --masks {folder} (looked for {image.stem}.*, e.g. {folder / image.stem}"
+                    ".png); add its mask (white = subject, same size as the photo) or remove the photo."
+                )
+            elif len(found) > 1:
+                names = ", ".join(p.name for p in found)
+                report.problems.append(
+                    f"{image}: several masks in --masks {folder} have its stem ({names}); keep exactly one."
+                )
+            report.sources.append(found[0] if len(found) == 1 else None)
+        unused = sorted(set(by_stem) - set(stems))
+        if unused:
+            report.warnings.append(
+                f"--masks {folder}: mask(s) without a photo of the same stem are ignored: "
+                + ", ".join(by_stem[stem][0].name for stem in unused)
+                + "."
+            )
+    else:
+        for image in images:
+            try:
+                has_alpha = load_alpha(image) is not None
+            except Exception:  # a broken image is reported by scan_image_folder
+                has_alpha = False
+            report.sources.append(image if has_alpha else None)
+        if images and all(source is None for source in report.sources):
+            report.problems.append(
+                "--masked-loss: none of the photos has transparency (an alpha channel) and no --masks folder was "
+                "given; use cut-out PNGs with transparent backgrounds, give --masks DIR with one mask per photo "
+                "(same file name stem, white = subject), or drop --masked-loss."
+            )
+            return report
+        opaque = [image.name for image, source in zip(images, report.sources) if source is None]
+        if opaque:
+            report.warnings.append(
+                f"--masked-loss: {', '.join(opaque)} ha{'ve' if len(opaque) > 1 else 's'} no transparency; trained "
+                "on the whole frame (give --masks DIR to mask them too)."
+            )
+    for image, source in zip(images, report.sources):
+        if source is None:
+            continue
+        try:
+            with Image.open(image) as opened:
+                image_size = _displayed_size(opened)
+            mask = load_subject_mask(image, source)
+        except Exception as exc:  # PIL raises many types for broken files
+            report.problems.append(f"{source}: cannot be decoded as a mask ({type(exc).__name__}); replace it.")
+            continue
+        if mask.size != image_size:
+            report.problems.append(
+                f"{source}: the mask is {mask.size[0]}x{mask.size[1]} but its photo {image.name} is "
+                f"{image_size[0]}x{image_size[1]} (as displayed); save the mask at the photo's size."
+            )
+        elif mask.getextrema()[1] == 0:
+            what = "fully transparent" if source == image else "all black (no subject)"
+            report.problems.append(
+                f"{source}: the mask is {what}, so {image.name} would teach nothing; mark the subject "
+                f"({'opaque' if source == image else 'white'}) or remove the photo."
+            )
+    return report
+
+
 def _resize_crop(image, resolution: int, box: tuple[float, float, float, float] | None):
     from PIL import Image
 
@@ -170,20 +344,59 @@ def image_views(image, resolution: int, flip: bool = True, random_crops: int = 0
     crops covering 80-100% of the shorter side at random positions (seeded). With `flip`, every view is
     followed by its mirror image, so sampling views uniformly flips with probability 1/2.
     """
-    rng = random.Random(seed)
-    width, height = image.size
-    boxes: list[tuple[float, float, float, float] | None] = [None]
-    for _ in range(random_crops):
-        side = min(width, height) * rng.uniform(0.8, 1.0)
-        left, top = rng.uniform(0, width - side), rng.uniform(0, height - side)
-        boxes.append((left, top, left + side, top + side))
     views = []
-    for box in boxes:
+    for box in _view_boxes(image.size, random_crops, seed):
         view = _to_tensor(_resize_crop(image, resolution, box))
         views.append(view)
         if flip:
             views.append(view.flip(-1))
     return views
+
+
+def _view_boxes(size: tuple[int, int], random_crops: int, seed: int) -> list[tuple[float, float, float, float] | None]:
+    """The crop boxes of an image's views: None (the center crop), then `random_crops` seeded random squares."""
+    rng = random.Random(seed)
+    width, height = size
+    boxes: list[tuple[float, float, float, float] | None] = [None]
+    for _ in range(random_crops):
+        side = min(width, height) * rng.uniform(0.8, 1.0)
+        left, top = rng.uniform(0, width - side), rng.uniform(0, height - side)
+        boxes.append((left, top, left + side, top + side))
+    return boxes
+
+
+def mask_views(mask, resolution: int, flip: bool = True, random_crops: int = 0, seed: int = 0) -> list[torch.Tensor]:
+    """The views of a subject mask that match `image_views` of its image with the same arguments, each
+    `[1, resolution, resolution]` float32 in [0, 1] (1 = subject).
+
+    Args:
+        mask (`PIL.Image.Image`): mode "L" (255 = subject) or "F" (1.0 = subject), the size of its image.
+
+    The same crop boxes, the same bicubic resize (in float, clipped to [0, 1]) and the same mirror images.
+    """
+    from PIL import Image
+
+    if mask.mode != "F":
+        mask = Image.fromarray(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0, mode="F")
+    views = []
+    for box in _view_boxes(mask.size, random_crops, seed):
+        view = torch.from_numpy(np.asarray(_resize_crop(mask, resolution, box), dtype=np.float32).copy())
+        view = view.clamp_(0.0, 1.0)[None]
+        views.append(view)
+        if flip:
+            views.append(view.flip(-1))
+    return views
+
+
+def latent_masks(views: list[torch.Tensor], latent_size: tuple[int, int]) -> torch.Tensor:
+    """Pixel-resolution mask views `[1, H, W]` -> `[num_views, 1, h, w]` at latent resolution: each latent
+    cell gets the mean of the pixels it covers (the VAE downsamples by an integer factor, so cells tile)."""
+    pixels = torch.stack(views).float()
+    height, width = pixels.shape[-2:]
+    h, w = latent_size
+    if height % h or width % w:
+        raise ValueError(f"mask views of {height}x{width} do not tile a {h}x{w} latent grid.")
+    return torch.nn.functional.avg_pool2d(pixels, kernel_size=(height // h, width // w))
 
 
 @torch.no_grad()
@@ -205,10 +418,12 @@ class LatentCache:
         mean, std (`torch.Tensor`): `[num_views_total, C, h, w]` from `encode_views`.
         view_owner (`list[int]`): for each cached view, the index of its image.
         scaling_factor (`float`), shift_factor (`float`): the VAE's latent normalisation.
+        mask (`torch.Tensor`, *optional*): `[num_views_total, 1, h, w]` subject masks at latent resolution (from
+            `latent_masks`), with `masked_loss`; None otherwise.
     """
 
-    def __init__(self, mean, std, view_owner, scaling_factor: float, shift_factor: float = 0.0):
-        self.mean, self.std = mean, std
+    def __init__(self, mean, std, view_owner, scaling_factor: float, shift_factor: float = 0.0, mask=None):
+        self.mean, self.std, self.mask = mean, std, mask
         self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
         self.num_images = max(view_owner) + 1
         self.views_of = [[v for v, owner in enumerate(view_owner) if owner == i] for i in range(self.num_images)]

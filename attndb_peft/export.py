@@ -221,6 +221,7 @@ def render_model_card(
         batch_size=config.batch_size,
         seed=config.seed,
         regularizer=config.regularizer,
+        masked_loss=config.masked_loss,
         ranks=", ".join(map(str, ranks)),
         num_modules=len(lora),
         report=report,

@@ -30,8 +30,19 @@ from . import checkpoints as ckpt
 from .attention import AttentionStore, capture_cross_attention
 from .base_model import BaseModelError, check_base_model
 from .config import AttnDBConfig
-from .data import LatentCache, batch_indices, encode_views, image_views, load_image, scan_image_folder
-from .regularizer import attention_regularizer, diffusion_loss, diffusion_target
+from .data import (
+    LatentCache,
+    batch_indices,
+    encode_views,
+    image_views,
+    latent_masks,
+    load_image,
+    load_subject_mask,
+    mask_views,
+    scan_image_folder,
+    scan_masks,
+)
+from .regularizer import attention_regularizer, diffusion_loss, diffusion_target, masked_diffusion_loss
 from .reporting import check_report_to, format_run_summary, tracker_config, trackers_for, write_validation_samples
 from .stages import (
     ADAPTER_STAGE2,
@@ -81,11 +92,13 @@ _RESUME_KEYS = (
     "regularizer",
     "flip",
     "random_crops",
+    "masked_loss",
+    "masks",
     "max_grad_norm",
     "mixed_precision",
 )
 # Values of resume settings that checkpoints written before the setting existed did not record.
-_SETTING_DEFAULTS = {"gradient_accumulation_steps": 1, "model_config": None}
+_SETTING_DEFAULTS = {"gradient_accumulation_steps": 1, "model_config": None, "masked_loss": False, "masks": None}
 # Files of a finished run inside the output folder (removed by --overwrite).
 OUTPUT_FILES = (
     "attndb_embedding.safetensors",
@@ -126,10 +139,15 @@ class TrainResult:
 def check_inputs(config: AttnDBConfig, tokenizer=None) -> list[str]:
     """Every problem with the run's inputs that can be found without loading the U-Net, VAE or text
     encoder: images, output folder, token and category (with the base model's tokenizer, or `tokenizer` when
-    given). Returns warnings; raises `InputError` listing all problems."""
+    given), and with `masked_loss` the subject masks. Returns warnings; raises `InputError` listing all problems."""
     problems: list[str] = []
     report = scan_image_folder(config.images, config.resolution)
     problems += report.problems
+    warnings = list(report.warnings)
+    if config.masked_loss and report.images:
+        masks = scan_masks(report.images, config.masks)
+        problems += masks.problems
+        warnings += masks.warnings
     if tracker_problem := check_report_to(config.report_to):
         problems.append(tracker_problem)
     out = Path(config.output)
@@ -165,7 +183,7 @@ def check_inputs(config: AttnDBConfig, tokenizer=None) -> list[str]:
             )
     if problems:
         raise InputError("Cannot start training:\n  - " + "\n  - ".join(problems))
-    return report.warnings
+    return warnings
 
 
 def load_tokenizer(config: AttnDBConfig):
@@ -361,20 +379,39 @@ class Trainer:
 
     def _build_latent_cache(self) -> None:
         cfg = self.config
-        views, owner = [], []
+        views, owner, masks = [], [], []
         paths = scan_image_folder(cfg.images, cfg.resolution).images
+        sources = scan_masks(paths, cfg.masks).sources if cfg.masked_loss else []
         for i, path in enumerate(paths):
             image_views_i = image_views(
                 load_image(path), cfg.resolution, cfg.flip, cfg.random_crops, seed=cfg.seed + i
             )
             views += image_views_i
             owner += [i] * len(image_views_i)
+            if cfg.masked_loss:  # the same views of the subject mask (same crop boxes, resize and flips)
+                subject = load_subject_mask(path, sources[i])
+                masks += mask_views(subject, cfg.resolution, cfg.flip, cfg.random_crops, seed=cfg.seed + i)
         mean, std = encode_views(self.vae, views, batch_size=cfg.batch_size)
+        mask = latent_masks(masks, tuple(mean.shape[-2:])).to(mean.device) if cfg.masked_loss else None
         self.latents = LatentCache(
-            mean, std, owner, self.vae.config.scaling_factor, getattr(self.vae.config, "shift_factor", None) or 0.0
+            mean,
+            std,
+            owner,
+            self.vae.config.scaling_factor,
+            getattr(self.vae.config, "shift_factor", None) or 0.0,
+            mask=mask,
         )
         self.num_images = len(paths)
         logger.info("Cached %d views of %d images", len(views), len(paths))
+        if mask is not None:
+            masked = sum(source is not None for source in sources)
+            logger.info(
+                "Masked loss: %d of %d images masked (%s); mean subject share of the views %.2f",
+                masked,
+                len(paths),
+                f"--masks {cfg.masks}" if cfg.masks else "alpha channel",
+                float(mask.mean()),
+            )
 
     # ------------------------------------------------------------------------------------------ stages
     def build_stage(self, stage: int) -> None:
@@ -641,6 +678,9 @@ class Trainer:
         )
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = diffusion_target(self.noise_scheduler, latents, noise, timesteps)
+        # masked_loss: the subject masks of the same cached views (a lookup; no random draws, so the step's
+        # images, noise and timesteps are those of the unmasked run)
+        masks = None if self.latents.mask is None else self.latents.mask[view_schedule[step]]
         passes, size = cfg.gradient_accumulation_steps, cfg.batch_size
         # The passes add up to the loss of one pass over all their images: the MSE is a mean over the batch, so
         # each pass's share is divided by the number of passes; the per-layer regularizer is a sum over the batch,
@@ -659,7 +699,10 @@ class Trainer:
                 if store is not None:
                     store.clear()
                 pred = self.unet(noisy[part].to(self.weight_dtype), timesteps[part], states.to(self.weight_dtype))
-                mse = diffusion_loss(pred.sample, target[part])
+                if masks is None:
+                    mse = diffusion_loss(pred.sample, target[part])
+                else:
+                    mse = masked_diffusion_loss(pred.sample, target[part], masks[part])
                 if store is not None:
                     reg = attention_regularizer(
                         *store.concept_and_category(), stage_cfg.lambda_mu, stage_cfg.lambda_var, cfg.regularizer
