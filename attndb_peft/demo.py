@@ -42,7 +42,7 @@ WORLD_DEMO_PROMPTS = (
     ("photo", "purple", "grass"),
 )
 #: Pictures per prompt and method in the world demo (seeds seed, seed + 1, ...).
-WORLD_DEMO_IMAGES = 3
+WORLD_DEMO_IMAGES = 2
 #: Learning rates that visibly move the tiny random model in a few dozen steps (not for real models).
 DEMO_LEARNING_RATES = (5e-2, 1e-2, 1e-2)
 _MARKER = ".attndb-demo"
@@ -280,7 +280,10 @@ def _run_world(output: Path, steps, seed, inference_steps, concept_seed, num_ima
 
     scenes = [W.Scene(concept.category, col, ctx, sty) for sty, col, ctx in WORLD_DEMO_PROMPTS]
     common = dict(model=str(base_model), images=str(images), category=concept.category, seed=seed)
-    config = world_config(output=str(adapter), validation_inference_steps=inference_steps, **common)
+    # one sample per validation prompt at each stage end: the side-by-side grid below is the demo's main picture
+    config = world_config(
+        output=str(adapter), validation_inference_steps=inference_steps, validation_images=1, **common
+    )
     if steps is not None:
         config = config.with_stage_values(steps=steps)
     ti_config = textual_inversion_config(
