@@ -147,7 +147,10 @@ class AttnDBConfig:
     )
     mixed_precision: str = field(
         default="auto",
-        metadata={"help": "auto (bf16 on GPUs that support it, else fp16 on GPU, no on CPU), no, fp16, bf16."},
+        metadata={
+            "help": "auto (bf16 on GPUs with native bf16, compute capability >= 8.0; fp16 on older GPUs; no on "
+            "CPU), no, fp16, bf16."
+        },
     )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Trade compute for memory in the U-Net (low-memory setting)."}

@@ -37,10 +37,13 @@ from .stages import (
     STAGE2_TARGET_MODULES,
     STAGE3_TARGET_MODULES,
     ConceptToken,
+    LoraFactors,
     TokenEmbeddingSplice,
     add_concept_token,
     add_lora,
+    combine_loras,
     lora_factors,
+    lora_from_delta,
     set_trainable,
 )
 
@@ -69,6 +72,7 @@ _RESUME_KEYS = (
     "max_grad_norm",
     "mixed_precision",
 )
+_SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Files of a finished run inside the output folder (removed by --overwrite).
 OUTPUT_FILES = (
     "attndb_embedding.safetensors",
@@ -152,11 +156,18 @@ def load_tokenizer(config: AttnDBConfig):
     return CLIPTokenizer.from_pretrained(config.model, subfolder="tokenizer", revision=config.revision)
 
 
-def _resolve_mixed_precision(requested: str) -> str:
+def _resolve_mixed_precision(requested: str, device: torch.device | str | None = None) -> str:
+    """The precision `mixed_precision="auto"` stands for on `device` (the process's own device; default: the
+    current CUDA device): bf16 on GPUs with native bf16 (compute capability 8.0 or newer: A100, H100, RTX 30xx
+    and later), fp16 on older GPUs (T4, V100: `torch.cuda.is_bf16_supported()` also counts their emulated bf16,
+    which is far slower than fp16), no autocast on the CPU. Other values are returned unchanged."""
     if requested != "auto":
         return requested
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
     return "no"
 
 
@@ -243,16 +254,19 @@ class Trainer:
     def prepare(self) -> dict | None:
         """Check inputs, start accelerate, load the models, add the token and cache the latents. Returns the
         checkpoint to resume from (with `resume`), else None."""
-        from accelerate import Accelerator
+        from accelerate import Accelerator, PartialState
         from accelerate.utils import ProjectConfiguration
 
         cfg = self.config
-        self.mixed_precision = _resolve_mixed_precision(cfg.mixed_precision)
         # cpu=True without CUDA makes torchrun / `accelerate launch --multi_gpu` processes on a CPU-only machine
         # join one gloo process group (accelerate's MULTI_CPU) instead of each training alone.
+        cpu = not torch.cuda.is_available()
+        # accelerate's process state first: it picks this process's device, which "auto" precision then probes
+        # (every rank asking GPU 0 would be wrong on mixed machines and creates a context there).
+        self.mixed_precision = _resolve_mixed_precision(cfg.mixed_precision, PartialState(cpu=cpu).device)
         self.accelerator = Accelerator(
             mixed_precision=self.mixed_precision,
-            cpu=not torch.cuda.is_available(),
+            cpu=cpu,
             log_with=trackers_for(cfg.report_to),
             project_config=ProjectConfiguration(project_dir=cfg.output, logging_dir=str(Path(cfg.output) / "logs")),
         )
@@ -322,6 +336,7 @@ class Trainer:
         self.splice = TokenEmbeddingSplice(self.text_encoder, self.concept.token_id).to(self.device)
         self.prompt_ids = self.concept.prompt_ids.to(self.device)
         self.base_weights: dict[str, torch.Tensor] | None = None  # stage-3 full: U-Net before stages 2-3
+        self.full_export: tuple[dict[str, LoraFactors], float] | None = None  # stage-3 full: (LoRA, energy kept)
 
     def _build_latent_cache(self) -> None:
         cfg = self.config
@@ -461,6 +476,8 @@ class Trainer:
         if stage_cfg.steps == 0:  # a skipped stage still leaves a checkpoint to resume after it
             self.save_checkpoint(stage, 0)
         self.result.stage_seconds[stage] = time.perf_counter() - started
+        if stage == 3 and cfg.stage3_mode == "full" and acc.is_main_process:
+            self.use_full_export()  # the final samples come from what is exported
         self.validate(stage, stage_cfg.steps, stage_end=True)
 
     def _log_metrics(self, stage: int, step: int, loss: float, reg: float) -> None:
@@ -751,7 +768,6 @@ class Trainer:
 
     def export(self) -> list[Path]:
         from .export import export_adapter
-        from .stages import combine_loras, lora_from_delta
 
         files: list[Path] = []
         if self.accelerator.is_main_process:
@@ -761,30 +777,58 @@ class Trainer:
             if cfg.stage3_mode == "lora":
                 lora = combine_loras(lora_factors(self.unet, ADAPTER_STAGE2), lora_factors(self.unet, ADAPTER_STAGE3))
             else:
-                lora, energy, total = {}, 0.0, 0.0
-                for name, delta in self._full_delta().items():
-                    lora[name], retained = lora_from_delta(delta, cfg.full_export_rank)
-                    norm = float(delta.square().sum())
-                    energy, total = energy + retained * norm, total + norm
-                report["full_export_retained"] = energy / total if total else 1.0
-                logger.info(
-                    "Stage 3 full: the rank-%d LoRA export keeps %.1f%% of the U-Net delta's energy "
-                    "(squared Frobenius norm).",
-                    cfg.full_export_rank,
-                    100 * report["full_export_retained"],
-                )
+                if self.full_export is None:
+                    self.use_full_export()
+                lora, report["full_export_retained"] = self.full_export
             files = export_adapter(
                 self.output_dir, cfg, embedding, lora, report=report, samples=self.result.card_samples
             )
         self.accelerator.wait_for_everyone()
         return files
 
-    def _full_delta(self) -> dict[str, torch.Tensor]:
-        """Weight deltas (final - base) of every U-Net linear/conv weight that changed in stages 2-3."""
-        deltas = {}
-        for name, tensor in self.unet.state_dict().items():
-            if name.endswith(".weight") and tensor.ndim in (2, 4):
-                delta = tensor.detach().float().cpu() - self.base_weights[name]
-                if delta.abs().max() > 0:
-                    deltas[name[: -len(".weight")]] = delta
-        return deltas
+    def use_full_export(self) -> None:
+        """Stage 3 full, at the end of the stage (main process): compute the exported LoRA (`full_export`) and
+        put exactly what it makes into the in-memory U-Net, so the final samples and the model card show what
+        the adapter does: every weight becomes base + the LoRA's delta (at `save_dtype`, as the file holds it);
+        biases and norms, which a LoRA cannot carry, go back to the base model's. The stage's last checkpoint
+        keeps the fine-tuned weights."""
+        cfg = self.config
+        lora, retained = self._full_export_lora()
+        self.full_export = (lora, retained)
+        logger.info(
+            "Stage 3 full: the rank-%d LoRA export keeps %.1f%% of the U-Net delta's energy (squared Frobenius "
+            "norm); the final samples show the exported LoRA.",
+            cfg.full_export_rank,
+            100 * retained,
+        )
+        dtype = _SAVE_DTYPES[cfg.save_dtype]
+        with torch.no_grad():
+            for name, param in self.unet.named_parameters():
+                value = self.base_weights[name].to(param.device, param.dtype)
+                factors = lora.get(name.removesuffix(".weight"))
+                if factors is not None:  # the LoRA as saved: factors rounded to save_dtype
+                    saved = LoraFactors(factors.down.to(dtype), factors.up.to(dtype), factors.scale)
+                    value = value + saved.delta().to(param.device, param.dtype)
+                param.copy_(value)
+
+    def _full_export_lora(self) -> tuple[dict[str, LoraFactors], float]:
+        """Stage 3 full: the rank-`full_export_rank` LoRA of every U-Net linear/conv weight that changed in
+        stages 2-3 (final - base), and the share of the change's energy (squared Frobenius norm) it keeps.
+
+        Each delta is formed and factorized on the training device, one weight at a time (the base weights wait
+        in CPU memory); only the factors come back to the CPU."""
+        rank = self.config.full_export_rank
+        lora: dict[str, LoraFactors] = {}
+        kept, total = 0.0, 0.0
+        with torch.no_grad():
+            for name, tensor in self.unet.state_dict().items():
+                if not (name.endswith(".weight") and tensor.ndim in (2, 4)):
+                    continue
+                delta = tensor.float() - self.base_weights[name].to(tensor.device)
+                norm = float(delta.square().sum())
+                if norm == 0:
+                    continue
+                factors, retained = lora_from_delta(delta, rank)
+                lora[name.removesuffix(".weight")] = LoraFactors(factors.down.cpu(), factors.up.cpu())
+                kept, total = kept + retained * norm, total + norm
+        return lora, (kept / total if total else 1.0)

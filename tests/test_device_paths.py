@@ -1,0 +1,150 @@
+# Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
+"""The paths a plain CPU run does not take (issue 14), exercised on the CPU: `--compile` (dynamo with a counting
+backend), the `auto` precision choice (monkeypatched CUDA device queries), the full fine-tune's SVD export and
+fp16 attention scores."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import make_config
+
+from attndb_peft.attention import AttentionStore, CrossAttnCaptureProcessor
+from attndb_peft.stages import lora_from_delta
+from attndb_peft.trainer import Trainer, _resolve_mixed_precision
+
+
+def _counting_backend(graphs: list):
+    """A dynamo backend that records every graph it is given and runs it eagerly."""
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return backend
+
+
+# -- --compile ----------------------------------------------------------------------------------------------
+def test_capture_processor_compiles_once():
+    """The capture builds its index tensor up front: creating it on the first call changed the processor between
+    the first and second forward, so every stage compiled twice (and hit dynamo's recompile limit sooner)."""
+    from diffusers.models.attention_processor import Attention
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=16, heads=2, dim_head=16)
+    store = AttentionStore()
+    attn.set_processor(CrossAttnCaptureProcessor(store, "layer", [1, 2], output="explicit", device="cpu"))
+    graphs: list = []
+    compiled = torch.compile(attn, backend=_counting_backend(graphs))
+    hidden = torch.randn(2, 16, 32, requires_grad=True)
+    context = torch.randn(2, 77, 16)
+    for _ in range(3):
+        store.clear()
+        compiled(hidden, encoder_hidden_states=context).sum().backward()
+    assert len(graphs) == 1
+    assert store.maps["layer"].shape == (2, 2, 16, 2)
+
+
+def test_validation_samples_run_eagerly_under_compile(trained, tmp_path, monkeypatch):
+    """Sampling (eval mode, no grad, another batch size) adds no compiled graph: before, each validation added
+    graphs until dynamo's limit of 8 stopped compiling the training step (stage 3 ran eagerly)."""
+    from attndb_peft.reporting import write_validation_samples
+
+    config = dataclasses.replace(
+        trained.config,
+        compile=True,
+        validation_prompts=("a photo of {}",),
+        validation_inference_steps=2,
+        validation_images=1,
+    )
+    monkeypatch.setattr(trained, "config", config)
+    monkeypatch.setattr(trained, "output_dir", tmp_path)
+    torch._dynamo.reset()
+    graphs: list = []
+    trained.unet.compile(backend=_counting_backend(graphs))
+    try:
+        written = write_validation_samples(trained, 3, 1, stage_end=False)
+    finally:
+        trained.unet._compiled_call_impl = None  # what nn.Module.compile set; the fixture is shared
+    assert [p.name for p in written] == ["stage3-step1.png"]
+    assert graphs == []
+
+
+# -- mixed_precision="auto" ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "capability, expected",
+    [((6, 0), "fp16"), ((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((8, 9), "bf16"), ((9, 0), "bf16")],
+)
+def test_auto_precision_wants_native_bf16(monkeypatch, capability, expected):
+    """P100/V100/T4 report bf16 as supported (emulated, far slower than fp16): they get fp16."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    assert _resolve_mixed_precision("auto", torch.device("cuda", 1)) == expected
+    assert asked == [torch.device("cuda", 1)]  # the process's own GPU, not GPU 0
+    assert _resolve_mixed_precision("auto", torch.device("cpu")) == "no"
+    assert _resolve_mixed_precision("fp16", torch.device("cuda", 1)) == "fp16"
+
+
+def test_prepare_probes_the_device_accelerate_gave_the_process(tiny_model, instance_dir, tmp_path, monkeypatch):
+    import attndb_peft.trainer as trainer_module
+
+    asked = []
+
+    def spy(requested, device=None):
+        asked.append(device)
+        return _resolve_mixed_precision(requested, device)
+
+    monkeypatch.setattr(trainer_module, "_resolve_mixed_precision", spy)
+    trainer = Trainer(make_config(tiny_model, instance_dir, tmp_path / "out"))
+    trainer.prepare()
+    assert asked == [trainer.accelerator.device]
+    assert trainer.accelerator.mixed_precision == "no"
+
+
+# -- --stage3 full export -----------------------------------------------------------------------------------
+def test_svd_export_factorizes_tall_matrices(monkeypatch):
+    """A wide delta (a 3x3 conv's [out, in * 9]) is factorized through its transpose: LAPACK takes several times
+    longer on the wide orientation (benchmarks/bench_export.py). Same factors up to sign, same energy."""
+    shapes = []
+    svd = torch.linalg.svd
+
+    def spy(matrix, *args, **kwargs):
+        shapes.append(tuple(matrix.shape))
+        return svd(matrix, *args, **kwargs)
+
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(24, 16, 3, 3, generator=g)
+    monkeypatch.setattr(torch.linalg, "svd", spy)
+    factors, retained = lora_from_delta(delta, 8)
+    assert shapes == [(144, 24)]
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    s = torch.linalg.svdvals(delta.reshape(24, -1).double())
+    assert retained == pytest.approx(float(s[:8].square().sum() / s.square().sum()), rel=1e-5)
+    err = (factors.delta() - delta).double().square().sum()
+    assert float(err) == pytest.approx(float(s[8:].square().sum()), rel=1e-3)
+
+
+def test_randomized_svd_export_reports_the_energy_it_keeps():
+    """`method="randomized"`: the reported share is exactly what the factors keep (a projection), it is close to
+    the optimum on a decaying spectrum, it does not touch the global RNG and it is deterministic."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(300, 120, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(900, 120, generator=g, dtype=torch.float64)).Q
+    s = torch.logspace(0, -2, 120, dtype=torch.float64)
+    delta = ((u * s) @ v.T).float()
+    state = torch.random.get_rng_state()
+    factors, retained = lora_from_delta(delta, 16, method="randomized")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    again, _ = lora_from_delta(delta, 16, method="randomized")
+    assert torch.equal(again.down, factors.down) and torch.equal(again.up, factors.up)
+    kept = 1 - float((factors.delta() - delta).double().square().sum() / delta.double().square().sum())
+    assert retained == pytest.approx(kept, abs=1e-5)
+    optimum = float(s[:16].square().sum() / s.square().sum())
+    assert optimum * 0.999 <= retained <= optimum * (1 + 1e-5)
+    with pytest.raises(ValueError, match="method='qr'"):
+        lora_from_delta(delta, 16, method="qr")
