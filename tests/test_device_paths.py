@@ -73,6 +73,16 @@ def test_validation_samples_run_eagerly_under_compile(trained, tmp_path, monkeyp
     assert graphs == []
 
 
+def test_compile_with_gradient_checkpointing_is_refused(tiny_model, instance_dir, tmp_path):
+    """Measured on the tiny U-Net: with both, stage 1's first step compiled 17 graphs and hit dynamo's recompile
+    limit (the checkpointed blocks recompile per signature), so the low-memory run with --compile ran eagerly."""
+    from attndb_peft.config import ConfigError
+
+    with pytest.raises(ConfigError, match="compile and gradient_checkpointing cannot be combined.*Drop --compile"):
+        make_config(tiny_model, instance_dir, tmp_path / "out", compile=True, gradient_checkpointing=True)
+    make_config(tiny_model, instance_dir, tmp_path / "out", compile=True)  # each alone is fine
+
+
 # -- mixed_precision="auto" ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "capability, expected",
