@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -47,7 +48,16 @@ from .stages import (
     set_trainable,
 )
 
-__all__ = ["InputError", "OutOfMemory", "TrainResult", "Trainer", "TrainingDiverged", "check_inputs", "train"]
+__all__ = [
+    "InputError",
+    "OutOfMemory",
+    "PROCESS_GROUP_TIMEOUT",
+    "TrainResult",
+    "Trainer",
+    "TrainingDiverged",
+    "check_inputs",
+    "train",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +82,10 @@ _RESUME_KEYS = (
     "max_grad_norm",
     "mixed_precision",
 )
+#: How long a process waits in a collective (e.g. a barrier) before the run is aborted. NCCL's default, 10
+#: minutes, is shorter than what the main process may spend alone: writing a stage-3 full checkpoint (~10 GiB)
+#: or the full fine-tune's export while the other processes wait in `wait_for_everyone`.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
 _SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Files of a finished run inside the output folder (removed by --overwrite).
 OUTPUT_FILES = (
@@ -263,7 +277,8 @@ class Trainer:
         cpu = not torch.cuda.is_available()
         # accelerate's process state first: it picks this process's device, which "auto" precision then probes
         # (every rank asking GPU 0 would be wrong on mixed machines and creates a context there).
-        self.mixed_precision = _resolve_mixed_precision(cfg.mixed_precision, PartialState(cpu=cpu).device)
+        state = PartialState(cpu=cpu, timeout=PROCESS_GROUP_TIMEOUT)
+        self.mixed_precision = _resolve_mixed_precision(cfg.mixed_precision, state.device)
         self.accelerator = Accelerator(
             mixed_precision=self.mixed_precision,
             cpu=cpu,
@@ -525,6 +540,7 @@ class Trainer:
         # PEFT casts each LoRA layer's input to the LoRA weights' dtype (float32 here) and autocast casts it
         # straight back: under autocast that round trip is exact and only costs memory traffic, so skip it.
         no_input_cast = disable_input_dtype_casting(self.unet, active=self.weight_dtype != torch.float32)
+        unet = self._data_parallel_unet(stage)
         self.unet.train()
         try:
             with splice, capture, no_input_cast:
@@ -534,9 +550,32 @@ class Trainer:
                     view_schedule=self._view_schedule(stage),
                     cached_states=cached_states,
                     store=store if use_regularizer else None,
+                    unet=unet,
                 )
         finally:
             self.unet.eval()
+            del unet  # a DDP wrapper's reducer and its gradient hooks go with it
+
+    def _data_parallel_unet(self, stage: int):
+        """What the stage's training forward calls: with several processes in stages 2-3, the U-Net wrapped in
+        torch's `DistributedDataParallel` for this stage's trainable parameters (built after `build_stage`, so
+        it sees exactly them), which averages their gradients in ~25 MB buckets while the backward pass still
+        runs, instead of one blocking collective per parameter after it. Otherwise the U-Net itself (stage 1's
+        one token vector is averaged in `_train_step`, a single collective).
+
+        Every process builds the same weights (same base model, LoRA initialised from the same seed), so the
+        wrapper skips its initial broadcast of the whole U-Net (`init_sync=False`)."""
+        if self.accelerator.num_processes == 1 or stage == 1:
+            return self.unet
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(
+            self.unet,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            broadcast_buffers=False,
+            init_sync=False,
+            gradient_as_bucket_view=True,
+        )
 
     def _view_schedule(self, stage: int) -> torch.Tensor:
         """The cached views every step of the stage trains on, `[steps, batch]` on the device.
@@ -584,10 +623,13 @@ class Trainer:
         view_schedule: torch.Tensor,
         cached_states: torch.Tensor | None,
         store: AttentionStore | None,
+        unet=None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimizer step (see `stage_loop`). `view_schedule`: the cached views of every step;
         `cached_states`: the prompt's encoder states (stages 2-3; stage 1 encodes through the splice); `store`:
-        the capture's store when the regularizer is on."""
+        the capture's store when the regularizer is on; `unet`: what the forward calls (`_data_parallel_unet`,
+        default the U-Net)."""
+        unet = self.unet if unet is None else unet
         cfg = self.config
         stage_cfg = cfg.stages[stage - 1]
         acc = self.accelerator
@@ -610,7 +652,7 @@ class Trainer:
             states = states.expand(latents.shape[0], -1, -1)
             if store is not None:
                 store.clear()
-            pred = self.unet(noisy.to(self.weight_dtype), timesteps, states.to(self.weight_dtype)).sample
+            pred = unet(noisy.to(self.weight_dtype), timesteps, states.to(self.weight_dtype)).sample
             mse = diffusion_loss(pred, target)
             if store is not None:
                 reg = attention_regularizer(
@@ -622,7 +664,7 @@ class Trainer:
         acc.backward(loss)
         if store is not None:
             store.clear()
-        if acc.num_processes > 1:
+        if acc.num_processes > 1 and unet is self.unet:  # stage 1; DDP has averaged stages 2-3 already
             for p in self.params:
                 if p.grad is not None:
                     p.grad = acc.reduce(p.grad, reduction="mean")
