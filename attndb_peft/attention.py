@@ -132,11 +132,15 @@ class CrossAttnCaptureProcessor:
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale  # [batch, heads, pixels, text]
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        # at least float32 (autocast computes the scores in bf16/fp16): the regularizer compares small statistics
-        probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+        # The scores in float32 even under autocast ([batch, heads, pixels, 77] is small next to self-attention):
+        # fp16 q.k^T overflows on models that need `upcast_attention` (SD 2.1-768) and the softmax turns into NaN,
+        # and bf16 rounding of the scores adds noise to the small statistics the regularizer compares.
+        dtype = torch.promote_types(query.dtype, torch.float32)
+        with torch.autocast(query.device.type, enabled=False):
+            scores = torch.matmul(query.to(dtype), key.to(dtype).transpose(-1, -2)) * attn.scale
+            if attention_mask is not None:
+                scores = scores + attention_mask.to(dtype)
+            probs = scores.softmax(dim=-1)  # [batch, heads, pixels, text]
         self.store.maps[self.name] = probs.index_select(-1, self.index.to(probs.device))
 
         if self.output == "sdpa" or (self.output == "auto" and query.device.type == "cuda"):

@@ -223,3 +223,27 @@ def test_two_processes_bucket_the_gradient_sync(tiny_model, instance_dir, tmp_pa
             assert 1 <= report[stage]["all_reduce"] <= 3, report
     for stage in ("stage2", "stage3"):  # averaged gradients: both processes hold the same weights
         assert reports[0][stage]["checksum"] == pytest.approx(reports[1][stage]["checksum"], rel=1e-6)
+
+
+# -- fp16 attention scores ----------------------------------------------------------------------------------
+def test_captured_scores_do_not_overflow_under_fp16_autocast():
+    """q.k^T past fp16's range (what `upcast_attention` models such as SD 2.1-768 produce): the kept maps are
+    computed in float32 and stay finite and equal to the float32 ones; computed in fp16 they were NaN."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=16, heads=2, dim_head=16).eval()
+    hidden = torch.randn(1, 16, 32) * 150
+    context = torch.randn(1, 77, 16) * 150
+    maps = {}
+    for dtype in (torch.float32, torch.float16):
+        store = AttentionStore()
+        attn.set_processor(CrossAttnCaptureProcessor(store, "layer", [1, 2], output="explicit"))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16, enabled=dtype == torch.float16):
+            q, k = attn.to_q(hidden), attn.to_k(context)
+            attn(hidden, encoder_hidden_states=context)
+        maps[dtype] = store.maps["layer"]
+    per_head = q.float().view(1, 16, 2, 16).transpose(1, 2) @ k.float().view(1, 77, 2, 16).permute(0, 2, 3, 1)
+    assert q.dtype == torch.float16 and per_head.abs().max() > 65504  # q.k^T in fp16 overflows
+    assert torch.isfinite(maps[torch.float16]).all()
+    torch.testing.assert_close(maps[torch.float16], maps[torch.float32], rtol=0, atol=2e-2)
