@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -123,11 +124,13 @@ class TrainResult:
     card_samples: list[tuple[str, str]] = field(default_factory=list)  # (prompt, path in OUT) for the model card
 
 
-def check_inputs(config: AttnDBConfig, tokenizer=None) -> list[str]:
+def check_inputs(config: AttnDBConfig, tokenizer=None, unet_config: dict | None = None) -> list[str]:
     """Every problem with the run's inputs that can be found without loading the U-Net, VAE or text
-    encoder: images, output folder, token and category (with the base model's tokenizer, or `tokenizer` when
-    given). Returns warnings; raises `InputError` listing all problems."""
+    encoder: images, output folder, token, category and the training prompt's length (with the base model's
+    tokenizer, or `tokenizer` when given), and a U-Net attndb cannot train (its config, or `unet_config`:
+    inpainting/depth models, SDXL). Returns warnings; raises `InputError` listing all problems."""
     problems: list[str] = []
+    warnings: list[str] = []
     report = scan_image_folder(config.images, config.resolution)
     problems += report.problems
     if tracker_problem := check_report_to(config.report_to):
@@ -159,9 +162,52 @@ def check_inputs(config: AttnDBConfig, tokenizer=None) -> list[str]:
                 f"--category {config.category!r} tokenizes to nothing; give the subject's category as a word such "
                 "as 'dog'."
             )
+        else:
+            problems += _prompt_problems(config, tokenizer)
+        if re.fullmatch(r"[A-Za-z0-9]+", config.token):
+            # the tokenizer splits added tokens out of any text, so 'zwx' also matches inside 'zwxy'
+            warnings.append(
+                f"--token {config.token!r} is plain letters/digits: it will also match inside longer words (e.g. "
+                f"'{config.token}s'). A delimited token such as '<{config.token}>' avoids that."
+            )
+    problems += _unet_problems(config, unet_config)
     if problems:
         raise InputError("Cannot start training:\n  - " + "\n  - ".join(problems))
-    return report.warnings
+    return report.warnings + warnings
+
+
+def _prompt_problems(config: AttnDBConfig, tokenizer) -> list[str]:
+    """The training prompt must fit the text encoder's window (77 tokens) with the token and category in it."""
+    length = len(tokenizer(config.prompt.replace(config.token, " ")).input_ids) + 1  # + the new token's id
+    if length > tokenizer.model_max_length:
+        return [
+            f"--category {config.category!r}: the training prompt {config.prompt!r} is {length} tokens long, more "
+            f"than the text encoder's {tokenizer.model_max_length}; give a shorter category (one or a few words)."
+        ]
+    return []
+
+
+def _unet_problems(config: AttnDBConfig, unet_config: dict | None) -> list[str]:
+    """U-Nets attndb cannot train, from the U-Net's config (read from the model folder when not given; nothing
+    is said when it cannot be read: loading the model reports that)."""
+    if unet_config is None:
+        try:
+            from diffusers import UNet2DConditionModel
+
+            unet_config = UNet2DConditionModel.load_config(config.model, subfolder="unet", revision=config.revision)
+        except Exception:
+            return []
+    problems = []
+    if unet_config.get("in_channels", 4) != 4:
+        problems.append(
+            f"--model {config.model}: its U-Net takes {unet_config['in_channels']} input channels (an inpainting "
+            "or depth model); attndb trains text-to-image models with 4 latent channels, e.g. SD 1.5 or SD 2.1."
+        )
+    if unet_config.get("addition_embed_type") == "text_time":
+        problems.append(
+            f"--model {config.model}: an SDXL U-Net; attndb does not train SDXL yet. Use an SD 1.x or 2.x model."
+        )
+    return problems
 
 
 def load_tokenizer(config: AttnDBConfig):
@@ -287,7 +333,9 @@ class Trainer:
         )
         self.device = self.accelerator.device
         # Every process checks (they see the same files and all stop alike); nothing is written before this.
-        for warning in check_inputs(cfg, None if self.components is None else self.components["tokenizer"]):
+        given = self.components or {}
+        unet_config = dict(given["unet"].config) if "unet" in given else None
+        for warning in check_inputs(cfg, given.get("tokenizer"), unet_config):
             if self.accelerator.is_main_process:
                 logger.warning(warning)
         self.accelerator.wait_for_everyone()
@@ -338,6 +386,17 @@ class Trainer:
         for model in (self.text_encoder, self.vae, self.unet):
             model.requires_grad_(False)
             model.to(self.device)
+        native = self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if cfg.resolution != native and self.accelerator.is_main_process:
+            logger.warning(
+                "--resolution %d: %s generates at %d px (e.g. SD 2.1 at 768, SD 2.1-base at 512); training at "
+                "another size usually makes the concept worse at the model's own size. Pass --resolution %d unless "
+                "you mean it.",
+                cfg.resolution,
+                cfg.model,
+                native,
+                native,
+            )
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if cfg.compile:  # in place (state-dict keys unchanged); each stage's new graph recompiles on first use

@@ -247,3 +247,63 @@ def test_captured_scores_do_not_overflow_under_fp16_autocast():
     assert q.dtype == torch.float16 and per_head.abs().max() > 65504  # q.k^T in fp16 overflows
     assert torch.isfinite(maps[torch.float16]).all()
     torch.testing.assert_close(maps[torch.float16], maps[torch.float32], rtol=0, atol=2e-2)
+
+
+# -- input checks for models and prompts the tiny defaults don't reach ----------------------------------------
+def _model_with_unet_config(tiny_model, tmp_path, **changes):
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    path = model / "unet" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return model
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"in_channels": 9}, "its U-Net takes 9 input channels"),
+        ({"addition_embed_type": "text_time"}, "an SDXL U-Net"),
+    ],
+)
+def test_untrainable_unets_are_refused_before_anything_is_written(
+    tiny_model, instance_dir, tmp_path, changes, message
+):
+    from attndb_peft.trainer import InputError
+
+    model = _model_with_unet_config(tiny_model, tmp_path, **changes)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=f"--model {model}: {message}"):
+        Trainer(make_config(model, instance_dir, out)).run()
+    assert not out.exists()
+
+
+def test_a_prompt_past_77_tokens_is_refused_before_anything_is_written(tiny_model, instance_dir, tmp_path):
+    from attndb_peft.trainer import InputError
+
+    out = tmp_path / "out"
+    config = dataclasses.replace(make_config(tiny_model, instance_dir, out), category=" ".join(["dog"] * 80))
+    with pytest.raises(InputError, match="--category .* is 87 tokens long, more than the text encoder's 77"):
+        Trainer(config).run()
+    assert not out.exists()
+
+
+def test_plain_letter_tokens_get_a_warning(tiny_model, instance_dir, tmp_path):
+    from attndb_peft.trainer import check_inputs, load_tokenizer
+
+    config = make_config(tiny_model, instance_dir, tmp_path / "out", token="zwx")
+    tokenizer = load_tokenizer(config)
+    assert any("--token 'zwx' is plain letters" in w for w in check_inputs(config, tokenizer))
+    tokenizer.add_tokens("zwx")  # what training does; then 'zwxy' holds the concept token too
+    assert tokenizer.convert_tokens_to_ids("zwx") in tokenizer("a zwxy dog").input_ids
+    config = make_config(tiny_model, instance_dir, tmp_path / "out")
+    assert not any("plain letters" in w for w in check_inputs(config, load_tokenizer(config)))
+
+
+def test_a_resolution_other_than_the_models_gets_a_warning(tiny_model, instance_dir, tmp_path, caplog):
+    trainer = Trainer(make_config(tiny_model, instance_dir, tmp_path / "out", resolution=48))
+    with caplog.at_level("WARNING", logger="attndb_peft"):
+        trainer.prepare()
+    assert "--resolution 48" in caplog.text and "generates at 32 px" in caplog.text
