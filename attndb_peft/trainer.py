@@ -87,6 +87,8 @@ _RESUME_KEYS = (
 #: minutes, is shorter than what the main process may spend alone: writing a stage-3 full checkpoint (~10 GiB)
 #: or the full fine-tune's export while the other processes wait in `wait_for_everyone`.
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
+#: fp16: share of a stage's steps the loss scaler may skip before the run warns.
+SKIPPED_STEPS_WARNING = 0.1
 _SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Files of a finished run inside the output folder (removed by --overwrite).
 OUTPUT_FILES = (
@@ -534,6 +536,7 @@ class Trainer:
                 checkpoint_now = is_last or (cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0)
                 if done % cfg.log_every == 0 or checkpoint_now:  # the only host syncs of the loop
                     self._check_finite(finite, stage, done)
+                    self._check_skipped(stage, done - start_step)
                     mse_avg, reg_avg = (running / since_log).tolist()
                     running.zero_()
                     since_log = 0
@@ -600,6 +603,8 @@ class Trainer:
         # straight back: under autocast that round trip is exact and only costs memory traffic, so skip it.
         no_input_cast = disable_input_dtype_casting(self.unet, active=self.weight_dtype != torch.float32)
         unet = self._data_parallel_unet(stage)
+        # fp16 steps the loss scaler skipped in this stage (a device counter; see _check_skipped)
+        self.skipped_steps, self._warned_skipped = torch.zeros((), dtype=torch.long, device=self.device), False
         self.unet.train()
         try:
             with splice, capture, no_input_cast:
@@ -731,12 +736,21 @@ class Trainer:
         finite = torch.isfinite(loss.detach())
         if self.mixed_precision != "fp16" and grad_norm is not None:  # fp16 overflow is the scaler's job
             finite &= torch.isfinite(grad_norm)
+        scaler = acc.scaler  # fp16 on a GPU: the loss scaler skips steps with overflowing gradients
+        scale = scaler._scale.clone() if scaler is not None and scaler._scale is not None else None
         self.optimizer.step()
+        if scale is not None:  # the scaler backs off exactly when it skipped the step; counted without a sync
+            self.skipped_steps += scaler._scale < scale
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return mse.detach(), reg.detach(), finite
 
     def _check_finite(self, finite: torch.Tensor, stage: int, step: int) -> None:
+        """Stop the run if any step since the last check was non-finite (one host sync). With several processes
+        they decide together (one collective): a process that stopped alone would leave the others waiting in
+        the next collective until the timeout."""
+        if self.accelerator.num_processes > 1:
+            finite = self.accelerator.reduce(finite.float(), reduction="sum") == self.accelerator.num_processes
         if not bool(finite):
             lr = self.config.stages[stage - 1].learning_rate
             raise TrainingDiverged(
@@ -744,6 +758,27 @@ class Trainer:
                 f"non-finite. The learning rate ({lr:g}) is the likely cause; lower it (--learning-rates) and "
                 "resume from the last checkpoint with --resume. No adapter was written."
             )
+
+    def _check_skipped(self, stage: int, steps: int) -> None:
+        """fp16: warn (once a stage) when the loss scaler skipped more than `SKIPPED_STEPS_WARNING` of the stage's
+        steps so far. The divergence check cannot see these steps (the scaler handles the overflow) and the LR
+        schedule still advances on them, so many skips mean a stage trained far fewer steps than it reports.
+        The processes agree: gradients are averaged, so an overflow on one is an overflow on all."""
+        if self.accelerator.scaler is None or self._warned_skipped or steps == 0:
+            return
+        skipped = int(self.skipped_steps)
+        if skipped > SKIPPED_STEPS_WARNING * steps:
+            self._warned_skipped = True
+            if self.accelerator.is_main_process:
+                logger.warning(
+                    "stage %d (%s): the fp16 loss scaler skipped %d of the first %d steps (overflowing gradients); "
+                    "those steps changed nothing but still advanced the learning-rate schedule. Lower the "
+                    "learning rate (--learning-rates) or train in bf16 (--mixed-precision bf16) where the GPU has it.",
+                    stage,
+                    STAGE_NAMES[stage],
+                    skipped,
+                    steps,
+                )
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _trainable_state(self, stage: int) -> dict[str, torch.Tensor]:

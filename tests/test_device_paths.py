@@ -13,7 +13,7 @@ from conftest import make_config
 
 from attndb_peft.attention import AttentionStore, CrossAttnCaptureProcessor
 from attndb_peft.stages import lora_from_delta
-from attndb_peft.trainer import Trainer, _resolve_mixed_precision
+from attndb_peft.trainer import Trainer, TrainingDiverged, _resolve_mixed_precision
 
 
 def _counting_backend(graphs: list):
@@ -195,6 +195,11 @@ def _data_parallel_worker(rank: int, port: int, model: str, images: str, out: st
             "params": len(trainer.params),
             "checksum": float(sum(p.detach().double().sum() for p in trainer.params)),
         }
+    try:  # a non-finite step on rank 1 only: both processes stop
+        trainer._check_finite(torch.tensor(rank == 0), 2, 2)
+        report["stopped"] = False
+    except TrainingDiverged:
+        report["stopped"] = True
     torch.distributed.barrier()
     with open(os.path.join(results, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
@@ -202,7 +207,8 @@ def _data_parallel_worker(rank: int, port: int, model: str, images: str, out: st
 
 def test_two_processes_bucket_the_gradient_sync(tiny_model, instance_dir, tmp_path):
     """Stages 2-3 average gradients through DDP's buckets (a handful of collectives per step, overlapped with
-    the backward pass), not one blocking all-reduce per parameter: 2 gloo processes, collectives counted."""
+    the backward pass), not one blocking all-reduce per parameter: 2 gloo processes, collectives counted. A
+    non-finite step on one process stops both."""
     import json
     import socket
 
@@ -221,6 +227,7 @@ def test_two_processes_bucket_the_gradient_sync(tiny_model, instance_dir, tmp_pa
             assert report[stage]["params"] > 50  # 56 LoRA tensors in stage 2, 286 U-Net tensors in stage 3
             # one all-reduce per parameter before (56 and 286); the tiny model's gradients fit a few DDP buckets
             assert 1 <= report[stage]["all_reduce"] <= 3, report
+    assert [report["stopped"] for report in reports] == [True, True]
     for stage in ("stage2", "stage3"):  # averaged gradients: both processes hold the same weights
         assert reports[0][stage]["checksum"] == pytest.approx(reports[1][stage]["checksum"], rel=1e-6)
 
@@ -307,3 +314,24 @@ def test_a_resolution_other_than_the_models_gets_a_warning(tiny_model, instance_
     with caplog.at_level("WARNING", logger="attndb_peft"):
         trainer.prepare()
     assert "--resolution 48" in caplog.text and "generates at 32 px" in caplog.text
+
+
+# -- fp16 loss scaling --------------------------------------------------------------------------------------
+def test_steps_the_fp16_scaler_skips_are_counted_and_reported(tiny_model, instance_dir, tmp_path, caplog):
+    """A loss scaler (accelerate makes one for fp16 on a GPU; here a CPU GradScaler) skips every step whose
+    gradients overflow: the divergence check cannot see that, so the run counts them and warns past 10 %."""
+    trainer = Trainer(make_config(tiny_model, instance_dir, tmp_path / "out", steps=(0, 4, 0)))
+    trainer.prepare()
+    trainer.mixed_precision = "fp16"  # overflowing fp16 gradients are the scaler's job, not the divergence check's
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+    trainer.build_stage(1)
+    trainer.build_stage(2)
+    trainer.make_optimizer(2)
+    trainer.params[0].register_hook(lambda grad: grad * float("inf"))  # an overflow in every step
+    before = [p.detach().clone() for p in trainer.params]
+    with caplog.at_level("WARNING", logger="attndb_peft"):
+        trainer.run_stage(2, 0)
+    assert int(trainer.skipped_steps) == 4
+    assert all(torch.equal(a, p) for a, p in zip(before, trainer.params))  # nothing was trained
+    assert caplog.text.count("the fp16 loss scaler skipped") == 1
+    assert "skipped 1 of the first 1 steps" in caplog.text
