@@ -53,6 +53,7 @@ __all__ = [
     "InputError",
     "OutOfMemory",
     "PROCESS_GROUP_TIMEOUT",
+    "SKIPPED_STEPS_WARNING",
     "TrainResult",
     "Trainer",
     "TrainingDiverged",
