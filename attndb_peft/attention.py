@@ -68,23 +68,28 @@ class CrossAttnCaptureProcessor:
         name (`str`): the processor's name in `unet.attn_processors`, used as the store key.
         indices (`Sequence[int]`): text positions to keep.
         output (`str`, *optional*, defaults to `"auto"`): how the attention output is computed, see above.
+        device (`torch.device`, *optional*): where the index tensor of `indices` lives (the U-Net's device).
+            It is built here, once: a processor that created it on its first call would change its own state
+            between the first and the second forward, and `torch.compile` would recompile for that.
     """
 
     OUTPUTS = ("auto", "sdpa", "explicit")
 
-    def __init__(self, store: AttentionStore, name: str, indices: Sequence[int], output: str = "auto") -> None:
+    def __init__(
+        self,
+        store: AttentionStore,
+        name: str,
+        indices: Sequence[int],
+        output: str = "auto",
+        device: torch.device | str | None = None,
+    ) -> None:
         if output not in self.OUTPUTS:
             raise ValueError(f"output={output!r} is not supported; use one of {self.OUTPUTS}.")
         self.store = store
         self.name = name
         self.indices = list(indices)
         self.output = output
-        self._index_tensor: torch.Tensor | None = None
-
-    def _index(self, device: torch.device) -> torch.Tensor:
-        if self._index_tensor is None or self._index_tensor.device != device:
-            self._index_tensor = torch.tensor(self.indices, device=device)
-        return self._index_tensor
+        self.index = torch.tensor(self.indices, dtype=torch.long, device=device)
 
     def __call__(
         self,
@@ -127,12 +132,16 @@ class CrossAttnCaptureProcessor:
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale  # [batch, heads, pixels, text]
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        # at least float32 (autocast computes the scores in bf16/fp16): the regularizer compares small statistics
-        probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-        self.store.maps[self.name] = probs.index_select(-1, self._index(probs.device))
+        # The scores in float32 even under autocast ([batch, heads, pixels, 77] is small next to self-attention):
+        # fp16 q.k^T overflows on models that need `upcast_attention` (SD 2.1-768) and the softmax turns into NaN,
+        # and bf16 rounding of the scores adds noise to the small statistics the regularizer compares.
+        dtype = torch.promote_types(query.dtype, torch.float32)
+        with torch.autocast(query.device.type, enabled=False):
+            scores = torch.matmul(query.to(dtype), key.to(dtype).transpose(-1, -2)) * attn.scale
+            if attention_mask is not None:
+                scores = scores + attention_mask.to(dtype)
+            probs = scores.softmax(dim=-1)  # [batch, heads, pixels, text]
+        self.store.maps[self.name] = probs.index_select(-1, self.index.to(probs.device))
 
         if self.output == "sdpa" or (self.output == "auto" and query.device.type == "cuda"):
             hidden_states = F.scaled_dot_product_attention(
@@ -173,13 +182,14 @@ def capture_cross_attention(
         `AttentionStore`: filled by every forward pass inside the block; call `clear()` between passes.
     """
     store = AttentionStore() if store is None else store
+    device = next(unet.parameters()).device
     original = unet.attn_processors
     names = set(cross_attention_names(unet))
     if not names:
         raise ValueError("The U-Net has no cross-attention (attn2) layers to capture; is it a text-conditioned U-Net?")
     unet.set_attn_processor(
         {
-            name: CrossAttnCaptureProcessor(store, name, indices, output) if name in names else proc
+            name: CrossAttnCaptureProcessor(store, name, indices, output, device) if name in names else proc
             for name, proc in original.items()
         }
     )

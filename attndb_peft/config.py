@@ -214,7 +214,10 @@ class AttnDBConfig:
     )
     mixed_precision: str = field(
         default="auto",
-        metadata={"help": "auto (bf16 on GPUs that support it, else fp16 on GPU, no on CPU), no, fp16, bf16."},
+        metadata={
+            "help": "auto (bf16 on GPUs with native bf16, compute capability >= 8.0; fp16 on older GPUs; no on "
+            "CPU), no, fp16, bf16."
+        },
     )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Trade compute for memory in the U-Net (low-memory setting)."}
@@ -230,7 +233,7 @@ class AttnDBConfig:
         default=False,
         metadata={
             "help": "torch.compile the U-Net. Each stage compiles once (minutes), which the paper's "
-            "660 steps may not pay back; see the README's performance section."
+            "660 steps may not pay back; see the README's performance section. Not with gradient_checkpointing."
         },
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
@@ -332,6 +335,14 @@ class AttnDBConfig:
             raise ConfigError(f"report_to must be one of {_REPORT_TO} or None, got {self.report_to!r}.")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ConfigError(f"checkpoints_total_limit must be >= 1 or None, got {self.checkpoints_total_limit}.")
+        if self.compile and self.gradient_checkpointing:
+            # Measured (tests/test_device_paths.py, issue 14): the checkpointed blocks recompile per call signature
+            # and use up dynamo's recompile limit within the first forward; the rest of the run is eager.
+            raise ConfigError(
+                "compile and gradient_checkpointing cannot be combined: under gradient checkpointing torch.compile "
+                "recompiles the U-Net's blocks until it gives up and the run trains uncompiled. Drop --compile for "
+                "the low-memory setting, or drop --gradient-checkpointing to compile."
+            )
         if self.resume and self.overwrite:
             raise ConfigError(
                 "resume and overwrite exclude each other: resume continues a run, overwrite restarts it."

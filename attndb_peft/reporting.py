@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,12 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
+def _eager(compiled: bool):
+    """Run compiled modules eagerly inside the block (torch >= 2.6; a no-op for an uncompiled run)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if compiled and set_stance is not None else nullcontext()
+
+
 def write_validation_samples(trainer, stage: int, step: int, stage_end: bool) -> list[Path]:
     """Write the sample grid of the validation prompts (fixed seeds) for `stage`/`step` under `OUT/samples/`;
     at a stage end also the first prompt's attention figure, and after stage 3 one picture per prompt for the
@@ -127,6 +134,9 @@ def write_validation_samples(trainer, stage: int, step: int, stage_end: bool) ->
     Runs on the main process over the models being trained (`Trainer.pipeline()`): the U-Net is put in eval
     mode and its attention processors (the training capture, mid-stage), train mode and the frozen models'
     devices are restored afterwards; the global RNG is forked so sampling does not change training randomness.
+    With `--compile`, sampling runs eagerly (`torch.compiler.set_stance("force_eager")`): its eval-mode, no-grad
+    forwards at another batch size would otherwise each add a compiled graph and use up dynamo's recompile limit,
+    after which the training steps would run uncompiled.
 
     Returns:
         `list[Path]`: the pictures written.
@@ -157,7 +167,7 @@ def write_validation_samples(trainer, stage: int, step: int, stage_end: bool) ->
     for model in frozen:
         model.to(trainer.device)
     try:
-        with torch.random.fork_rng(devices=devices), trainer.accelerator.autocast():
+        with torch.random.fork_rng(devices=devices), trainer.accelerator.autocast(), _eager(trainer.config.compile):
             pipe = trainer.pipeline()
             pipe.set_progress_bar_config(disable=True)
             rows = [generate_images(pipe, prompt, cfg.validation_images, **settings) for prompt in prompts]

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -50,16 +52,21 @@ from .stages import (
     STAGE2_TARGET_MODULES,
     STAGE3_TARGET_MODULES,
     ConceptToken,
+    LoraFactors,
     TokenEmbeddingSplice,
     add_concept_token,
     add_lora,
+    combine_loras,
     lora_factors,
+    lora_from_delta,
     set_trainable,
 )
 
 __all__ = [
     "InputError",
     "OutOfMemory",
+    "PROCESS_GROUP_TIMEOUT",
+    "SKIPPED_STEPS_WARNING",
     "TrainResult",
     "Trainer",
     "TrainingDiverged",
@@ -99,6 +106,13 @@ _RESUME_KEYS = (
 )
 # Values of resume settings that checkpoints written before the setting existed did not record.
 _SETTING_DEFAULTS = {"gradient_accumulation_steps": 1, "model_config": None, "masked_loss": False, "masks": None}
+#: How long a process waits in a collective (e.g. a barrier) before the run is aborted. NCCL's default, 10
+#: minutes, is shorter than what the main process may spend alone: writing a stage-3 full checkpoint (~10 GiB)
+#: or the full fine-tune's export while the other processes wait in `wait_for_everyone`.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
+#: fp16: share of a stage's steps the loss scaler may skip before the run warns.
+SKIPPED_STEPS_WARNING = 0.1
+_SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Files of a finished run inside the output folder (removed by --overwrite).
 OUTPUT_FILES = (
     "attndb_embedding.safetensors",
@@ -136,11 +150,14 @@ class TrainResult:
     batch: str = ""  # the effective batch, spelled out for the run summary
 
 
-def check_inputs(config: AttnDBConfig, tokenizer=None) -> list[str]:
+def check_inputs(config: AttnDBConfig, tokenizer=None, unet_config: dict | None = None) -> list[str]:
     """Every problem with the run's inputs that can be found without loading the U-Net, VAE or text
-    encoder: images, output folder, token and category (with the base model's tokenizer, or `tokenizer` when
-    given), and with `masked_loss` the subject masks. Returns warnings; raises `InputError` listing all problems."""
+    encoder: images, output folder, token, category and the training prompt's length (with the base model's
+    tokenizer, or `tokenizer` when given), with `masked_loss` the subject masks, and a U-Net attndb cannot train
+    (its config, or `unet_config`: inpainting/depth models, SDXL). Returns warnings; raises `InputError` listing
+    all problems."""
     problems: list[str] = []
+    warnings: list[str] = []
     report = scan_image_folder(config.images, config.resolution)
     problems += report.problems
     warnings = list(report.warnings)
@@ -181,20 +198,70 @@ def check_inputs(config: AttnDBConfig, tokenizer=None) -> list[str]:
                 f"--category {config.category!r} tokenizes to nothing; give the subject's category as a word such "
                 "as 'dog'."
             )
+        else:
+            problems += _prompt_problems(config, tokenizer)
+        if re.fullmatch(r"[A-Za-z0-9]+", config.token):
+            # the tokenizer splits added tokens out of any text, so 'zwx' also matches inside 'zwxy'
+            warnings.append(
+                f"--token {config.token!r} is plain letters/digits: it will also match inside longer words (e.g. "
+                f"'{config.token}s'). A delimited token such as '<{config.token}>' avoids that."
+            )
+    problems += _unet_problems(config, unet_config)
     if problems:
         raise InputError("Cannot start training:\n  - " + "\n  - ".join(problems))
     return warnings
+
+
+def _prompt_problems(config: AttnDBConfig, tokenizer) -> list[str]:
+    """The training prompt must fit the text encoder's window (77 tokens) with the token and category in it."""
+    length = len(tokenizer(config.prompt.replace(config.token, " ")).input_ids) + 1  # + the new token's id
+    if length > tokenizer.model_max_length:
+        return [
+            f"--category {config.category!r}: the training prompt {config.prompt!r} is {length} tokens long, more "
+            f"than the text encoder's {tokenizer.model_max_length}; give a shorter category (one or a few words)."
+        ]
+    return []
+
+
+def _unet_problems(config: AttnDBConfig, unet_config: dict | None) -> list[str]:
+    """U-Nets attndb cannot train, from the U-Net's config (read from the model folder when not given; nothing
+    is said when it cannot be read: loading the model reports that)."""
+    if unet_config is None:
+        try:
+            from diffusers import UNet2DConditionModel
+
+            unet_config = UNet2DConditionModel.load_config(config.model, subfolder="unet", revision=config.revision)
+        except Exception:
+            return []
+    problems = []
+    if unet_config.get("in_channels", 4) != 4:
+        problems.append(
+            f"--model {config.model}: its U-Net takes {unet_config['in_channels']} input channels (an inpainting "
+            "or depth model); attndb trains text-to-image models with 4 latent channels, e.g. SD 1.5 or SD 2.1."
+        )
+    if unet_config.get("addition_embed_type") == "text_time":
+        problems.append(
+            f"--model {config.model}: an SDXL U-Net; attndb does not train SDXL yet. Use an SD 1.x or 2.x model."
+        )
+    return problems
 
 
 def load_tokenizer(config: AttnDBConfig):
     return base_model.load_tokenizer(config.model, config.revision, config.model_config)
 
 
-def _resolve_mixed_precision(requested: str) -> str:
+def _resolve_mixed_precision(requested: str, device: torch.device | str | None = None) -> str:
+    """The precision `mixed_precision="auto"` stands for on `device` (the process's own device; default: the
+    current CUDA device): bf16 on GPUs with native bf16 (compute capability 8.0 or newer: A100, H100, RTX 30xx
+    and later), fp16 on older GPUs (T4, V100: `torch.cuda.is_bf16_supported()` also counts their emulated bf16,
+    which is far slower than fp16), no autocast on the CPU. Other values are returned unchanged."""
     if requested != "auto":
         return requested
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
     return "no"
 
 
@@ -281,22 +348,28 @@ class Trainer:
     def prepare(self) -> dict | None:
         """Check inputs, start accelerate, load the models, add the token and cache the latents. Returns the
         checkpoint to resume from (with `resume`), else None."""
-        from accelerate import Accelerator
+        from accelerate import Accelerator, PartialState
         from accelerate.utils import ProjectConfiguration
 
         cfg = self.config
-        self.mixed_precision = _resolve_mixed_precision(cfg.mixed_precision)
         # cpu=True without CUDA makes torchrun / `accelerate launch --multi_gpu` processes on a CPU-only machine
         # join one gloo process group (accelerate's MULTI_CPU) instead of each training alone.
+        cpu = not torch.cuda.is_available()
+        # accelerate's process state first: it picks this process's device, which "auto" precision then probes
+        # (every rank asking GPU 0 would be wrong on mixed machines and creates a context there).
+        state = PartialState(cpu=cpu, timeout=PROCESS_GROUP_TIMEOUT)
+        self.mixed_precision = _resolve_mixed_precision(cfg.mixed_precision, state.device)
         self.accelerator = Accelerator(
             mixed_precision=self.mixed_precision,
-            cpu=not torch.cuda.is_available(),
+            cpu=cpu,
             log_with=trackers_for(cfg.report_to),
             project_config=ProjectConfiguration(project_dir=cfg.output, logging_dir=str(Path(cfg.output) / "logs")),
         )
         self.device = self.accelerator.device
         # Every process checks (they see the same files and all stop alike); nothing is written before this.
-        for warning in check_inputs(cfg, None if self.components is None else self.components["tokenizer"]):
+        given = self.components or {}
+        unet_config = dict(given["unet"].config) if "unet" in given else None
+        for warning in check_inputs(cfg, given.get("tokenizer"), unet_config):
             if self.accelerator.is_main_process:
                 logger.warning(warning)
         self.accelerator.wait_for_everyone()
@@ -363,6 +436,17 @@ class Trainer:
         for model in (self.text_encoder, self.vae, self.unet):
             model.requires_grad_(False)
             model.to(self.device)
+        native = self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if cfg.resolution != native and self.accelerator.is_main_process:
+            logger.warning(
+                "--resolution %d: %s generates at %d px (e.g. SD 2.1 at 768, SD 2.1-base at 512); training at "
+                "another size usually makes the concept worse at the model's own size. Pass --resolution %d unless "
+                "you mean it.",
+                cfg.resolution,
+                cfg.model,
+                native,
+                native,
+            )
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if cfg.compile:  # in place (state-dict keys unchanged); each stage's new graph recompiles on first use
@@ -376,6 +460,7 @@ class Trainer:
         self.splice = TokenEmbeddingSplice(self.text_encoder, self.concept.token_id).to(self.device)
         self.prompt_ids = self.concept.prompt_ids.to(self.device)
         self.base_weights: dict[str, torch.Tensor] | None = None  # stage-3 full: U-Net before stages 2-3
+        self.full_export: tuple[dict[str, LoraFactors], float] | None = None  # stage-3 full: (LoRA, energy kept)
 
     def _build_latent_cache(self) -> None:
         cfg = self.config
@@ -534,6 +619,7 @@ class Trainer:
                 checkpoint_now = is_last or (cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0)
                 if done % cfg.log_every == 0 or checkpoint_now:  # the only host syncs of the loop
                     self._check_finite(finite, stage, done)
+                    self._check_skipped(stage, done - start_step)
                     mse_avg, reg_avg = (running / since_log).tolist()
                     running.zero_()
                     since_log = 0
@@ -550,6 +636,8 @@ class Trainer:
         if stage_cfg.steps == 0:  # a skipped stage still leaves a checkpoint to resume after it
             self.save_checkpoint(stage, 0)
         self.result.stage_seconds[stage] = time.perf_counter() - started
+        if stage == 3 and cfg.stage3_mode == "full" and acc.is_main_process:
+            self.use_full_export()  # the final samples come from what is exported
         self.validate(stage, stage_cfg.steps, stage_end=True)
 
     def _log_metrics(self, stage: int, step: int, loss: float, reg: float) -> None:
@@ -598,6 +686,9 @@ class Trainer:
         # PEFT casts each LoRA layer's input to the LoRA weights' dtype (float32 here) and autocast casts it
         # straight back: under autocast that round trip is exact and only costs memory traffic, so skip it.
         no_input_cast = disable_input_dtype_casting(self.unet, active=self.weight_dtype != torch.float32)
+        unet = self._data_parallel_unet(stage)
+        # fp16 steps the loss scaler skipped in this stage (a device counter; see _check_skipped)
+        self.skipped_steps, self._warned_skipped = torch.zeros((), dtype=torch.long, device=self.device), False
         self.unet.train()
         try:
             with splice, capture, no_input_cast:
@@ -607,9 +698,32 @@ class Trainer:
                     view_schedule=self._view_schedule(stage),
                     cached_states=cached_states,
                     store=store if use_regularizer else None,
+                    unet=unet,
                 )
         finally:
             self.unet.eval()
+            del unet  # a DDP wrapper's reducer and its gradient hooks go with it
+
+    def _data_parallel_unet(self, stage: int):
+        """What the stage's training forward calls: with several processes in stages 2-3, the U-Net wrapped in
+        torch's `DistributedDataParallel` for this stage's trainable parameters (built after `build_stage`, so
+        it sees exactly them), which averages their gradients in ~25 MB buckets while the backward pass still
+        runs, instead of one blocking collective per parameter after it. Otherwise the U-Net itself (stage 1's
+        one token vector is averaged in `_train_step`, a single collective).
+
+        Every process builds the same weights (same base model, LoRA initialised from the same seed), so the
+        wrapper skips its initial broadcast of the whole U-Net (`init_sync=False`)."""
+        if self.accelerator.num_processes == 1 or stage == 1:
+            return self.unet
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(
+            self.unet,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            broadcast_buffers=False,
+            init_sync=False,
+            gradient_as_bucket_view=True,
+        )
 
     def _view_schedule(self, stage: int) -> torch.Tensor:
         """The cached views every step of the stage trains on, `[steps, batch]` on the device.
@@ -658,10 +772,13 @@ class Trainer:
         view_schedule: torch.Tensor,
         cached_states: torch.Tensor | None,
         store: AttentionStore | None,
+        unet=None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimizer step (see `stage_loop`). `view_schedule`: the cached views of every step;
         `cached_states`: the prompt's encoder states (stages 2-3; stage 1 encodes through the splice); `store`:
-        the capture's store when the regularizer is on."""
+        the capture's store when the regularizer is on; `unet`: what the forward calls (`_data_parallel_unet`,
+        default the U-Net)."""
+        unet = self.unet if unet is None else unet
         cfg = self.config
         stage_cfg = cfg.stages[stage - 1]
         acc = self.accelerator
@@ -690,32 +807,35 @@ class Trainer:
         mse_sum = reg_sum = torch.zeros((), device=self.device)
         for k in range(passes):
             part = slice(k * size, (k + 1) * size)
-            with acc.autocast():
-                if cached_states is None:  # gradients reach the spliced token vector through the frozen encoder
-                    states = self.text_encoder(self.prompt_ids)[0]
-                else:
-                    states = cached_states
-                states = states.expand(size, -1, -1)
-                if store is not None:
-                    store.clear()
-                pred = self.unet(noisy[part].to(self.weight_dtype), timesteps[part], states.to(self.weight_dtype))
-                if masks is None:
-                    mse = diffusion_loss(pred.sample, target[part])
-                else:
-                    mse = masked_diffusion_loss(pred.sample, target[part], masks[part])
-                if store is not None:
-                    reg = attention_regularizer(
-                        *store.concept_and_category(), stage_cfg.lambda_mu, stage_cfg.lambda_var, cfg.regularizer
-                    )
-                else:
-                    reg = torch.zeros((), device=self.device)
-                loss = mse / passes + reg * reg_weight
-            acc.backward(loss)
+            # under DDP (stages 2-3, several processes) only the last pass all-reduces the accumulated gradients
+            last = k == passes - 1
+            with nullcontext() if last or unet is self.unet else unet.no_sync():
+                with acc.autocast():
+                    if cached_states is None:  # gradients reach the spliced token vector through the frozen encoder
+                        states = self.text_encoder(self.prompt_ids)[0]
+                    else:
+                        states = cached_states
+                    states = states.expand(size, -1, -1)
+                    if store is not None:
+                        store.clear()
+                    pred = unet(noisy[part].to(self.weight_dtype), timesteps[part], states.to(self.weight_dtype))
+                    if masks is None:
+                        mse = diffusion_loss(pred.sample, target[part])
+                    else:
+                        mse = masked_diffusion_loss(pred.sample, target[part], masks[part])
+                    if store is not None:
+                        reg = attention_regularizer(
+                            *store.concept_and_category(), stage_cfg.lambda_mu, stage_cfg.lambda_var, cfg.regularizer
+                        )
+                    else:
+                        reg = torch.zeros((), device=self.device)
+                    loss = mse / passes + reg * reg_weight
+                acc.backward(loss)
             if store is not None:
                 store.clear()
             mse_sum, reg_sum = mse_sum + mse.detach() / passes, reg_sum + reg.detach() * reg_weight
         mse, reg = mse_sum, reg_sum
-        if acc.num_processes > 1:
+        if acc.num_processes > 1 and unet is self.unet:  # stage 1; DDP has averaged stages 2-3 already
             for p in self.params:
                 if p.grad is not None:
                     p.grad = acc.reduce(p.grad, reduction="mean")
@@ -723,12 +843,21 @@ class Trainer:
         finite = torch.isfinite(mse + reg)
         if self.mixed_precision != "fp16" and grad_norm is not None:  # fp16 overflow is the scaler's job
             finite &= torch.isfinite(grad_norm)
+        scaler = acc.scaler  # fp16 on a GPU: the loss scaler skips steps with overflowing gradients
+        scale = scaler._scale.clone() if scaler is not None and scaler._scale is not None else None
         self.optimizer.step()
+        if scale is not None:  # the scaler backs off exactly when it skipped the step; counted without a sync
+            self.skipped_steps += scaler._scale < scale
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return mse.detach(), reg.detach(), finite
 
     def _check_finite(self, finite: torch.Tensor, stage: int, step: int) -> None:
+        """Stop the run if any step since the last check was non-finite (one host sync). With several processes
+        they decide together (one collective): a process that stopped alone would leave the others waiting in
+        the next collective until the timeout."""
+        if self.accelerator.num_processes > 1:
+            finite = self.accelerator.reduce(finite.float(), reduction="sum") == self.accelerator.num_processes
         if not bool(finite):
             lr = self.config.stages[stage - 1].learning_rate
             raise TrainingDiverged(
@@ -736,6 +865,27 @@ class Trainer:
                 f"non-finite. The learning rate ({lr:g}) is the likely cause; lower it (--learning-rates) and "
                 "resume from the last checkpoint with --resume. No adapter was written."
             )
+
+    def _check_skipped(self, stage: int, steps: int) -> None:
+        """fp16: warn (once a stage) when the loss scaler skipped more than `SKIPPED_STEPS_WARNING` of the stage's
+        steps so far. The divergence check cannot see these steps (the scaler handles the overflow) and the LR
+        schedule still advances on them, so many skips mean a stage trained far fewer steps than it reports.
+        The processes agree: gradients are averaged, so an overflow on one is an overflow on all."""
+        if self.accelerator.scaler is None or self._warned_skipped or steps == 0:
+            return
+        skipped = int(self.skipped_steps)
+        if skipped > SKIPPED_STEPS_WARNING * steps:
+            self._warned_skipped = True
+            if self.accelerator.is_main_process:
+                logger.warning(
+                    "stage %d (%s): the fp16 loss scaler skipped %d of the first %d steps (overflowing gradients); "
+                    "those steps changed nothing but still advanced the learning-rate schedule. Lower the "
+                    "learning rate (--learning-rates) or train in bf16 (--mixed-precision bf16) where the GPU has it.",
+                    stage,
+                    STAGE_NAMES[stage],
+                    skipped,
+                    steps,
+                )
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _trainable_state(self, stage: int) -> dict[str, torch.Tensor]:
@@ -884,7 +1034,6 @@ class Trainer:
 
     def export(self, report: dict | None = None) -> list[Path]:
         from .export import export_adapter
-        from .stages import combine_loras, lora_from_delta
 
         files: list[Path] = []
         if self.accelerator.is_main_process:
@@ -896,18 +1045,9 @@ class Trainer:
             elif cfg.stage3_mode == "lora":
                 lora = combine_loras(lora_factors(self.unet, ADAPTER_STAGE2), lora_factors(self.unet, ADAPTER_STAGE3))
             else:
-                lora, energy, total = {}, 0.0, 0.0
-                for name, delta in self._full_delta().items():
-                    lora[name], retained = lora_from_delta(delta, cfg.full_export_rank)
-                    norm = float(delta.square().sum())
-                    energy, total = energy + retained * norm, total + norm
-                report["full_export_retained"] = energy / total if total else 1.0
-                logger.info(
-                    "Stage 3 full: the rank-%d LoRA export keeps %.1f%% of the U-Net delta's energy "
-                    "(squared Frobenius norm).",
-                    cfg.full_export_rank,
-                    100 * report["full_export_retained"],
-                )
+                if self.full_export is None:
+                    self.use_full_export()
+                lora, report["full_export_retained"] = self.full_export
             files = export_adapter(
                 self.output_dir, cfg, embedding, lora, report=report, samples=self.result.card_samples
             )
@@ -931,15 +1071,53 @@ class Trainer:
         report = {"checkpoint": path.name}
         return self.export(report)
 
-    def _full_delta(self) -> dict[str, torch.Tensor]:
-        """Weight deltas (final - base) of every U-Net linear/conv weight that changed in stages 2-3."""
-        deltas = {}
-        for name, tensor in self.unet.state_dict().items():
-            if name.endswith(".weight") and tensor.ndim in (2, 4):
-                delta = tensor.detach().float().cpu() - self.base_weights[name]
-                if delta.abs().max() > 0:
-                    deltas[name[: -len(".weight")]] = delta
-        return deltas
+
+    def use_full_export(self) -> None:
+        """Stage 3 full, at the end of the stage (main process): compute the exported LoRA (`full_export`) and
+        put exactly what it makes into the in-memory U-Net, so the final samples and the model card show what
+        the adapter does: every weight becomes base + the LoRA's delta (at `save_dtype`, as the file holds it);
+        biases and norms, which a LoRA cannot carry, go back to the base model's. The stage's last checkpoint
+        keeps the fine-tuned weights."""
+        cfg = self.config
+        lora, retained = self._full_export_lora()
+        self.full_export = (lora, retained)
+        logger.info(
+            "Stage 3 full: the rank-%d LoRA export keeps %.1f%% of the U-Net delta's energy (squared Frobenius "
+            "norm); the final samples show the exported LoRA.",
+            cfg.full_export_rank,
+            100 * retained,
+        )
+        dtype = _SAVE_DTYPES[cfg.save_dtype]
+        with torch.no_grad():
+            for name, param in self.unet.named_parameters():
+                value = self.base_weights[name].to(param.device, param.dtype)
+                factors = lora.get(name.removesuffix(".weight"))
+                if factors is not None:  # the LoRA as saved: factors rounded to save_dtype
+                    saved = LoraFactors(factors.down.to(dtype), factors.up.to(dtype), factors.scale)
+                    value = value + saved.delta().to(param.device, param.dtype)
+                param.copy_(value)
+
+    def _full_export_lora(self) -> tuple[dict[str, LoraFactors], float]:
+        """Stage 3 full: the rank-`full_export_rank` LoRA of every U-Net linear/conv weight that changed in
+        stages 2-3 (final - base), and the share of the change's energy (squared Frobenius norm) it keeps.
+
+        Each delta is formed and factorized on the training device, one weight at a time (the base weights wait
+        in CPU memory); only the factors come back to the CPU."""
+        rank = self.config.full_export_rank
+        lora: dict[str, LoraFactors] = {}
+        kept, total = 0.0, 0.0
+        with torch.no_grad():
+            for name, tensor in self.unet.state_dict().items():
+                if not (name.endswith(".weight") and tensor.ndim in (2, 4)):
+                    continue
+                delta = tensor.float() - self.base_weights[name].to(tensor.device)
+                norm = float(delta.square().sum())
+                if norm == 0:
+                    continue
+                factors, retained = lora_from_delta(delta, rank)
+                lora[name.removesuffix(".weight")] = LoraFactors(factors.down.cpu(), factors.up.cpu())
+                kept, total = kept + retained * norm, total + norm
+        return lora, (kept / total if total else 1.0)
 
 
 def export_checkpoint(

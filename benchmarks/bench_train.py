@@ -422,8 +422,8 @@ class Bench:
         store = AttentionStore()
         processors = {
             "sdpa_no_capture": AttnProcessor2_0(),
-            "capture_sdpa": CrossAttnCaptureProcessor(store, "layer", [5, 6], output="sdpa"),
-            "capture_explicit": CrossAttnCaptureProcessor(store, "layer", [5, 6], output="explicit"),
+            "capture_sdpa": CrossAttnCaptureProcessor(store, "layer", [5, 6], output="sdpa", device=device),
+            "capture_explicit": CrossAttnCaptureProcessor(store, "layer", [5, 6], output="explicit", device=device),
         }
         path = self.results.setdefault("processor", {"layer": {**dims, "pixels": pixels}})
 
