@@ -99,11 +99,11 @@ class DemoResult:
                 f"  reloaded adapter: per-token attention maps   {self.attention}",
                 "The pictures are noise (random weights); the flow is the real one.",
             ]
-        place = "on the beach" if world else "on the beach"
+        place = "in the snow" if world else "in the jungle"  # words the model knows
         lines += [
             "Try next:",
             f'  attndb generate --model {self.base_model} --adapter {self.adapter} --prompt "a photo of a {{}} '
-            f'{place}" --num-images 2 --output {self.output_dir / "generated"}',
+            f'on the beach" --num-images 2 --output {self.output_dir / "generated"}',
             f'  attndb inspect --model {self.base_model} --adapter {self.adapter} --prompt "a photo of a {{}} '
             f'{place}" --output {self.output_dir / "attn.png"}',
         ]
