@@ -155,6 +155,7 @@ def load_pipeline(
     revision: str | None = None,
     hub_token: str | None = None,
     model_config: str | None = None,
+    safety_checker: bool = True,
 ):
     """Load a Stable Diffusion pipeline and (optionally) an attndb adapter into it with `load_attndb`.
 
@@ -168,6 +169,9 @@ def load_pipeline(
         hub_token (`str`, *optional*): Hub access token.
         model_config (`str`, *optional*): with a single-file `model` (.safetensors), a diffusers folder or Hub id
             of the same architecture (configs, tokenizer, scheduler).
+        safety_checker (`bool`): keep the model's own safety checker, if it has one (SD 1.x ships one).
+            `attndb evaluate` turns it off: a false positive returns a black picture, which would enter the
+            metrics silently.
 
     Returns:
         `(StableDiffusionPipeline, AdapterInfo | None)`.
@@ -198,8 +202,9 @@ def load_pipeline(
         if is_single_file(model):
             pipe = load_single_file(model, model_config, torch_dtype)
         else:
+            no_checker = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
             pipe = StableDiffusionPipeline.from_pretrained(
-                model, revision=revision, token=hub_token, **_dtype_argument(torch_dtype)
+                model, revision=revision, token=hub_token, **_dtype_argument(torch_dtype), **no_checker
             )
     except Exception as exc:  # missing folder, bad id, no network: one line that names the argument
         raise UsageError(

@@ -197,3 +197,25 @@ def test_evaluate_command_writes_metrics_grid_and_images(trained, instance_dir, 
     generated = [Image.open(out / f).convert("RGB") for r in metrics["prompts"] for f in r["files"]]
     expected = identity_similarity(clip.images(generated), clip.images(load_reference_images(instance_dir)))
     assert metrics["identity"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_evaluate_loads_the_model_without_its_safety_checker(tmp_path):
+    # SD 1.x ships a safety checker: a false positive returns a black picture, which must not enter the metrics
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    from attndb_peft.inference import load_pipeline
+    from attndb_peft.testing import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    tiny = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    checker = StableDiffusionSafetyChecker(
+        CLIPConfig(text_config=tiny, vision_config={**tiny, "image_size": 32, "patch_size": 8}, projection_dim=32)
+    )
+    pipe.register_modules(safety_checker=checker, feature_extractor=CLIPImageProcessor(size=32, crop_size=32))
+    pipe.register_to_config(requires_safety_checker=True)
+    pipe.save_pretrained(tmp_path / "sd1-like")
+    kept, _ = load_pipeline(str(tmp_path / "sd1-like"), device="cpu")
+    assert isinstance(kept.safety_checker, StableDiffusionSafetyChecker)  # generate keeps the model's own
+    dropped, _ = load_pipeline(str(tmp_path / "sd1-like"), device="cpu", safety_checker=False)
+    assert dropped.safety_checker is None
