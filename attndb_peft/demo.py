@@ -258,7 +258,6 @@ def _run_world(output: Path, steps, seed, inference_steps, concept_seed, num_ima
     import json
 
     import numpy as np
-    from diffusers import StableDiffusionPipeline
     from PIL import Image
 
     from .inference import inspect_prompt
@@ -267,7 +266,7 @@ def _run_world(output: Path, steps, seed, inference_steps, concept_seed, num_ima
     from .world import scenes as W
     from .world.cli import concept_folder
     from .world.evaluation import WORLD_GUIDANCE, WORLD_INFERENCE_STEPS, generate
-    from .world.model import textual_inversion_config, world_config, write_base
+    from .world.model import load_world_pipeline, textual_inversion_config, world_config, write_base
     from .world.scorers import score_image, summarize
 
     inference_steps = inference_steps or WORLD_INFERENCE_STEPS
@@ -298,8 +297,7 @@ def _run_world(output: Path, steps, seed, inference_steps, concept_seed, num_ima
     records, scores = [], {}
     pictures: dict[str, list] = {}
     for method, folder in (("AttnDB", adapter), ("Textual Inversion", ti_adapter)):
-        pipe = StableDiffusionPipeline.from_pretrained(str(base_model))
-        pipe.set_progress_bar_config(disable=True)
+        pipe = load_world_pipeline(base_model)
         token = pipe.load_attndb(str(folder), adapter_name="concept")
         prompts = [W.caption(s, token) for s in scenes]
         method_records = []

@@ -611,6 +611,23 @@ def _machine() -> dict:
     }
 
 
+def _report_header(benchmark: str, started: float, counts, args, ctx: dict) -> dict:
+    """What every report of this script opens with: which benchmark, when, how long, on what, from what."""
+    from attndb_peft.world.model import BASE_SETTINGS
+
+    return {
+        "benchmark": benchmark,
+        "format": _FORMAT,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "seconds": round(time.perf_counter() - started, 1),
+        "runs": counts,
+        "machine": _machine(),
+        "command": " ".join(["python benchmarks/world_quality.py", *args.argv]),
+        "base_model": {"path": str(ctx["base"]), "digest": ctx["base_digest"]},
+        "recipe": BASE_SETTINGS,
+    }
+
+
 def _tuning_score(values: dict) -> float | None:
     """The tuning criterion: the mean of identity and text alignment (both in [0, 1])."""
     if values.get("identity") is None or values.get("text_alignment") is None:
@@ -807,8 +824,6 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     Returns:
         `dict`: what `results.json` holds.
     """
-    from attndb_peft.world.model import BASE_SETTINGS
-
     started = time.perf_counter()
     ctx = _context(args)
     output = ctx["output"]
@@ -832,15 +847,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     drawn_with = scatter_plot(methods, figure)
     grids = sample_grids(methods, runs, output, prompts)
     report = {
-        "benchmark": "world_quality",
-        "format": _FORMAT,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "seconds": round(time.perf_counter() - started, 1),
-        "runs": counts,
-        "machine": _machine(),
-        "command": " ".join(["python benchmarks/world_quality.py", *args.argv]),
-        "base_model": {"path": str(ctx["base"]), "digest": ctx["base_digest"]},
-        "recipe": BASE_SETTINGS,
+        **_report_header("world_quality", started, counts, args, ctx),
         "settings": {
             "quick": args.quick,
             "steps_scale": args.steps_scale,
@@ -874,8 +881,6 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
 def run_sweep(args: argparse.Namespace) -> dict:
     """The LoRA rate x rank sweep of AttnDB on the tuning concepts, with `--stage3 full` as the reference."""
-    from attndb_peft.world.model import BASE_SETTINGS
-
     started = time.perf_counter()
     ctx = _context(args)
     output = ctx["output"]
@@ -915,15 +920,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
                      f"{_fmt(p['identity'])} | {_fmt(p['text_alignment'])} | {_fmt(p['presence'])} |")
     table = "\n".join(lines)
     report = {
-        "benchmark": "world_quality --sweep",
-        "format": _FORMAT,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "seconds": round(time.perf_counter() - started, 1),
-        "runs": counts,
-        "machine": _machine(),
-        "command": " ".join(["python benchmarks/world_quality.py", *args.argv]),
-        "base_model": {"path": str(ctx["base"]), "digest": ctx["base_digest"]},
-        "recipe": BASE_SETTINGS,
+        **_report_header("world_quality --sweep", started, counts, args, ctx),
         "settings": {"tuning_concepts": list(ctx["tuning_concepts"]), "steps_scale": args.steps_scale,
                      "ranks": list(args.sweep_ranks), "rate_factors": list(args.sweep_rates),
                      "prompts": runs[0]["prompt_templates"], "images_per_prompt": args.images,

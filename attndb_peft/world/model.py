@@ -111,12 +111,9 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("caption_dropout",):
+            if f.name in ("caption_dropout", "ema_decay"):
                 if not 0 <= value < 1:
                     raise ValueError(f"{f.name}={value}: expected a number in [0, 1).")
-            elif f.name == "ema_decay":
-                if not 0 <= value < 1:
-                    raise ValueError(f"ema_decay={value}: expected a number in [0, 1).")
             elif f.name == "seed":
                 if value < 0:
                     raise ValueError(f"seed={value}: expected a non-negative integer.")
