@@ -6,6 +6,9 @@ A checkpoint is a folder `OUT/checkpoints/stage{S}-step{K}/` holding:
 - `weights.safetensors`: every trainable tensor so far (the token vector, the stage-2 LoRA, the stage-3
   LoRA or full U-Net), keyed by name;
 - `optimizer.safetensors` + `optimizer.json`: the current stage's AdamW state, tensors and the rest;
+- past `SHARD_SIZE` (a `--stage3 full` checkpoint of SD: ~3.4 GB of weights, ~6.9 GB of AdamW state), a file is
+  written in shards `weights-00001-of-00004.safetensors`, ... with `weights.safetensors.index.json`, the layout
+  `huggingface_hub.save_torch_state_dict` uses, so that only one shard is ever copied to host memory;
 - `rng-{process}.safetensors` + `rng-{process}.json`: every random number generator of each process
   (python, numpy, torch CPU, CUDA, and the trainer's own noise generator);
 - `state.json`: stage, step, LR-scheduler state and the settings that must match on resume. Written last.
@@ -26,24 +29,30 @@ from typing import Any
 
 import numpy as np
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import load_file, save_file
 
 __all__ = [
     "CHECKPOINT_DIR",
     "CheckpointError",
+    "SHARD_SIZE",
     "checkpoint_name",
     "find_latest",
     "list_checkpoints",
     "load_optimizer_state",
     "load_rng_state",
+    "load_tensors",
     "optimizer_state_to_files",
     "prune",
     "read_json",
     "rng_state_to_files",
+    "save_tensors",
     "write_json_atomic",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
+#: Largest file of a checkpoint; a bigger state is written shard by shard (host memory holds one shard at a time).
+SHARD_SIZE = "1GB"
 _NAME = re.compile(r"^stage([123])-step(\d+)$")
 
 
@@ -112,15 +121,47 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+def _save_fsync(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, str(path))
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _index_path(path: Path) -> Path:
+    return path.with_name(path.name + ".index.json")
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], max_shard_size: int | str | None = None) -> None:
+    """Write `tensors` (on any device) to `path`, or to shards of it past `max_shard_size` (default `SHARD_SIZE`).
+
+    The tensors stay where they are; each shard is copied to the host, written and synced before the next one,
+    so a `--stage3 full` checkpoint of SD needs about one shard of host memory rather than ~10 GB.
+    """
+    tensors = {k: v.detach() for k, v in tensors.items()}
+    split = split_torch_state_dict_into_shards(
+        tensors,
+        filename_pattern=path.stem + "{suffix}" + path.suffix,
+        max_shard_size=max_shard_size or SHARD_SIZE,
+    )
+    for filename, names in split.filename_to_tensors.items():
+        _save_fsync({k: tensors[k].to("cpu").contiguous() for k in names}, path.parent / filename)
+    if split.is_sharded:
+        write_json_atomic(_index_path(path), {"metadata": split.metadata, "weight_map": split.tensor_to_filename})
+
+
+def load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """What `save_tensors(path, ...)` wrote, one file or all its shards, loaded straight onto `device`."""
+    index = _index_path(path)
     try:
-        return load_file(str(path))
+        if path.is_file() or not index.is_file():
+            return load_file(str(path), device=str(device))
+        weight_map = read_json(index)["weight_map"]
+        tensors = {}
+        for filename in sorted(set(weight_map.values())):
+            tensors.update(load_file(str(path.parent / filename), device=str(device)))
+        if tensors.keys() != weight_map.keys():
+            raise ValueError(f"the shards hold {len(tensors)} tensors, the index lists {len(weight_map)}")
+        return tensors
     except Exception as exc:
         raise CheckpointError(
             f"{path}: cannot be read ({exc}); delete this checkpoint folder to resume from an older one."
@@ -146,6 +187,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
     state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in plain["state"].items()}
     for key, value in tensors.items():
         index, name = key.split(".", 1)
+        if name == "step":
+            # Adam keeps its step count on the CPU unless capturable/fused (then `load_state_dict` moves it), so
+            # a state loaded straight onto the GPU must not leave it there.
+            value = value.cpu()
         state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
 

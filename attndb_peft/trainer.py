@@ -447,6 +447,7 @@ class Trainer:
                 native,
                 native,
             )
+        self._warn_full_checkpoint_disk_use()
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if cfg.compile:  # in place (state-dict keys unchanged); each stage's new graph recompiles on first use
@@ -888,6 +889,25 @@ class Trainer:
                 )
 
     # ------------------------------------------------------------------------------------------ checkpoints
+    def _warn_full_checkpoint_disk_use(self) -> None:
+        """A `--stage3 full` checkpoint holds the U-Net and its AdamW moments (~10 GB for SD): say what periodic
+        ones will take when nothing prunes them, instead of filling the disk silently."""
+        cfg = self.config
+        if cfg.stage3_mode != "full" or not cfg.checkpointing_steps or cfg.checkpoints_total_limit is not None:
+            return
+        count = cfg.stage3.steps // cfg.checkpointing_steps
+        if count < 2 or not self.accelerator.is_main_process:
+            return
+        per_checkpoint = sum(p.numel() for p in self.unet.parameters()) * 4 * 3 / 1e9  # fp32 weights + 2 moments
+        logger.warning(
+            "--stage3 full with --checkpointing-steps %d: %d stage-3 checkpoints of ~%.1f GB each (~%.0f GB), all "
+            "kept. Add --checkpoints-total-limit 2 to keep only the newest two.",
+            cfg.checkpointing_steps,
+            count,
+            per_checkpoint,
+            count * per_checkpoint,
+        )
+
     def _trainable_state(self, stage: int) -> dict[str, torch.Tensor]:
         """Every tensor learned so far: the token vector, the LoRA parameters under their PEFT names and, in
         stage 3 full, the whole U-Net."""
@@ -977,7 +997,7 @@ class Trainer:
 
     def _load_weights(self, path: Path, stage: int) -> None:
         """Restore what `stage` learned from a checkpoint, right after `build_stage(stage)`."""
-        weights = ckpt.load_tensors(path / "weights.safetensors")
+        weights = ckpt.load_tensors(path / "weights.safetensors", self.accelerator.device)
         with torch.no_grad():
             if self.trains_token(stage):
                 self.splice.vector.copy_(weights["token_embedding"])
@@ -996,7 +1016,7 @@ class Trainer:
         path, state = resume["dir"], resume["state"]
         ckpt.load_optimizer_state(
             self.optimizer.optimizer,
-            ckpt.load_tensors(path / "optimizer.safetensors"),
+            ckpt.load_tensors(path / "optimizer.safetensors", self.accelerator.device),
             ckpt.read_json(path / "optimizer.json"),
         )
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])

@@ -335,3 +335,54 @@ def test_steps_the_fp16_scaler_skips_are_counted_and_reported(tiny_model, instan
     assert all(torch.equal(a, p) for a, p in zip(before, trainer.params))  # nothing was trained
     assert caplog.text.count("the fp16 loss scaler skipped") == 1
     assert "skipped 1 of the first 1 steps" in caplog.text
+
+
+# -- --stage3 full checkpoints: streamed shard by shard ----------------------------------------------------------
+def test_large_checkpoint_files_are_written_and_read_shard_by_shard(tmp_path, monkeypatch):
+    """Only one shard at a time is copied to the host (what `save_file` is handed), and the shards read back
+    to the same tensors on the asked device; a missing shard is a CheckpointError naming the file."""
+    from attndb_peft import checkpoints as ckpt
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"layer{i}.weight": torch.randn(64, 64, generator=g) for i in range(6)}  # 16 kB each
+    handed = []
+    real_save = ckpt.save_file
+    monkeypatch.setattr(ckpt, "save_file", lambda shard, path: (handed.append(dict(shard)), real_save(shard, path)))
+    path = tmp_path / "weights.safetensors"
+    ckpt.save_tensors(path, tensors, max_shard_size=40_000)
+    assert len(handed) == 3 and all(sum(v.numel() * 4 for v in s.values()) <= 40_000 for s in handed)
+    assert not path.exists() and (tmp_path / "weights.safetensors.index.json").is_file()
+    back = ckpt.load_tensors(path, device="cpu")
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) for k, v in tensors.items())
+    # a small state stays one plain file, as before
+    ckpt.save_tensors(tmp_path / "small.safetensors", {"a": torch.ones(3)})
+    assert ckpt.load_tensors(tmp_path / "small.safetensors")["a"].tolist() == [1, 1, 1]
+    next(tmp_path.glob("weights-00002-of-00003.safetensors")).unlink()
+    with pytest.raises(ckpt.CheckpointError, match="weights.safetensors"):
+        ckpt.load_tensors(path)
+
+
+def test_full_mode_resume_from_sharded_checkpoints_is_bit_identical(tiny_model, instance_dir, tmp_path, monkeypatch,
+                                                                    caplog):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from attndb_peft import checkpoints as ckpt
+    from attndb_peft.export import LORA_NAME
+
+    monkeypatch.setattr(ckpt, "SHARD_SIZE", 200_000)
+    settings = dict(checkpointing_steps=1, stage3_mode="full", steps=(1, 1, 3))
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="attndb_peft"):
+        Trainer(make_config(tiny_model, instance_dir, out, **settings)).run()
+    assert "--checkpoints-total-limit 2" in caplog.text  # 3 full checkpoints, none pruned: the disk use is stated
+    step2 = out / "checkpoints" / "stage3-step2"
+    assert len(list(step2.glob("weights-*-of-*.safetensors"))) > 1
+    assert len(list(step2.glob("optimizer-*-of-*.safetensors"))) > 1
+    reference = load_file(str(out / LORA_NAME))
+    shutil.rmtree(out / "checkpoints" / "stage3-step3")
+    (out / LORA_NAME).unlink()
+    Trainer(make_config(tiny_model, instance_dir, out, resume=True, **settings)).run()
+    resumed = load_file(str(out / LORA_NAME))
+    assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in reference)

@@ -28,6 +28,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -481,8 +482,10 @@ def pretrain(
             torch.set_rng_state(rng["torch"])
             start_step = int(state["step"])
             log = state["log"]
-            for _ in range(start_step):
-                sched.step()
+            with warnings.catch_warnings():  # fast-forwarding the schedule before any optimizer step is the point
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                for _ in range(start_step):
+                    sched.step()
             logger.info("resuming pretraining at step %d", start_step)
 
         unet.train()
