@@ -160,7 +160,7 @@ def _fake_runs(wq, monkeypatch, scores):
     def fake(key, method, seed, changes, ctx, evaluation):
         calls.append((key, method, seed))
         identity, alignment = scores(key, method, seed)
-        values = {"identity": identity, "text_alignment": alignment, "presence": 1.0}
+        values = {"identity": identity, "identity_ok": identity, "text_alignment": alignment, "presence": 1.0}
         return {"concept": seed, "method": method, "key": key, "values": values, "learning_rates": [1, 2, 3],
                 "prompt_templates": ["p"]}, False
 
