@@ -142,7 +142,7 @@ def write_validation_samples(trainer, stage: int, step: int, stage_end: bool) ->
         `list[Path]`: the pictures written.
     """
     from .inference import expand_prompt, generate_images, token_attention_maps
-    from .trainer import STAGE_NAMES
+    from .stages import STAGE_NAMES
     from .visualize import attention_figure, image_grid
 
     cfg = trainer.config
