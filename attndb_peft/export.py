@@ -3,7 +3,7 @@
 
 | file | content |
 |---|---|
-| `attndb_embedding.safetensors` | `{token: tensor[1, hidden]}`, loads with `pipe.load_textual_inversion(file)` |
+| `attndb_embedding.safetensors` | `{token: tensor[hidden]}`, loads with `pipe.load_textual_inversion(file)` |
 | `pytorch_lora_weights.safetensors` | stages 2+3 as one LoRA in diffusers/PEFT keys (diffusers' own writer) |
 | `attndb_kohya.safetensors` | the same LoRA in kohya keys (`lora_unet_*.lora_down/lora_up/alpha`) for A1111/ComfyUI |
 | `attndb_config.json` | token, category, base model, every setting, ranks, package versions |

@@ -8,7 +8,7 @@ The trainer, the exporter and the loader ask a `ModelFamily` instead of branchin
 | text encoders | `text_encoder` (768 or 1024 wide) | `text_encoder` (768), `text_encoder_2` (1280, projected) |
 | U-Net context | the encoder's last hidden state | `cat(te1.hidden_states[-2], te2.hidden_states[-2])` (2048) |
 | `added_cond_kwargs` | none | `text_embeds` (encoder 2's pooled output), `time_ids` (6 numbers) |
-| embedding file | `{token: [1, hidden]}` | `{"clip_l": [1, 768], "clip_g": [1, 1280]}` (A1111/ComfyUI/kohya) |
+| embedding file | `{token: [hidden]}` | `{"clip_l": [1, 768], "clip_g": [1, 1280]}` (A1111/ComfyUI/kohya) |
 | kohya key names | diffusers module paths | LDM block names (`input_blocks_4_1_...`), as sd-scripts writes |
 | default resolution | 512 | 1024 |
 
@@ -66,7 +66,7 @@ class ModelFamily:
         tokenizers (`tuple[str, ...]`): the matching tokenizer component names.
         text_encoder_classes (`tuple[str, ...]`): the transformers class of each text encoder.
         embedding_keys (`tuple[str, ...]`, *optional*): the embedding file's key per text encoder; None: the file
-            is `{token: [1, hidden]}` (one encoder).
+            is `{token: [hidden]}` (one encoder, one vector).
         kohya_ldm_names (`bool`): the kohya copy names U-Net modules by their LDM blocks (what sd-scripts writes for
             SDXL) instead of their diffusers paths.
         kohya_base_model_version (`str`, *optional*): kohya's `ss_base_model_version`, when the family fixes it
@@ -138,9 +138,15 @@ class ModelFamily:
 
     # -------------------------------------------------------------------------------------- embedding file
     def embedding_state_dict(self, token: str, vectors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The embedding file's tensors: `vectors` holds one `[num_vectors, hidden]` tensor per text encoder."""
+        """The embedding file's tensors: `vectors` holds one `[num_vectors, hidden]` tensor per text encoder.
+
+        SD 1.x/2.x: `{token: [hidden]}` for one vector. The 1-D form is the one every client reads (diffusers,
+        A1111, ComfyUI and InvokeAI; InvokeAI's installer rejects `[1, hidden]` as "unrecognized token dimension
+        1"), and diffusers loads both forms into the same row, so the pictures do not change. SDXL keeps
+        `[1, hidden]` per key, the shape A1111, ComfyUI, kohya and InvokeAI write and read there."""
         if self.embedding_keys is None:
-            return {token: vectors[0]}
+            vector = vectors[0]
+            return {token: vector[0] if vector.ndim == 2 and vector.shape[0] == 1 else vector}
         if len(vectors) != len(self.embedding_keys):
             raise ValueError(f"{self.name}: expected {len(self.embedding_keys)} embeddings, got {len(vectors)}")
         return dict(zip(self.embedding_keys, vectors))
