@@ -249,3 +249,27 @@ def test_an_sd_embedding_is_refused_by_an_sdxl_pipeline_unchanged(sdxl_run, tiny
     with pytest.raises(AdapterError, match="clip_l"):
         pipe.load_attndb(folder)
     assert [len(pipe.tokenizer), len(pipe.tokenizer_2)] == sizes and pipe.get_list_adapters() == {}
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_trains_generates_and_inspects_an_sdxl_model(tiny_sdxl, tmp_path):
+    """`attndb train --model <SDXL folder>` (the family comes from the model), then generate and inspect."""
+    from PIL import Image
+
+    from attndb_peft.cli import main
+    from attndb_peft.testing import make_instance_images
+
+    images = tmp_path / "images"
+    make_instance_images(images, num_images=2, size=48)
+    out = tmp_path / "out"
+    train = ["train", "--model", str(tiny_sdxl), "--images", str(images), "--category", "dog", "--output", str(out)]
+    settings = ["--resolution", "32", "--batch-size", "1", "--steps", "1,1,1", "--quiet"]
+    assert main([*train, *settings]) == 0
+    assert set(load_file(str(out / EMBEDDING_NAME))) == {"clip_l", "clip_g"}
+    common = ["--adapter", str(out), "--prompt", "a photo of a {} on the beach", "--steps", "2", "--quiet"]
+    assert main(["generate", *common, "--height", "32", "--width", "32", "--output", str(tmp_path / "gen")]) == 0
+    assert Image.open(next((tmp_path / "gen").glob("*.png"))).size == (32, 32)
+    assert main(["inspect", *common, "--output", str(tmp_path / "attn.png")]) == 0
+    record = json.loads((tmp_path / "attn.json").read_text())
+    assert "<attndb-dog>" in [t["text"] for t in record["tokens"]]
+    assert all(0 < t["mean_attention"] < 1 for t in record["tokens"])
