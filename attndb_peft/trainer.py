@@ -155,8 +155,8 @@ def check_inputs(config: AttnDBConfig, tokenizer=None, unet_config: dict | None 
     """Every problem with the run's inputs that can be found without loading the U-Net, VAE or text
     encoder: images, output folder, token, category and the training prompt's length (with the base model's
     tokenizer, or `tokenizer` when given), with `masked_loss` the subject masks, and a U-Net attndb cannot train
-    (its config, or `unet_config`: inpainting/depth models, SDXL). Returns warnings; raises `InputError` listing
-    all problems."""
+    (its config, or `unet_config`: inpainting/depth models, SDXL single files). Returns warnings (e.g. SDXL with
+    `--stage3 full`); raises `InputError` listing all problems."""
     problems: list[str] = []
     warnings: list[str] = []
     report = scan_image_folder(config.images, config.resolution)
@@ -207,7 +207,9 @@ def check_inputs(config: AttnDBConfig, tokenizer=None, unet_config: dict | None 
                 f"--token {config.token!r} is plain letters/digits: it will also match inside longer words (e.g. "
                 f"'{config.token}s'). A delimited token such as '<{config.token}>' avoids that."
             )
-    problems += _unet_problems(config, unet_config)
+    unet_problems, unet_warnings = _unet_problems(config, unet_config)
+    problems += unet_problems
+    warnings += unet_warnings
     if problems:
         raise InputError("Cannot start training:\n  - " + "\n  - ".join(problems))
     return warnings
@@ -224,17 +226,22 @@ def _prompt_problems(config: AttnDBConfig, tokenizer) -> list[str]:
     return []
 
 
-def _unet_problems(config: AttnDBConfig, unet_config: dict | None) -> list[str]:
-    """U-Nets attndb cannot train, from the U-Net's config (read from the model folder when not given; nothing
-    is said when it cannot be read: loading the model reports that)."""
+#: Full fine-tuning an SDXL U-Net (2.6 B parameters) with AdamW: fp32 weights, gradients and two moments.
+_SDXL_FULL_GIB = 41
+
+
+def _unet_problems(config: AttnDBConfig, unet_config: dict | None) -> tuple[list[str], list[str]]:
+    """`(problems, warnings)` of the U-Net: ones attndb cannot train, and settings that will hardly fit, from the
+    U-Net's config (read from the model folder when not given; nothing is said when it cannot be read: loading
+    the model reports that)."""
     if unet_config is None:
         try:
             from diffusers import UNet2DConditionModel
 
             unet_config = UNet2DConditionModel.load_config(config.model, subfolder="unet", revision=config.revision)
         except Exception:
-            return []
-    problems = []
+            return [], []
+    problems, warnings = [], []
     if unet_config.get("in_channels", 4) != 4:
         problems.append(
             f"--model {config.model}: its U-Net takes {unet_config['in_channels']} input channels (an inpainting "
@@ -245,7 +252,13 @@ def _unet_problems(config: AttnDBConfig, unet_config: dict | None) -> list[str]:
             f"--model {config.model}: an SDXL single file; attndb reads SDXL from a diffusers folder or Hub id "
             "(e.g. stabilityai/stable-diffusion-xl-base-1.0)."
         )
-    return problems
+    if family_of_unet_config(unet_config) is not SD and config.stage3_mode == "full":
+        warnings.append(
+            f"--stage3 full on an SDXL U-Net: its AdamW state alone is about {_SDXL_FULL_GIB} GB on the device "
+            "(fp32 weights, gradients and two moments), before activations; --stage3 lora (the default) trains a "
+            "LoRA instead."
+        )
+    return problems, warnings
 
 
 def load_tokenizer(config: AttnDBConfig):

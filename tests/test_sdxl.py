@@ -251,6 +251,17 @@ def test_an_sd_embedding_is_refused_by_an_sdxl_pipeline_unchanged(sdxl_run, tiny
     assert [len(pipe.tokenizer), len(pipe.tokenizer_2)] == sizes and pipe.get_list_adapters() == {}
 
 
+def test_full_stage3_on_sdxl_is_warned_about(tiny_sdxl, tmp_path):
+    from attndb_peft.testing import make_instance_images
+    from attndb_peft.trainer import check_inputs
+
+    make_instance_images(tmp_path / "images", num_images=1, size=48)
+    config = make_config(tiny_sdxl, tmp_path / "images", tmp_path / "out")
+    assert not any("SDXL" in w for w in check_inputs(config))
+    full = make_config(tiny_sdxl, tmp_path / "images", tmp_path / "out", stage3_mode="full")
+    assert any("--stage3 full on an SDXL U-Net" in w for w in check_inputs(full))
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def test_cli_trains_generates_and_inspects_an_sdxl_model(tiny_sdxl, tmp_path):
     """`attndb train --model <SDXL folder>` (the family comes from the model), then generate and inspect."""
