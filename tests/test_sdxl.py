@@ -185,6 +185,28 @@ def test_kohya_ldm_copy_loads_to_the_same_pixels(sdxl_run, tiny_sdxl):
     assert abs(kohya - peft).max() < 1e-5
 
 
+def test_hub_id_loads_from_the_cache_and_a_checkpoint_exports(sdxl_run, tiny_sdxl, tmp_path, monkeypatch):
+    """A Hub repo id resolves offline from the cache; `export_checkpoint` rebuilds the SDXL adapter from the last
+    stage-3 checkpoint (both token vectors restored)."""
+    from huggingface_hub import constants
+    from test_loading import _lay_out_hub_cache
+
+    from attndb_peft.trainer import export_checkpoint
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "hub"
+    _lay_out_hub_cache(cache, "attndb-test/dog-xl", sdxl_run.output_dir, "0123456789abcdef0123456789abcdef01234567")
+    pipe = fresh_sdxl(tiny_sdxl)
+    assert pipe.load_attndb("attndb-test/dog-xl", cache_dir=cache) == "<attndb-dog>"
+    assert all("<attndb-dog>" in t.get_vocab() for t in (pipe.tokenizer, pipe.tokenizer_2))
+
+    exported = tmp_path / "from-checkpoint"
+    export_checkpoint(sdxl_run.output_dir / "checkpoints" / "stage3-step2", exported)
+    for name in (EMBEDDING_NAME, LORA_NAME):
+        want, got = load_file(str(sdxl_run.output_dir / name)), load_file(str(exported / name))
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), name
+
+
 @pytest.fixture(scope="module")
 def sdxl_style_lora(tiny_sdxl, tmp_path_factory):
     """A foreign SDXL LoRA made with PEFT (random, non-zero B) and saved with diffusers' SDXL writer."""
@@ -277,6 +299,7 @@ def test_cli_trains_generates_and_inspects_an_sdxl_model(tiny_sdxl, tmp_path):
     settings = ["--resolution", "32", "--batch-size", "1", "--steps", "1,1,1", "--quiet"]
     assert main([*train, *settings]) == 0
     assert set(load_file(str(out / EMBEDDING_NAME))) == {"clip_l", "clip_g"}
+    assert (out / "samples" / "stage3-attention.png").is_file()  # validation samples drawn by the SDXL pipeline
     common = ["--adapter", str(out), "--prompt", "a photo of a {} on the beach", "--steps", "2", "--quiet"]
     assert main(["generate", *common, "--height", "32", "--width", "32", "--output", str(tmp_path / "gen")]) == 0
     assert Image.open(next((tmp_path / "gen").glob("*.png"))).size == (32, 32)
