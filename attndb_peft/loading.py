@@ -121,13 +121,14 @@ def load_attndb(
     token: str | None = None,
     **hub_kwargs: Any,
 ) -> str:
-    """Load an attndb concept (token embedding + U-Net LoRA) into a Stable Diffusion pipeline.
+    """Load an attndb concept (token embedding + U-Net LoRA) into a Stable Diffusion (1.x/2.x or XL) pipeline.
 
     Adapters that were active stay active with the weights they had; the concept's LoRA is added at `weight`.
     Change the mix afterwards with `pipe.set_adapters([...], [...])`.
 
     Args:
-        pipe (`StableDiffusionPipeline` or another SD 1.x/2.x pipeline): the pipeline to load into.
+        pipe (`StableDiffusionPipeline`, `StableDiffusionXLPipeline` or another SD 1.x/2.x or SDXL pipeline): the
+            pipeline to load into; an SDXL adapter needs an SDXL pipeline and the other way round.
         path_or_repo_id (`str` or `os.PathLike`): an adapter folder written by `attndb train`, or a Hub repo id
             holding one. Only `attndb_embedding.safetensors` and `pytorch_lora_weights.safetensors` are read
             (fetched) from it.
