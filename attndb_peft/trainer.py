@@ -505,11 +505,12 @@ class Trainer:
             if cfg.masked_loss:  # the same views of the subject mask (same crop boxes, resize and flips)
                 subject = load_subject_mask(path, sources[i])
                 masks += mask_views(subject, cfg.resolution, cfg.flip, cfg.random_crops, seed=cfg.seed + i)
-        vae_dtype = self.vae.dtype
-        if self.family.vae_fp32_encode and vae_dtype == torch.float16:  # the SDXL VAE overflows in float16
+        upcast = self.family.vae_fp32_encode and self.vae.dtype == torch.float16  # the SDXL VAE overflows in fp16
+        if upcast:
             self.vae.to(torch.float32)
         mean, std = encode_views(self.vae, views, batch_size=cfg.batch_size)
-        self.vae.to(vae_dtype)
+        if upcast:
+            self.vae.to(torch.float16)
         mask = latent_masks(masks, tuple(mean.shape[-2:])).to(mean.device) if cfg.masked_loss else None
         self.latents = LatentCache(
             mean,
