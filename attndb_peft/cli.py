@@ -450,6 +450,12 @@ def _add_demo_parser(sub) -> None:
         action="store_true",
         help="The smoke path: a tiny random model built in code, a few seconds, pictures are noise.",
     )
+    p.add_argument(
+        "--family",
+        choices=("sd", "sdxl"),
+        default="sd",
+        help="With --random-weights: the tiny model's family, SD 2.x-like (default) or SDXL (two text encoders).",
+    )
     _add_common(p)
     p.set_defaults(handler=_cmd_demo)
 
@@ -684,6 +690,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         random_weights=args.random_weights,
         concept_seed=args.concept_seed,
+        family=args.family,
     )
     print(result.describe())
     return EXIT_OK

@@ -165,6 +165,7 @@ def run_demo(
     random_weights: bool = False,
     concept_seed: int = WORLD_DEMO_CONCEPT,
     num_images: int = WORLD_DEMO_IMAGES,
+    family: str = "sd",
 ) -> DemoResult:
     """Run the offline demo (see the module docstring).
 
@@ -177,13 +178,21 @@ def run_demo(
         random_weights (`bool`): the few-second smoke path on a tiny random model instead of the world.
         concept_seed (`int`): the world concept to learn.
         num_images (`int`): world pictures per prompt and method.
+        family (`str`): with `random_weights`, the tiny model's family: `"sd"` or `"sdxl"`.
 
     Returns:
         `DemoResult`: the paths written (and the world demo's scores).
     """
     import torch
 
+    from .families import FAMILIES
+    from .inference import UsageError
+
     started = time.perf_counter()
+    if family not in FAMILIES:
+        raise UsageError(f"--family {family!r}: choose one of {', '.join(FAMILIES)}.")
+    if family != "sd" and not random_weights:
+        raise UsageError(f"--family {family} runs with --random-weights (the toy world's base model is SD-shaped).")
     output = Path(output)
     _prepare(output)
     # The small models' operations are far too small to split across threads: on a busy 2-core machine, torch's
@@ -192,18 +201,18 @@ def run_demo(
     torch.set_num_threads(1)
     try:
         if random_weights:
-            return _run_random(output, steps or DEMO_STEPS, seed, inference_steps or 10, started)
+            return _run_random(output, steps or DEMO_STEPS, seed, inference_steps or 10, started, FAMILIES[family])
         return _run_world(output, steps, seed, inference_steps, concept_seed, num_images, started)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_random(output: Path, steps, seed: int, inference_steps: int, started: float) -> DemoResult:
-    from diffusers import StableDiffusionPipeline
+def _run_random(output: Path, steps, seed: int, inference_steps: int, started: float, family) -> DemoResult:
+    import diffusers
 
     from .config import DEFAULT_VALIDATION_PROMPTS, AttnDBConfig
     from .inference import expand_prompt, generate_images, inspect_prompt
-    from .testing import TINY_RESOLUTION, make_instance_images, save_tiny_pipeline
+    from .testing import TINY_RESOLUTION, make_instance_images, save_tiny_pipeline, save_tiny_sdxl_pipeline
     from .trainer import Trainer
     from .visualize import image_grid
 
@@ -212,8 +221,8 @@ def _run_random(output: Path, steps, seed: int, inference_steps: int, started: f
     adapter = output / "adapter"
     reloaded = output / "reloaded"
 
-    logger.info("Building the tiny random pipeline in %s", base_model)
-    save_tiny_pipeline(base_model, seed=seed)
+    logger.info("Building the tiny random %s pipeline in %s", family.name.upper(), base_model)
+    (save_tiny_sdxl_pipeline if family.is_sdxl else save_tiny_pipeline)(base_model, seed=seed)
     make_instance_images(images, num_images=4, size=48, seed=seed)
     config = AttnDBConfig(
         model=str(base_model),
@@ -230,9 +239,9 @@ def _run_random(output: Path, steps, seed: int, inference_steps: int, started: f
     result = Trainer(config).run()
 
     logger.info("Loading the adapter back into a fresh pipeline with pipe.load_attndb")
-    pipe = StableDiffusionPipeline.from_pretrained(str(base_model))
+    pipe = getattr(diffusers, family.pipeline_class).from_pretrained(str(base_model))
     pipe.set_progress_bar_config(disable=True)
-    token = pipe.load_attndb(str(adapter))  # registered on StableDiffusionPipeline by `import attndb_peft`
+    token = pipe.load_attndb(str(adapter))  # registered on the SD and SDXL pipelines by `import attndb_peft`
     reloaded.mkdir(parents=True, exist_ok=True)
     prompts = [expand_prompt(p, token, config.category) for p in DEFAULT_VALIDATION_PROMPTS]
     rows = [generate_images(pipe, p, num_images=2, seed=seed, steps=inference_steps) for p in prompts]

@@ -3,11 +3,14 @@
 
 | file | content |
 |---|---|
-| `attndb_embedding.safetensors` | `{token: tensor[1, hidden]}`, loads with `pipe.load_textual_inversion(file)` |
+| `attndb_embedding.safetensors` | `{token: tensor[hidden]}`, loads with `pipe.load_textual_inversion(file)` |
 | `pytorch_lora_weights.safetensors` | stages 2+3 as one LoRA in diffusers/PEFT keys (diffusers' own writer) |
 | `attndb_kohya.safetensors` | the same LoRA in kohya keys (`lora_unet_*.lora_down/lora_up/alpha`) for A1111/ComfyUI |
 | `attndb_config.json` | token, category, base model, every setting, ranks, package versions |
 | `README.md` | model card rendered from `model_card_template.md` |
+
+SDXL adapters differ in two files (families.py): the embedding is `{"clip_l": [1, 768], "clip_g": [1, 1280]}`
+(one `load_textual_inversion` call per text encoder) and the kohya copy names modules by their LDM blocks.
 
 Every file is written to a temporary folder first and moved into place only when all of them are complete, so
 an interrupted export never leaves a mix of old and new files that looks finished.
@@ -30,6 +33,8 @@ from safetensors.torch import load_file, save_file
 
 from .base_model import known_base_model
 from .config import AttnDBConfig
+from .families import SD, ModelFamily
+from .loading import EMBEDDING_NAME, FORMAT_VERSION, LORA_NAME, adapter_name_for_token, looks_like_repo_id
 from .stages import LoraFactors, combined_lora_config
 
 __all__ = [
@@ -49,13 +54,11 @@ __all__ = [
     "render_model_card",
 ]
 
-EMBEDDING_NAME = "attndb_embedding.safetensors"
-LORA_NAME = "pytorch_lora_weights.safetensors"
+# EMBEDDING_NAME, LORA_NAME and FORMAT_VERSION live in loading.py (the lower module: it reads them, this writes
+# them) and are re-exported here.
 KOHYA_NAME = "attndb_kohya.safetensors"
 CONFIG_NAME = "attndb_config.json"
 MODEL_CARD_NAME = "README.md"
-#: Version of the adapter folder layout; `load_attndb` refuses folders from a newer major version.
-FORMAT_VERSION = "1.0"
 #: Stands for the adapter's location in the model card's snippets; `push_to_hub` replaces it with the repo id.
 REPO_PLACEHOLDER = "REPO_OR_FOLDER"
 
@@ -77,9 +80,14 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def base_model_family(model: str, embedding_dim: int | None = None) -> tuple[str | None, str]:
-    """`(kohya base model version, Hub license)` of a base model, from its text-encoder width when known (a local
-    folder's name says nothing), else from its name; `(None, "other")` when neither tells."""
+def base_model_family(
+    model: str, embedding_dim: int | None = None, family: ModelFamily = SD
+) -> tuple[str | None, str]:
+    """`(kohya base model version, Hub license)` of a base model: fixed by `family` where the family fixes it
+    (SDXL), else from its text-encoder width when known (a local folder's name says nothing), else from its name;
+    `(None, "other")` when nothing tells."""
+    if family.kohya_base_model_version is not None:
+        return family.kohya_base_model_version, family.license or "other"
     if embedding_dim in _FAMILIES:
         return _FAMILIES[embedding_dim]
     known = known_base_model(model)  # also ids that have moved, e.g. stabilityai/stable-diffusion-2-1-base
@@ -107,9 +115,13 @@ def kohya_alpha(lora: dict[str, LoraFactors]) -> int:
     return Counter(f.rank for f in lora.values()).most_common(1)[0][0]
 
 
-def kohya_state_dict(lora: dict[str, LoraFactors], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """kohya-ss keys, as sd-scripts' `networks.lora` writes them for SD 1.x/2.x U-Nets: `lora_unet_<diffusers
-    module path with '.' -> '_'>.lora_down.weight`, `.lora_up.weight` and a scalar `.alpha`.
+def kohya_state_dict(
+    lora: dict[str, LoraFactors], dtype: torch.dtype, family: ModelFamily = SD, unet_config=None
+) -> dict[str, torch.Tensor]:
+    """kohya-ss keys, as sd-scripts' `networks.lora` writes them: `lora_unet_<module>.lora_down.weight`,
+    `.lora_up.weight` and a scalar `.alpha`, where `<module>` is the diffusers module path with '.' -> '_' for SD
+    1.x/2.x and the LDM block name for SDXL (`input_blocks_4_1_transformer_blocks_0_attn2_to_q`, what kohya's own
+    SDXL tools read; needs `unet_config` for the block numbering).
 
     Loaders apply `alpha / rank * lora_up @ lora_down`. Every module gets the same alpha (`kohya_alpha`) and the
     rest of its scale is folded into `lora_up`: diffusers' kohya converter keeps a single alpha exactly but
@@ -120,7 +132,7 @@ def kohya_state_dict(lora: dict[str, LoraFactors], dtype: torch.dtype) -> dict[s
     alpha = kohya_alpha(lora)
     state = {}
     for name, factors in lora.items():
-        key = "lora_unet_" + name.replace(".", "_")
+        key = "lora_unet_" + family.kohya_module_name(name, unet_config)
         state[f"{key}.lora_down.weight"] = factors.down.to(dtype).contiguous()
         up = factors.up.float() * (factors.scale * factors.rank / alpha)
         state[f"{key}.lora_up.weight"] = up.to(dtype).contiguous()
@@ -153,6 +165,7 @@ def render_model_card(
     samples: list[tuple[str, str]],
     embedding_dim: int | None = None,
     repo_id: str | None = None,
+    family: ModelFamily = SD,
 ) -> str:
     """Render `model_card_template.md` with the run's settings: Hub YAML front matter (base model and its license,
     tags, instance prompt, widget entries for the samples), usage with attndb_peft, stock diffusers, A1111 and
@@ -167,13 +180,12 @@ def render_model_card(
         embedding_dim (`int`, *optional*): the text-encoder width, which tells SD 1.x from 2.x (license).
         repo_id (`str`, *optional*): where the adapter will live; default `config.push_to_hub`, else the
             `REPO_OR_FOLDER` placeholder that `push_to_hub` fills in.
+        family (`ModelFamily`, *optional*): the base model's family (default SD 1.x/2.x).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .loading import adapter_name_for_token, looks_like_repo_id
-
     template = Path(__file__).with_name("model_card_template.md")
-    _, license_ = base_model_family(config.model, embedding_dim)
+    _, license_ = base_model_family(config.model, embedding_dim, family)
     # The Hub only accepts repo ids as base_model; a local folder is named in the text instead.
     is_hub_id = looks_like_repo_id(config.model) and not Path(config.model).expanduser().exists()
     expanded = [(p.replace("{}", f"{config.token} {config.category}"), path) for p, path in samples]
@@ -182,7 +194,8 @@ def render_model_card(
         license=license_,
         library_name="diffusers",
         pipeline_tag="text-to-image",
-        tags=["attndb", "lora", "textual-inversion", "diffusers", "text-to-image", "stable-diffusion"],
+        tags=["attndb", "lora", "textual-inversion", "diffusers", "text-to-image", "stable-diffusion"]
+        + (["stable-diffusion-xl"] if family.is_sdxl else []),
         instance_prompt=config.prompt,
         widget=[{"text": p, "output": {"url": path}} for p, path in expanded] or None,
     )
@@ -227,6 +240,8 @@ def render_model_card(
         report=report,
         samples=expanded,
         versions=package_versions(),
+        sdxl=family.is_sdxl,
+        embedding_keys=list(family.embedding_keys or ()),
     )
     return str(card)
 
@@ -234,30 +249,37 @@ def render_model_card(
 def export_adapter(
     output_dir: str | os.PathLike,
     config: AttnDBConfig,
-    embedding: torch.Tensor,
+    embedding: torch.Tensor | list[torch.Tensor],
     lora: dict[str, LoraFactors],
     report: dict[str, Any] | None = None,
     samples: list[tuple[str, str]] | None = None,
+    family: ModelFamily = SD,
+    unet_config=None,
 ) -> list[Path]:
     """Write the adapter folder.
 
     Args:
         output_dir: the run's output folder.
         config (`AttnDBConfig`): the run's settings.
-        embedding (`torch.Tensor`): `[1, hidden]` trained token embedding.
+        embedding (`torch.Tensor` or `list[torch.Tensor]`): the trained token embedding, `[1, hidden]`, one per
+            text encoder of the family (SDXL: `[1, 768]` and `[1, 1280]`).
         lora (`dict[str, LoraFactors]`): the final U-Net LoRA by module name (stages 2+3 combined).
         report (`dict`, *optional*): extra facts for the config and card (e.g. SVD energy kept).
         samples (`list[tuple[str, str]]`, *optional*): (prompt, relative image path) pairs for the card.
+        family (`ModelFamily`, *optional*): the base model's family (default SD 1.x/2.x): embedding layout, kohya
+            names, pipeline class.
+        unet_config (*optional*): the U-Net's config; needed for SDXL's kohya names (block numbering).
 
     Returns:
         `list[Path]`: the files written.
     """
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     output_dir = Path(output_dir)
     report = dict(report or {})
     dtype = _DTYPES[config.save_dtype]
-    if not torch.isfinite(embedding).all() or any(
+    embeddings = [embedding] if isinstance(embedding, torch.Tensor) else list(embedding)
+    if not all(torch.isfinite(e).all() for e in embeddings) or any(
         not (torch.isfinite(f.down).all() and torch.isfinite(f.up).all()) for f in lora.values()
     ):
         raise ValueError("Refusing to export non-finite weights; the run diverged (lower the learning rate).")
@@ -266,10 +288,11 @@ def export_adapter(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
-    _save({config.token: embedding.to(dtype).contiguous()}, tmp / EMBEDDING_NAME, metadata)
+    vectors = [e.to(dtype).contiguous() for e in embeddings]
+    _save(family.embedding_state_dict(config.token, vectors), tmp / EMBEDDING_NAME, metadata)
 
     # diffusers writes the LoRA (its key packing and adapter metadata); then our metadata is added to the header.
-    StableDiffusionPipeline.save_lora_weights(
+    getattr(diffusers, family.pipeline_class).save_lora_weights(
         tmp,
         unet_lora_layers=peft_state_dict(lora, dtype),
         weight_name=LORA_NAME,
@@ -280,7 +303,8 @@ def export_adapter(
     _save(load_file(str(tmp / LORA_NAME)), tmp / LORA_NAME, {**diffusers_metadata, **metadata})
 
     ranks = sorted({f.rank for f in lora.values()})
-    family, _ = base_model_family(config.model, int(embedding.shape[-1]))
+    width = int(embeddings[0].shape[-1])
+    kohya_family, _ = base_model_family(config.model, width, family)
     alpha = kohya_alpha(lora)
     # The keys sd-scripts writes for a LoRA; A1111/ComfyUI show them, none of them changes how it loads.
     kohya_meta = {
@@ -294,10 +318,10 @@ def export_adapter(
         "ss_training_comment": f"AttnDreamBooth concept {config.token} ({config.category}); "
         f"embedding in {EMBEDDING_NAME}",
     }
-    if family is not None:
-        kohya_meta["ss_base_model_version"] = family
-        kohya_meta["ss_v2"] = str(family == "sd_v2")
-    _save(kohya_state_dict(lora, dtype), tmp / KOHYA_NAME, kohya_meta)
+    if kohya_family is not None:
+        kohya_meta["ss_base_model_version"] = kohya_family
+        kohya_meta["ss_v2"] = str(kohya_family == "sd_v2")
+    _save(kohya_state_dict(lora, dtype, family, unet_config), tmp / KOHYA_NAME, kohya_meta)
 
     run_info = {
         "format_version": FORMAT_VERSION,
@@ -305,15 +329,18 @@ def export_adapter(
         "category": config.category,
         "base_model": config.model,
         "instance_prompt": config.prompt,
-        "embedding_dim": int(embedding.shape[-1]),
+        "embedding_dim": width,
         "lora": {"modules": len(lora), "ranks": ranks, "alpha": "rank (scale folded into lora_B)"},
         "files": {"embedding": EMBEDDING_NAME, "lora": LORA_NAME, "kohya": KOHYA_NAME},
         "report": report,
         "settings": config.to_dict(),
         "versions": package_versions(),
     }
+    if family is not SD:  # SD folders keep their original keys
+        run_info["family"] = family.name
+        run_info["embedding_dims"] = [int(e.shape[-1]) for e in embeddings]
     (tmp / CONFIG_NAME).write_text(json.dumps(run_info, indent=2, sort_keys=True), encoding="utf-8")
-    card = render_model_card(config, lora, report, samples or [], embedding_dim=int(embedding.shape[-1]))
+    card = render_model_card(config, lora, report, samples or [], embedding_dim=width, family=family)
     (tmp / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
 
     written = []

@@ -174,14 +174,15 @@ def load_pipeline(
             metrics silently.
 
     Returns:
-        `(StableDiffusionPipeline, AdapterInfo | None)`.
+        `(StableDiffusionPipeline or StableDiffusionXLPipeline, AdapterInfo | None)`.
 
     Raises:
         UsageError: the model or adapter cannot be found or loaded.
     """
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     from .base_model import BaseModelError, check_base_model, is_single_file, load_single_file
+    from .families import SD, family_of_model
 
     info = read_adapter_config(adapter, token=hub_token) if adapter else None
     model = model or (info.base_model if info else None)
@@ -202,8 +203,11 @@ def load_pipeline(
         if is_single_file(model):
             pipe = load_single_file(model, model_config, torch_dtype)
         else:
-            no_checker = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
-            pipe = StableDiffusionPipeline.from_pretrained(
+            family = family_of_model(model, revision)  # SD 1.x/2.x or SDXL, from the model itself
+            no_checker = {}
+            if not safety_checker and family is SD:  # SDXL pipelines have no safety checker
+                no_checker = {"safety_checker": None, "requires_safety_checker": False}
+            pipe = getattr(diffusers, family.pipeline_class).from_pretrained(
                 model, revision=revision, token=hub_token, **_dtype_argument(torch_dtype), **no_checker
             )
     except Exception as exc:  # missing folder, bad id, no network: one line that names the argument

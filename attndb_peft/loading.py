@@ -1,11 +1,16 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
-"""Load attndb adapters into diffusers Stable Diffusion pipelines, next to other LoRAs, and unload them.
+"""Load attndb adapters into diffusers Stable Diffusion (1.x/2.x and XL) pipelines, next to other LoRAs, and unload
+them.
 
 `load_attndb(pipe, "user/concept")` (or `pipe.load_attndb(...)` after `import attndb_peft`) reads an adapter
 folder or Hub repo, checks everything against the pipeline first, then loads the token embedding with
 `pipe.load_textual_inversion` and the LoRA with `pipe.load_lora_weights(..., adapter_name=...)`, and re-activates
 the adapters that were active before (diffusers makes a freshly loaded LoRA the only active one) with the weights
 they had, read back from the PEFT layers. `unload_attndb` removes exactly one concept's token and LoRA.
+
+SDXL pipelines have two tokenizer/text-encoder pairs: the embedding file holds one vector per encoder
+(`{"clip_l": ..., "clip_g": ...}`), loaded with one `load_textual_inversion` call per pair, and every check, the
+unload and the undo cover both pairs (what differs by family comes from families.py).
 
 Every check runs before the pipeline is touched, so a refused adapter leaves the tokenizer, the embedding matrix
 and the LoRA adapters as they were; if a diffusers call still fails midway, what was added is removed again.
@@ -27,11 +32,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .export import EMBEDDING_NAME, FORMAT_VERSION, LORA_NAME
+from .families import ModelFamily, family_of_pipeline
 
 __all__ = [
     "AdapterError",
+    "EMBEDDING_NAME",
+    "FORMAT_VERSION",
     "HUB_KWARGS",
+    "LORA_NAME",
     "adapter_name_for_token",
     "load_attndb",
     "loaded_concepts",
@@ -40,6 +48,12 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# The adapter files this module reads (export.py writes them and re-exports these names).
+EMBEDDING_NAME = "attndb_embedding.safetensors"
+LORA_NAME = "pytorch_lora_weights.safetensors"
+#: Version of the adapter folder layout; `load_attndb` refuses folders from a newer major version.
+FORMAT_VERSION = "1.0"
 
 #: Hub arguments `load_attndb` passes to `huggingface_hub.hf_hub_download`. The Hub access token is `hf_token`
 #: (diffusers' name in `load_textual_inversion`), because `token` names the concept's token.
@@ -107,13 +121,14 @@ def load_attndb(
     token: str | None = None,
     **hub_kwargs: Any,
 ) -> str:
-    """Load an attndb concept (token embedding + U-Net LoRA) into a Stable Diffusion pipeline.
+    """Load an attndb concept (token embedding + U-Net LoRA) into a Stable Diffusion (1.x/2.x or XL) pipeline.
 
     Adapters that were active stay active with the weights they had; the concept's LoRA is added at `weight`.
     Change the mix afterwards with `pipe.set_adapters([...], [...])`.
 
     Args:
-        pipe (`StableDiffusionPipeline` or another SD 1.x/2.x pipeline): the pipeline to load into.
+        pipe (`StableDiffusionPipeline`, `StableDiffusionXLPipeline` or another SD 1.x/2.x or SDXL pipeline): the
+            pipeline to load into; an SDXL adapter needs an SDXL pipeline and the other way round.
         path_or_repo_id (`str` or `os.PathLike`): an adapter folder written by `attndb train`, or a Hub repo id
             holding one. Only `attndb_embedding.safetensors` and `pytorch_lora_weights.safetensors` are read
             (fetched) from it.
@@ -145,7 +160,7 @@ def load_attndb(
     image = pipe(f"a photo of a {token} dog, watercolor").images[0]
     ```
     """
-    _check_pipeline(pipe)
+    family = _check_pipeline(pipe)
     weight = _check_weight(weight)
     unknown = sorted(set(hub_kwargs) - set(HUB_KWARGS))
     if unknown:
@@ -163,26 +178,39 @@ def load_attndb(
     # Each file's header names the base model it was trained on (for the error messages).
     embedding_base = embedding_meta.get("attndb_base_model") or lora_meta.get("attndb_base_model")
     lora_base = lora_meta.get("attndb_base_model") or embedding_meta.get("attndb_base_model")
-    file_token, embedding = _check_embedding(pipe, embedding_tensors, files, embedding_base)
+    file_token, embeddings = _check_embedding(pipe, family, embedding_tensors, files, embedding_base)
+    # SDXL files carry no token (other apps use the file name); ours records it in the header
+    file_token = file_token or embedding_meta.get("attndb_token")
+    if token is None and not file_token:
+        raise AdapterError(
+            f"{EMBEDDING_NAME} of {files.source} does not name its token (no 'attndb_token' in its header): pass "
+            "token='<my-concept>'."
+        )
     token = file_token if token is None else _check_token_argument(token)
-    tokens = [token] + [f"{token}_{i}" for i in range(1, embedding.shape[0])]
+    tokens = [token] + [f"{token}_{i}" for i in range(1, embeddings[0].shape[0])]
     adapter_name = adapter_name_for_token(token) if adapter_name is None else adapter_name
-    _check_names_free(pipe, adapter_name, tokens)
+    _check_names_free(pipe, family, adapter_name, tokens)
     _check_lora(pipe, lora_tensors, files, lora_base)
 
     # Everything is checked: change the pipeline, undoing what was added if a diffusers call fails.
     before = _capture_lora_state(pipe)
+    pairs = family.components(pipe)
     try:
-        with _no_mean_resizing(pipe.text_encoder):
-            pipe.load_textual_inversion({file_token: embedding}, token=token)
+        family.fix_pooling(pairs)  # SDXL: pool at end-of-text, not at the new (highest) token id
+        for (tokenizer, text_encoder), embedding in zip(pairs, embeddings):
+            with _no_mean_resizing(text_encoder):
+                pipe.load_textual_inversion(
+                    {token: embedding}, token=token, tokenizer=tokenizer, text_encoder=text_encoder
+                )
         with _quiet_missing_text_encoder_lora():
             pipe.load_lora_weights(
                 str(files.lora.parent), weight_name=files.lora.name, adapter_name=adapter_name, use_safetensors=True
             )
         _activate_new(pipe, before, adapter_name, weight)
-        _check_token_roundtrip(pipe.tokenizer, token)
+        for tokenizer, _ in pairs:
+            _check_token_roundtrip(tokenizer, token)
     except BaseException:
-        _undo_load(pipe, adapter_name, tokens, before)
+        _undo_load(pipe, family, adapter_name, tokens, before)
         raise
     _registry(pipe)[adapter_name] = _Concept(token=token, tokens=tokens, source=files.source)
     logger.info(
@@ -207,7 +235,7 @@ def unload_attndb(pipe, adapter_name: str | None = None) -> str:
         AdapterError: no such concept is loaded (the message lists the loaded ones), or several are loaded and
             none was named. The pipeline is left unchanged.
     """
-    _check_pipeline(pipe)
+    family = _check_pipeline(pipe)
     registry = _registry(pipe)
     if adapter_name is None:
         if len(registry) != 1:
@@ -234,11 +262,7 @@ def unload_attndb(pipe, adapter_name: str | None = None) -> str:
     before = _capture_lora_state(pipe)
     if adapter_name in _all_adapter_names(pipe):  # the user may already have deleted it with delete_adapters
         _delete_adapter(pipe, adapter_name)
-    vocab = pipe.tokenizer.get_vocab()
-    present = [t for t in concept.tokens if t in vocab]
-    if present:
-        pipe.unload_textual_inversion(present)
-        _sync_vocab_size(pipe)
+    _unload_tokens(pipe, family, concept.tokens)
     _restore(pipe, _LoraState([a for a in before.active if a != adapter_name], before.scaling))
     del registry[adapter_name]
     logger.info("Unloaded attndb concept %s (adapter %r).", concept.token, adapter_name)
@@ -247,18 +271,23 @@ def unload_attndb(pipe, adapter_name: str | None = None) -> str:
 
 def _register_pipeline_methods() -> None:
     """Add `load_attndb` / `unload_attndb` to diffusers' Stable Diffusion pipelines: every pipeline class that
-    loads SD 1.x/2.x LoRAs (`StableDiffusionLoraLoaderMixin`: text-to-image, img2img, inpainting, ControlNet, ...).
-    Only new names are added; an attribute of that name that is not ours is left alone."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    loads SD 1.x/2.x LoRAs (`StableDiffusionLoraLoaderMixin`: text-to-image, img2img, inpainting, ControlNet, ...)
+    and every one that loads SDXL LoRAs (`StableDiffusionXLLoraLoaderMixin`, not a subclass of the former: SDXL
+    text-to-image, img2img, inpainting, ControlNet, ...). Only new names are added; an attribute of that name that
+    is not ours is left alone."""
+    import diffusers.loaders
 
-    for name, function in (("load_attndb", load_attndb), ("unload_attndb", unload_attndb)):
-        existing = getattr(StableDiffusionLoraLoaderMixin, name, None)
-        if existing is None:
-            setattr(StableDiffusionLoraLoaderMixin, name, function)
-        elif getattr(existing, "__module__", None) != __name__:
-            logger.warning(
-                "diffusers already defines %s; attndb_peft leaves it alone (call attndb_peft.%s).", name, name
-            )
+    from .families import FAMILIES
+
+    for mixin in dict.fromkeys(getattr(diffusers.loaders, f.lora_loader_class) for f in FAMILIES.values()):
+        for name, function in (("load_attndb", load_attndb), ("unload_attndb", unload_attndb)):
+            existing = getattr(mixin, name, None)
+            if existing is None:
+                setattr(mixin, name, function)
+            elif getattr(existing, "__module__", None) != __name__:
+                logger.warning(
+                    "diffusers already defines %s; attndb_peft leaves it alone (call attndb_peft.%s).", name, name
+                )
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -405,15 +434,19 @@ def _check_format_version(metadata: dict[str, str], label: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def _check_pipeline(pipe) -> None:
-    missing = [name for name in ("tokenizer", "text_encoder", "unet") if getattr(pipe, name, None) is None]
+def _check_pipeline(pipe) -> ModelFamily:
+    """The pipeline's family, after checking that it has the family's components and diffusers' loaders."""
+    family = family_of_pipeline(pipe)
+    needed = (*family.tokenizers, *family.text_encoders, "unet")
+    missing = [name for name in needed if getattr(pipe, name, None) is None]
     methods = [m for m in ("load_textual_inversion", "load_lora_weights", "set_adapters") if not hasattr(pipe, m)]
     if missing or methods:
         raise AdapterError(
-            f"pipe must be a diffusers Stable Diffusion 1.x/2.x pipeline with a tokenizer, text_encoder and unet and "
+            f"pipe must be a diffusers Stable Diffusion 1.x/2.x or XL pipeline with {', '.join(needed)} and "
             f"diffusers' LoRA/textual-inversion loaders; got {type(pipe).__name__} (missing: "
             f"{', '.join(missing + methods)})."
         )
+    return family
 
 
 def _check_weight(weight) -> float:
@@ -432,40 +465,53 @@ def _base_hint(base_model: str | None) -> str:
     return f"the base model it was trained on ({base_model})" if base_model else "the base model it was trained on"
 
 
-def _check_embedding(pipe, tensors: dict[str, torch.Tensor], files: _AdapterFiles, base_model: str | None):
+def _check_embedding(
+    pipe, family: ModelFamily, tensors: dict[str, torch.Tensor], files: _AdapterFiles, base_model: str | None
+) -> tuple[str | None, list[torch.Tensor]]:
+    """`(token named in the file or None, one [vectors, width] tensor per text encoder)`, checked against the
+    pipeline's encoders."""
     label = f"{EMBEDDING_NAME} of {files.source}"
-    if len(tensors) != 1:
+    try:
+        file_token, embeddings = family.split_embedding_file(tensors)
+    except ValueError as exc:
+        other = "an SD 1.x/2.x" if family.embedding_keys else "an SDXL"
         raise AdapterError(
-            f"{label} must hold exactly one tensor {{token: [vectors, width]}}; it holds {len(tensors)} "
-            f"({', '.join(list(tensors)[:5])}). Export the adapter again with attndb_peft."
-        )
-    file_token, embedding = next(iter(tensors.items()))
-    if embedding.ndim == 1:
-        embedding = embedding[None]
-    if embedding.ndim != 2 or embedding.shape[0] < 1 or not embedding.is_floating_point():
-        raise AdapterError(
-            f"{label}: the embedding of {file_token!r} has shape {list(embedding.shape)} ({embedding.dtype}); "
-            "expected a float tensor [vectors, width]."
-        )
-    width = pipe.text_encoder.get_input_embeddings().weight.shape[-1]
-    if embedding.shape[-1] != width:
-        raise AdapterError(
-            f"{label} was trained for a text encoder of width {embedding.shape[-1]}, this pipeline's is {width}: "
-            f"load it into {_base_hint(base_model)}."
-        )
-    return file_token, embedding
+            f"{label} {exc}; it is not an adapter for this {type(pipe).__name__} (perhaps {other} adapter): load it "
+            f"into {_base_hint(base_model)}, or export the adapter again with attndb_peft."
+        ) from None
+    checked = []
+    for embedding, (_, text_encoder) in zip(embeddings, family.components(pipe)):
+        if embedding.ndim == 1:
+            embedding = embedding[None]
+        if embedding.ndim != 2 or embedding.shape[0] < 1 or not embedding.is_floating_point():
+            raise AdapterError(
+                f"{label}: the embedding of {file_token or 'the concept'!r} has shape {list(embedding.shape)} "
+                f"({embedding.dtype}); expected a float tensor [vectors, width]."
+            )
+        width = text_encoder.get_input_embeddings().weight.shape[-1]
+        if embedding.shape[-1] != width:
+            raise AdapterError(
+                f"{label} was trained for a text encoder of width {embedding.shape[-1]}, this pipeline's is {width}: "
+                f"load it into {_base_hint(base_model)}."
+            )
+        checked.append(embedding)
+    if len({e.shape[0] for e in checked}) != 1:
+        raise AdapterError(f"{label}: the text encoders' embeddings have different numbers of vectors.")
+    return file_token, checked
 
 
-def _check_names_free(pipe, adapter_name, tokens: list[str]) -> None:
+def _check_names_free(pipe, family: ModelFamily, adapter_name, tokens: list[str]) -> None:
     if not isinstance(adapter_name, str) or not _ADAPTER_NAME.match(adapter_name):
         raise AdapterError(
             f"adapter_name must be letters, digits, '_' and '-' (PEFT adapter names can't contain dots), got "
             f"{adapter_name!r}."
         )
     registry = _registry(pipe)
-    vocab = pipe.tokenizer.get_vocab()
-    # CLIP lowercases prompts before matching added tokens, so '<Dog>' and '<dog>' would be the same token.
-    added = {t.lower(): t for t in pipe.tokenizer.get_added_vocab()}
+    vocab, added = {}, {}
+    for tokenizer, _ in family.components(pipe):  # a clash in any tokenizer is a clash
+        vocab.update(tokenizer.get_vocab())
+        # CLIP lowercases prompts before matching added tokens, so '<Dog>' and '<dog>' would be the same token.
+        added.update({t.lower(): t for t in tokenizer.get_added_vocab()})
     for token in tokens:
         clash = token if token in vocab else added.get(token.lower())
         if clash is None:
@@ -638,16 +684,12 @@ def _restore_scalings(pipe, state: _LoraState) -> None:
             module.scaling[adapter] = scale
 
 
-def _undo_load(pipe, adapter_name: str, tokens: list[str], before: _LoraState) -> None:
+def _undo_load(pipe, family: ModelFamily, adapter_name: str, tokens: list[str], before: _LoraState) -> None:
     """Remove what a failed `load_attndb` added (it checked that neither the adapter nor the tokens existed)."""
     try:
         if adapter_name in _all_adapter_names(pipe):
             _delete_adapter(pipe, adapter_name)
-        vocab = pipe.tokenizer.get_vocab()
-        added = [t for t in tokens if t in vocab]
-        if added:
-            pipe.unload_textual_inversion(added)
-            _sync_vocab_size(pipe)
+        _unload_tokens(pipe, family, tokens)
         _restore(pipe, before)
     except Exception:  # the original error is the one to report
         logger.exception("Could not fully undo the failed load of adapter %r.", adapter_name)
@@ -659,9 +701,19 @@ def _delete_adapter(pipe, adapter_name: str) -> None:
         pipe.delete_adapters(adapter_name)
 
 
-def _sync_vocab_size(pipe) -> None:
+def _unload_tokens(pipe, family: ModelFamily, tokens: list[str]) -> None:
+    """Remove `tokens` from every tokenizer/text-encoder pair that has them."""
+    for tokenizer, text_encoder in family.components(pipe):
+        vocab = tokenizer.get_vocab()
+        present = [t for t in tokens if t in vocab]
+        if present:
+            pipe.unload_textual_inversion(present, tokenizer=tokenizer, text_encoder=text_encoder)
+            _sync_vocab_size(text_encoder)
+
+
+def _sync_vocab_size(text_encoder) -> None:
     # unload_textual_inversion shrinks the embedding matrix but leaves config.vocab_size at the grown size.
-    pipe.text_encoder.config.vocab_size = pipe.text_encoder.get_input_embeddings().num_embeddings
+    text_encoder.config.vocab_size = text_encoder.get_input_embeddings().num_embeddings
 
 
 def _check_token_roundtrip(tokenizer, token: str) -> None:

@@ -142,7 +142,7 @@ def write_validation_samples(trainer, stage: int, step: int, stage_end: bool) ->
         `list[Path]`: the pictures written.
     """
     from .inference import expand_prompt, generate_images, token_attention_maps
-    from .trainer import STAGE_NAMES
+    from .stages import STAGE_NAMES
     from .visualize import attention_figure, image_grid
 
     cfg = trainer.config
@@ -160,7 +160,8 @@ def write_validation_samples(trainer, stage: int, step: int, stage_end: bool) ->
     unet = trainer.unet
     processors, was_training = unet.attn_processors, unet.training
     # Frozen models may sit on the CPU during a stage (memory offloading); sampling needs them on the device.
-    frozen = {model: next(model.parameters()).device for model in (trainer.vae, trainer.text_encoder)}
+    text_encoders = getattr(trainer, "text_encoders", [trainer.text_encoder])  # SDXL has two
+    frozen = {model: next(model.parameters()).device for model in (trainer.vae, *text_encoders)}
     devices = [trainer.device] if trainer.device.type == "cuda" else []
     written: list[Path] = []
     unet.eval()

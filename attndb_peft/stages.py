@@ -24,10 +24,13 @@ __all__ = [
     "ADAPTER_STAGE3",
     "STAGE2_TARGET_MODULES",
     "STAGE3_TARGET_MODULES",
+    "STAGE_NAMES",
+    "ConceptSplice",
     "ConceptToken",
     "LoraFactors",
     "TokenEmbeddingSplice",
     "add_concept_token",
+    "add_concept_tokens",
     "add_lora",
     "combine_loras",
     "combined_lora_config",
@@ -48,6 +51,8 @@ STAGE3_TARGET_MODULES = (
     r"|.*transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)"
     r"|.*attentions\.\d+\.(proj_in|proj_out)"
 )
+#: The stages' names in logs, figures and errors (shared by the trainer and reporting).
+STAGE_NAMES = {1: "embedding alignment", 2: "attention map (attn2 LoRA)", 3: "subject identity"}
 ADAPTER_STAGE2 = "attndb_stage2"
 ADAPTER_STAGE3 = "attndb_stage3"
 
@@ -175,6 +180,71 @@ class TokenEmbeddingSplice(nn.Module):
         weight = self.embedding_module.weight
         # the text encoder may sit on the CPU while the vector trains on the device (offload_frozen)
         weight[self.token_id] = self.vector.to(weight.device, weight.dtype)
+
+
+def add_concept_tokens(
+    pairs, token: str, category: str, prompt: str, init: str = "category", seed: int = 0
+) -> list[ConceptToken]:
+    """`add_concept_token` for every `(tokenizer, text_encoder)` pair of a model (SDXL has two): each encoder's
+    new row is initialised from the category in that encoder. The token must get the same id and the prompt the
+    same positions in every tokenizer, since the U-Net sees one sequence (SDXL concatenates the encoders' states
+    position by position) and the attention capture reads one set of positions.
+
+    Raises:
+        ValueError: as `add_concept_token`, or the tokenizers disagree on the token's id or the prompt's positions.
+    """
+    concepts = []
+    for i, (tokenizer, text_encoder) in enumerate(pairs):
+        # `seed + i`: a random init draws a different direction per encoder (their widths differ anyway)
+        concepts.append(add_concept_token(tokenizer, text_encoder, token, category, prompt, init, seed + i))
+    first = concepts[0]
+    for other in concepts[1:]:
+        if other.token_id != first.token_id or other.capture_indices != first.capture_indices:
+            raise ValueError(
+                f"The base model's tokenizers disagree on {token!r} (ids {first.token_id} and {other.token_id}, "
+                f"positions {first.capture_indices} and {other.capture_indices}); their vocabularies must be the "
+                "same, as in SDXL's two CLIP tokenizers."
+            )
+    return concepts
+
+
+class ConceptSplice(nn.Module):
+    """The concept token's trainable vectors, one `TokenEmbeddingSplice` per text encoder (SD 1.x/2.x: one;
+    SDXL: two, of widths 768 and 1280), used as one: a context manager installing all hooks, `vectors` for the
+    optimizer and `write_back` for all encoders.
+
+    Args:
+        text_encoders (`list`): the text encoders, in the family's order.
+        token_id (`int`): the new token's id (the same in every tokenizer, see `add_concept_tokens`).
+    """
+
+    def __init__(self, text_encoders, token_id: int) -> None:
+        super().__init__()
+        self.splices = nn.ModuleList(TokenEmbeddingSplice(encoder, token_id) for encoder in text_encoders)
+
+    @property
+    def vectors(self) -> list[nn.Parameter]:
+        """One trainable vector per text encoder."""
+        return [splice.vector for splice in self.splices]
+
+    @property
+    def vector(self) -> nn.Parameter:
+        """The first text encoder's vector (the only one for SD 1.x/2.x)."""
+        return self.splices[0].vector
+
+    def __enter__(self) -> ConceptSplice:
+        for splice in self.splices:
+            splice.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for splice in self.splices:
+            splice.__exit__(*exc)
+
+    def write_back(self) -> None:
+        """Copy every trained vector into its encoder's embedding matrix."""
+        for splice in self.splices:
+            splice.write_back()
 
 
 # ---------------------------------------------------------------------------------------------- stages 2-3

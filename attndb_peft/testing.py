@@ -1,5 +1,5 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
-"""A tiny random Stable Diffusion pipeline built entirely in code, for tests and `attndb demo`.
+"""Tiny random Stable Diffusion (SD 2.x-like and SDXL) pipelines built entirely in code, for tests and `attndb demo`.
 
 Nothing is downloaded: the U-Net, VAE and CLIP text encoder get random weights and the CLIP tokenizer gets
 a small byte-level BPE vocabulary built here. The architecture keeps everything the method touches
@@ -19,11 +19,14 @@ import torch
 
 __all__ = [
     "TINY_RESOLUTION",
+    "TINY_SDXL_WIDTHS",
     "TINY_WORDS",
     "build_tiny_pipeline",
+    "build_tiny_sdxl_pipeline",
     "ldm_state_dict",
     "make_instance_images",
     "save_tiny_pipeline",
+    "save_tiny_sdxl_pipeline",
     "save_tiny_single_file",
     "tiny_clip_tokenizer",
     "tiny_text_config",
@@ -53,11 +56,15 @@ def _bytes_to_unicode() -> list[str]:
 
 
 def tiny_clip_tokenizer(
-    words: tuple[str, ...] = TINY_WORDS, model_max_length: int = 77, vocab_size: int | None = None
+    words: tuple[str, ...] = TINY_WORDS,
+    model_max_length: int = 77,
+    vocab_size: int | None = None,
+    pad_token: str = "<|endoftext|>",
 ):
     """A real `CLIPTokenizer` with a byte-level BPE vocabulary: every byte, every byte at a word end, and
     merges that make each of `words` a single token. `vocab_size` pads the vocabulary with placeholder entries
-    that no merge produces, so it fits a text encoder with a real-size embedding matrix (CLIP's is 49 408)."""
+    that no merge produces, so it fits a text encoder with a real-size embedding matrix (CLIP's is 49 408).
+    `pad_token`: CLIP's tokenizer pads with end-of-text, SDXL's `tokenizer_2` with `"!"` (id 0)."""
     from transformers import CLIPTokenizer
 
     vocab: dict[str, int] = {}
@@ -77,7 +84,7 @@ def tiny_clip_tokenizer(
         vocab[f"<|placeholder{len(vocab)}|>"] = len(vocab)
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length, pad_token=pad_token)
 
 
 def tiny_text_config(tokenizer) -> dict:
@@ -161,6 +168,92 @@ def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0, prediction_type: 
     """Build the tiny pipeline and write it with `save_pretrained`, so it loads like any checkpoint folder."""
     path = Path(path)
     build_tiny_pipeline(seed=seed, prediction_type=prediction_type).save_pretrained(path)
+    return path
+
+
+#: The tiny SDXL's text-encoder widths (CLIP-L and OpenCLIP-bigG are 768 and 1280): different, so a swapped
+#: `clip_l`/`clip_g` embedding cannot load silently.
+TINY_SDXL_WIDTHS = (32, 48)
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0):
+    """Build a tiny random `StableDiffusionXLPipeline` (runs at 32 px on a CPU) with SDXL's structure: a first
+    down block without attention, `addition_embed_type="text_time"` (pooled text embeds + 6 size numbers), two
+    text encoders (`CLIPTextModel` and `CLIPTextModelWithProjection`) whose penultimate hidden states are
+    concatenated into the U-Net's context, and two tokenizers with one vocabulary, the second padding with `"!"`
+    (id 0) as SDXL's `tokenizer_2` does. `text_encoder_2` keeps the SDXL release's legacy `eos_token_id: 2`, under
+    which transformers pools at the highest id (see `families.pool_at_end_of_text`).
+
+    Args:
+        seed (`int`): seeds the random weights, so the same seed gives the same pipeline.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer_2 = tiny_clip_tokenizer(pad_token="!")
+    width_1, width_2 = TINY_SDXL_WIDTHS
+    projection_dim, time_dim = 32, 8
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        unet = UNet2DConditionModel(
+            sample_size=TINY_RESOLUTION // 4,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(16, 32, 64),
+            layers_per_block=2,
+            transformer_layers_per_block=(1, 1, 2),
+            attention_head_dim=(2, 4, 8),
+            cross_attention_dim=width_1 + width_2,
+            use_linear_projection=True,
+            norm_num_groups=8,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=6 * time_dim + projection_dim,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(16, 16, 32),
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=TINY_RESOLUTION,
+            scaling_factor=0.13025,  # SDXL's VAE
+        )
+        config_1 = {**tiny_text_config(tokenizer), "hidden_size": width_1}
+        text_encoder = CLIPTextModel(CLIPTextConfig(**config_1, projection_dim=projection_dim))
+        config_2 = {**tiny_text_config(tokenizer_2), "hidden_size": width_2, "eos_token_id": 2}
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config_2, projection_dim=projection_dim))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+def save_tiny_sdxl_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Build the tiny SDXL pipeline and write it with `save_pretrained`, so it loads like an SDXL checkpoint folder."""
+    path = Path(path)
+    build_tiny_sdxl_pipeline(seed=seed).save_pretrained(path)
     return path
 
 

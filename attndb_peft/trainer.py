@@ -44,6 +44,7 @@ from .data import (
     scan_image_folder,
     scan_masks,
 )
+from .families import SD, Conditioning, family_of_model, family_of_unet_config
 from .regularizer import attention_regularizer, diffusion_loss, diffusion_target, masked_diffusion_loss
 from .reporting import check_report_to, format_run_summary, tracker_config, trackers_for, write_validation_samples
 from .stages import (
@@ -51,10 +52,11 @@ from .stages import (
     ADAPTER_STAGE3,
     STAGE2_TARGET_MODULES,
     STAGE3_TARGET_MODULES,
+    STAGE_NAMES,
+    ConceptSplice,
     ConceptToken,
     LoraFactors,
-    TokenEmbeddingSplice,
-    add_concept_token,
+    add_concept_tokens,
     add_lora,
     combine_loras,
     lora_factors,
@@ -77,7 +79,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-STAGE_NAMES = {1: "embedding alignment", 2: "attention map (attn2 LoRA)", 3: "subject identity"}
 # Settings a checkpoint must share with the run that resumes it (others, e.g. logging, may change).
 _RESUME_KEYS = (
     "model",
@@ -154,8 +155,8 @@ def check_inputs(config: AttnDBConfig, tokenizer=None, unet_config: dict | None 
     """Every problem with the run's inputs that can be found without loading the U-Net, VAE or text
     encoder: images, output folder, token, category and the training prompt's length (with the base model's
     tokenizer, or `tokenizer` when given), with `masked_loss` the subject masks, and a U-Net attndb cannot train
-    (its config, or `unet_config`: inpainting/depth models, SDXL). Returns warnings; raises `InputError` listing
-    all problems."""
+    (its config, or `unet_config`: inpainting/depth models, SDXL single files). Returns warnings (e.g. SDXL with
+    `--stage3 full`); raises `InputError` listing all problems."""
     problems: list[str] = []
     warnings: list[str] = []
     report = scan_image_folder(config.images, config.resolution)
@@ -206,7 +207,9 @@ def check_inputs(config: AttnDBConfig, tokenizer=None, unet_config: dict | None 
                 f"--token {config.token!r} is plain letters/digits: it will also match inside longer words (e.g. "
                 f"'{config.token}s'). A delimited token such as '<{config.token}>' avoids that."
             )
-    problems += _unet_problems(config, unet_config)
+    unet_problems, unet_warnings = _unet_problems(config, unet_config)
+    problems += unet_problems
+    warnings += unet_warnings
     if problems:
         raise InputError("Cannot start training:\n  - " + "\n  - ".join(problems))
     return warnings
@@ -223,27 +226,39 @@ def _prompt_problems(config: AttnDBConfig, tokenizer) -> list[str]:
     return []
 
 
-def _unet_problems(config: AttnDBConfig, unet_config: dict | None) -> list[str]:
-    """U-Nets attndb cannot train, from the U-Net's config (read from the model folder when not given; nothing
-    is said when it cannot be read: loading the model reports that)."""
+#: Full fine-tuning an SDXL U-Net (2.6 B parameters) with AdamW: fp32 weights, gradients and two moments.
+_SDXL_FULL_GIB = 41
+
+
+def _unet_problems(config: AttnDBConfig, unet_config: dict | None) -> tuple[list[str], list[str]]:
+    """`(problems, warnings)` of the U-Net: ones attndb cannot train, and settings that will hardly fit, from the
+    U-Net's config (read from the model folder when not given; nothing is said when it cannot be read: loading
+    the model reports that)."""
     if unet_config is None:
         try:
             from diffusers import UNet2DConditionModel
 
             unet_config = UNet2DConditionModel.load_config(config.model, subfolder="unet", revision=config.revision)
         except Exception:
-            return []
-    problems = []
+            return [], []
+    problems, warnings = [], []
     if unet_config.get("in_channels", 4) != 4:
         problems.append(
             f"--model {config.model}: its U-Net takes {unet_config['in_channels']} input channels (an inpainting "
             "or depth model); attndb trains text-to-image models with 4 latent channels, e.g. SD 1.5 or SD 2.1."
         )
-    if unet_config.get("addition_embed_type") == "text_time":
+    if family_of_unet_config(unet_config) is not SD and base_model.is_single_file(config.model):
         problems.append(
-            f"--model {config.model}: an SDXL U-Net; attndb does not train SDXL yet. Use an SD 1.x or 2.x model."
+            f"--model {config.model}: an SDXL single file; attndb reads SDXL from a diffusers folder or Hub id "
+            "(e.g. stabilityai/stable-diffusion-xl-base-1.0)."
         )
-    return problems
+    if family_of_unet_config(unet_config) is not SD and config.stage3_mode == "full":
+        warnings.append(
+            f"--stage3 full on an SDXL U-Net: its AdamW state alone is about {_SDXL_FULL_GIB} GB on the device "
+            "(fp32 weights, gradients and two moments), before activations; --stage3 lora (the default) trains a "
+            "LoRA instead."
+        )
+    return problems, warnings
 
 
 def load_tokenizer(config: AttnDBConfig):
@@ -405,35 +420,46 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
 
     def _load_models(self) -> None:
+        import transformers
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel
+        from transformers import CLIPTokenizer
 
         cfg = self.config
         kwargs = {"revision": cfg.revision}
         weights = {"variant": cfg.variant, "torch_dtype": self.weight_dtype, **kwargs}
         if self.components is None and base_model.is_single_file(cfg.model):
             pipe = base_model.load_single_file(cfg.model, cfg.model_config, self.weight_dtype)
-            self.tokenizer, self.text_encoder, self.vae, self.unet = (
-                pipe.tokenizer,
-                pipe.text_encoder,
-                pipe.vae,
-                pipe.unet,
-            )
+            self.family = SD
+            self.tokenizers, self.text_encoders = [pipe.tokenizer], [pipe.text_encoder]
+            self.vae, self.unet = pipe.vae, pipe.unet
             self.noise_scheduler = DDPMScheduler.from_pretrained(cfg.model_config, subfolder="scheduler", **kwargs)
         elif self.components is None:
-            self.tokenizer = load_tokenizer(cfg)
-            self.text_encoder = CLIPTextModel.from_pretrained(cfg.model, subfolder="text_encoder", **weights)
+            # What the family's pipeline holds: SD one tokenizer/encoder pair, SDXL two (families.py).
+            self.family = family_of_model(cfg.model, cfg.revision)
+            more = self.family.tokenizers[1:]  # SDXL's tokenizer_2
+            self.tokenizers = [load_tokenizer(cfg)] + [
+                CLIPTokenizer.from_pretrained(cfg.model, subfolder=name, **kwargs) for name in more
+            ]
+            self.text_encoders = [
+                getattr(transformers, cls).from_pretrained(cfg.model, subfolder=name, **weights)
+                for name, cls in zip(self.family.text_encoders, self.family.text_encoder_classes)
+            ]
             self.vae = AutoencoderKL.from_pretrained(cfg.model, subfolder="vae", **weights)
             self.unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **weights)
             self.noise_scheduler = DDPMScheduler.from_pretrained(cfg.model, subfolder="scheduler", **kwargs)
         else:
             c = self.components
-            self.tokenizer, self.text_encoder, self.vae = c["tokenizer"], c["text_encoder"], c["vae"]
+            self.family = family_of_unet_config(c["unet"].config)
+            self.tokenizers = [c[name] for name in self.family.tokenizers]
+            self.text_encoders = [c[name].to(dtype=self.weight_dtype) for name in self.family.text_encoders]
+            self.vae = c["vae"]
             self.unet = c["unet"].to(dtype=self.weight_dtype)
-            self.text_encoder.to(dtype=self.weight_dtype)
             self.vae.to(dtype=self.weight_dtype)
             self.noise_scheduler = DDPMScheduler.from_config(c["scheduler"].config)
-        for model in (self.text_encoder, self.vae, self.unet):
+        # The first pair under its pipeline names (SD's only one): what reporting, tests and tools read.
+        self.tokenizer, self.text_encoder = self.tokenizers[0], self.text_encoders[0]
+        self.family.fix_pooling(list(zip(self.tokenizers, self.text_encoders)))
+        for model in (*self.text_encoders, self.vae, self.unet):
             model.requires_grad_(False)
             model.to(self.device)
         native = self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -453,13 +479,15 @@ class Trainer:
         if cfg.compile:  # in place (state-dict keys unchanged); each stage's new graph recompiles on first use
             self.unet.compile()
         try:
-            self.concept: ConceptToken = add_concept_token(
-                self.tokenizer, self.text_encoder, cfg.token, cfg.category, cfg.prompt, cfg.token_init, cfg.seed
+            concepts = add_concept_tokens(
+                zip(self.tokenizers, self.text_encoders), cfg.token, cfg.category, cfg.prompt, cfg.token_init, cfg.seed
             )
         except ValueError as exc:
             raise InputError(str(exc)) from None
-        self.splice = TokenEmbeddingSplice(self.text_encoder, self.concept.token_id).to(self.device)
-        self.prompt_ids = self.concept.prompt_ids.to(self.device)
+        self.concept: ConceptToken = concepts[0]
+        self.splice = ConceptSplice(self.text_encoders, self.concept.token_id).to(self.device)
+        # the prompt in each tokenizer (SDXL's second pads with "!", so the ids differ after end-of-text)
+        self.prompt_ids = [c.prompt_ids.to(self.device) for c in concepts]
         self.base_weights: dict[str, torch.Tensor] | None = None  # stage-3 full: U-Net before stages 2-3
         self.full_export: tuple[dict[str, LoraFactors], float] | None = None  # stage-3 full: (LoRA, energy kept)
 
@@ -477,7 +505,12 @@ class Trainer:
             if cfg.masked_loss:  # the same views of the subject mask (same crop boxes, resize and flips)
                 subject = load_subject_mask(path, sources[i])
                 masks += mask_views(subject, cfg.resolution, cfg.flip, cfg.random_crops, seed=cfg.seed + i)
+        upcast = self.family.vae_fp32_encode and self.vae.dtype == torch.float16  # the SDXL VAE overflows in fp16
+        if upcast:
+            self.vae.to(torch.float32)
         mean, std = encode_views(self.vae, views, batch_size=cfg.batch_size)
+        if upcast:
+            self.vae.to(torch.float16)
         mask = latent_masks(masks, tuple(mean.shape[-2:])).to(mean.device) if cfg.masked_loss else None
         self.latents = LatentCache(
             mean,
@@ -508,7 +541,7 @@ class Trainer:
         torch.manual_seed(cfg.seed * 1000 + stage)
         self.built_stage = stage
         if stage == 1:
-            self.params = [self.splice.vector]
+            self.params = list(self.splice.vectors)
         else:
             self.splice.write_back()
             if stage == 2:
@@ -523,9 +556,9 @@ class Trainer:
             else:
                 self._start_full_finetune()
                 self.params = list(self.unet.parameters())
-            if self.trains_token(stage):  # TI+DB: the token vector learns jointly with the U-Net
-                self.params.append(self.splice.vector)
-        set_trainable([self.unet, self.text_encoder, self.vae, self.splice], self.params)
+            if self.trains_token(stage):  # TI+DB: the token vector(s) learn jointly with the U-Net
+                self.params += self.splice.vectors
+        set_trainable([self.unet, *self.text_encoders, self.vae, self.splice], self.params)
         for p in self.params:  # trainable weights live in float32; autocast computes in the weight dtype
             p.data = p.data.float()
 
@@ -537,8 +570,9 @@ class Trainer:
         stage_cfg = cfg.stages[stage - 1]
         groups = [{"params": self.params}]
         if stage > 1 and self.trains_token(stage):  # the token at stage 1's rate, the U-Net at this stage's
-            token = [p for p in self.params if p is self.splice.vector]
-            rest = [p for p in self.params if p is not self.splice.vector]
+            vectors = {id(v) for v in self.splice.vectors}
+            token = [p for p in self.params if id(p) in vectors]
+            rest = [p for p in self.params if id(p) not in vectors]
             groups = [
                 {"params": rest},
                 {"params": token, "lr": cfg.stage1.learning_rate, "weight_decay": cfg.stage1.weight_decay},
@@ -752,11 +786,14 @@ class Trainer:
         schedule = torch.stack(rows) if rows else torch.zeros(0, width, dtype=torch.long)
         return schedule.to(self.device)
 
-    def _encode_prompt(self) -> torch.Tensor:
-        """The prompt's encoder states, once per stage in stages 2-3 (the text side is frozen there)."""
-        self.text_encoder.to(self.device)  # back from the CPU with offload_frozen; a no-op otherwise
+    def _encode_prompt(self) -> Conditioning:
+        """The prompt's U-Net conditioning, once per stage in stages 2-3 (the text side is frozen there)."""
+        for encoder in self.text_encoders:
+            encoder.to(self.device)  # back from the CPU with offload_frozen; a no-op otherwise
         with torch.no_grad(), self.accelerator.autocast():
-            return self.text_encoder(self.prompt_ids)[0].to(self.weight_dtype)
+            cond = self.family.encode(self.text_encoders, self.prompt_ids, self.config.resolution)
+        added = None if cond.added is None else {k: v.to(self.weight_dtype) for k, v in cond.added.items()}
+        return Conditioning(cond.states.to(self.weight_dtype), added)
 
     def _offload_frozen(self, keep_text_encoder: bool) -> None:
         """With `offload_frozen`, move the frozen models the loop does not run to the CPU: the VAE always (the
@@ -764,14 +801,15 @@ class Trainer:
         if not self.config.offload_frozen:
             return
         self.vae.to("cpu")
-        self.text_encoder.to(self.device if keep_text_encoder else "cpu")
+        for encoder in self.text_encoders:
+            encoder.to(self.device if keep_text_encoder else "cpu")
 
     def _train_step(
         self,
         stage: int,
         step: int,
         view_schedule: torch.Tensor,
-        cached_states: torch.Tensor | None,
+        cached_states: Conditioning | None,
         store: AttentionStore | None,
         unet=None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -813,13 +851,13 @@ class Trainer:
             with nullcontext() if last or unet is self.unet else unet.no_sync():
                 with acc.autocast():
                     if cached_states is None:  # gradients reach the spliced token vector through the frozen encoder
-                        states = self.text_encoder(self.prompt_ids)[0]
+                        cond = self.family.encode(self.text_encoders, self.prompt_ids, cfg.resolution)
                     else:
-                        states = cached_states
-                    states = states.expand(size, -1, -1)
+                        cond = cached_states
+                    states, added = cond.for_batch(size, self.weight_dtype)
                     if store is not None:
                         store.clear()
-                    pred = unet(noisy[part].to(self.weight_dtype), timesteps[part], states.to(self.weight_dtype))
+                    pred = unet(noisy[part].to(self.weight_dtype), timesteps[part], states, added_cond_kwargs=added)
                     if masks is None:
                         mse = diffusion_loss(pred.sample, target[part])
                     else:
@@ -911,7 +949,7 @@ class Trainer:
     def _trainable_state(self, stage: int) -> dict[str, torch.Tensor]:
         """Every tensor learned so far: the token vector, the LoRA parameters under their PEFT names and, in
         stage 3 full, the whole U-Net."""
-        state = {"token_embedding": self.splice.vector.detach()}
+        state = {_token_key(i): v.detach() for i, v in enumerate(self.splice.vectors)}
         if stage == 2 or (stage == 3 and self.config.stage3_mode == "lora"):
             state.update(self._adapter_state(ADAPTER_STAGE2))
         if stage == 3 and self.config.stage3_mode == "lora":
@@ -1000,7 +1038,8 @@ class Trainer:
         weights = ckpt.load_tensors(path / "weights.safetensors", self.accelerator.device)
         with torch.no_grad():
             if self.trains_token(stage):
-                self.splice.vector.copy_(weights["token_embedding"])
+                for i, vector in enumerate(self.splice.vectors):
+                    vector.copy_(weights[_token_key(i)])
             if stage == 3 and self.config.stage3_mode == "full":
                 full = {k[len("unet_full.") :]: v for k, v in weights.items() if k.startswith("unet_full.")}
                 if full:
@@ -1029,28 +1068,26 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ export
     def pipeline(self):
-        """A `StableDiffusionPipeline` over the models being trained (adapters active, the token's current
-        vector written into the embedding matrix), with the base model's own inference scheduler."""
+        """The family's pipeline (`StableDiffusionPipeline` or `StableDiffusionXLPipeline`) over the models being
+        trained (adapters active, the token's current vectors written into the embedding matrices), with the base
+        model's own inference scheduler."""
         import diffusers
-        from diffusers import StableDiffusionPipeline
 
         cfg = self.config
         self.splice.write_back()
+        pipeline_class = getattr(diffusers, self.family.pipeline_class)
         source = base_model.config_source(cfg.model, cfg.model_config)
-        _, scheduler_class = StableDiffusionPipeline.load_config(source, revision=cfg.revision)["scheduler"]
+        _, scheduler_class = pipeline_class.load_config(source, revision=cfg.revision)["scheduler"]
         scheduler = getattr(diffusers, scheduler_class).from_pretrained(
             source, subfolder="scheduler", revision=cfg.revision
         )
-        return StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        text = {
+            **dict(zip(self.family.tokenizers, self.tokenizers)),
+            **dict(zip(self.family.text_encoders, self.text_encoders)),
+        }
+        if self.family is SD:
+            text.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        return pipeline_class(vae=self.vae, unet=self.unet, scheduler=scheduler, **text)
 
     def export(self, report: dict | None = None) -> list[Path]:
         from .export import export_adapter
@@ -1058,7 +1095,7 @@ class Trainer:
         files: list[Path] = []
         if self.accelerator.is_main_process:
             cfg = self.config
-            embedding = self.splice.vector.detach().float().cpu()[None]
+            embeddings = [v.detach().float().cpu()[None] for v in self.splice.vectors]
             report = dict(report or {})
             if self.built_stage == 2:  # a stage-2 checkpoint being exported
                 lora = combine_loras(lora_factors(self.unet, ADAPTER_STAGE2))
@@ -1069,7 +1106,14 @@ class Trainer:
                     self.use_full_export()
                 lora, report["full_export_retained"] = self.full_export
             files = export_adapter(
-                self.output_dir, cfg, embedding, lora, report=report, samples=self.result.card_samples
+                self.output_dir,
+                cfg,
+                embeddings,
+                lora,
+                report=report,
+                samples=self.result.card_samples,
+                family=self.family,
+                unet_config=self.unet.config,
             )
         self.accelerator.wait_for_everyone()
         return files
@@ -1090,7 +1134,6 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         report = {"checkpoint": path.name}
         return self.export(report)
-
 
     def use_full_export(self) -> None:
         """Stage 3 full, at the end of the stage (main process): compute the exported LoRA (`full_export`) and
@@ -1138,6 +1181,11 @@ class Trainer:
                 lora[name.removesuffix(".weight")] = LoraFactors(factors.down.cpu(), factors.up.cpu())
                 kept, total = kept + retained * norm, total + norm
         return lora, (kept / total if total else 1.0)
+
+
+def _token_key(index: int) -> str:
+    """A checkpoint's key for the token vector of text encoder `index` (SD's only one keeps its old name)."""
+    return "token_embedding" if index == 0 else f"token_embedding_{index + 1}"
 
 
 def export_checkpoint(

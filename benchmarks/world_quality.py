@@ -450,7 +450,7 @@ def _evaluate(base: Path, adapter: Path, concept, evaluation: _Eval, config) -> 
     shares = []
     if evaluation.attention:
         shares = [_attention_share(pipe, p, token, _SAMPLE_SEED + i, evaluation) for i, p in enumerate(prompts)]
-    learned = load_file(str(adapter / "attndb_embedding.safetensors"))[token][0].float()
+    learned = load_file(str(adapter / "attndb_embedding.safetensors"))[token].reshape(-1).float()
     initial = _initial_embedding(base, config)
     cosine = float(torch.nn.functional.cosine_similarity(learned, initial, dim=0))
     values = {

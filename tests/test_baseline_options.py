@@ -54,7 +54,7 @@ def test_stage3_trains_token_jointly(tiny_model, instance_dir, tmp_path, mode):
     pipe = build_tiny_pipeline()
     category = pipe.tokenizer("dog", add_special_tokens=False).input_ids
     init = pipe.text_encoder.get_input_embeddings().weight[category].float().mean(0)
-    learned = load_file(str(tmp_path / "joint" / EMBEDDING_NAME))[config.token][0]
+    learned = load_file(str(tmp_path / "joint" / EMBEDDING_NAME))[config.token].reshape(-1)
     assert (learned - init).abs().max() > 1e-4
 
     # resume from the step-2 checkpoint of stage 3 and finish: the same embedding
@@ -71,7 +71,7 @@ def test_stage3_trains_token_jointly(tiny_model, instance_dir, tmp_path, mode):
         tiny_model, instance_dir, resumed_dir, steps=(0, 0, 3), stage3_mode=mode, stage3_train_token=True,
         checkpointing_steps=2, resume=True,
     )).run()
-    torch.testing.assert_close(load_file(str(resumed_dir / EMBEDDING_NAME))[config.token][0], learned)
+    torch.testing.assert_close(load_file(str(resumed_dir / EMBEDDING_NAME))[config.token].reshape(-1), learned)
 
 
 def test_stage3_without_token_training_keeps_the_embedding(tiny_model, instance_dir, tmp_path):
@@ -82,4 +82,4 @@ def test_stage3_without_token_training_keeps_the_embedding(tiny_model, instance_
     Trainer(config).run()
     pipe = build_tiny_pipeline()
     expected = random_token_embedding(pipe.text_encoder.get_input_embeddings().weight, 5)
-    torch.testing.assert_close(load_file(str(tmp_path / "db" / EMBEDDING_NAME))[config.token][0], expected)
+    torch.testing.assert_close(load_file(str(tmp_path / "db" / EMBEDDING_NAME))[config.token].reshape(-1), expected)

@@ -97,3 +97,17 @@ def test_run_description(report):
     assert report["device"] and report["torch"]
     if report["device"].startswith("cpu"):
         assert report["host_syncs_per_step"] is None  # counted with CUDA's sync debug mode only
+
+
+def test_sdxl_family_runs_the_trainer_and_the_adapter_sections(tmp_path):
+    """--family sdxl --tiny: the adapter folder of the tiny SDXL is written and loaded (the trainer sections run in
+    the tiny SDXL's own tests); the sections that only know SD2.1-base are refused."""
+    out = tmp_path / "bench.json"
+    args = ["--tiny", "--family", "sdxl", "--only", "adapter", "--load-repeats", "0", "--out", str(out)]
+    assert _load_bench().main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["arch"] == "tiny-sdxl" and report["sections"] == ["adapter"]
+    adapter = report["results"]["adapter"]
+    assert adapter["lora_modules"] > 0 and _positive(report["results"]["load"]["first_s"])
+    with pytest.raises(SystemExit):
+        _load_bench().parse_args(["--family", "sdxl", "--only", "reference"])

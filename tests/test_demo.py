@@ -59,3 +59,17 @@ def test_a_new_demo_replaces_an_earlier_one_but_nothing_else(tmp_path):
     with pytest.raises(UsageError, match="not empty"):
         _prepare(tmp_path / "photos")
     assert (tmp_path / "photos" / "me.jpg").read_bytes() == b"not ours"
+
+
+def test_sdxl_demo_runs_offline_and_needs_random_weights(tmp_path, capsys):
+    out = tmp_path / "demo-xl"
+    argv = ["demo", "--output", str(out), "--steps", "1,1,1", "--random-weights", "--family", "sdxl", "--quiet"]
+    assert main(argv) == 0
+    assert json.loads((out / "base-model" / "model_index.json").read_text())["_class_name"] == (
+        "StableDiffusionXLPipeline"
+    )
+    assert json.loads((out / "adapter" / CONFIG_NAME).read_text())["family"] == "sdxl"
+    attention = json.loads((out / "reloaded" / "attention.json").read_text())
+    assert [t["text"] for t in attention["tokens"]][4:6] == ["<attndb-toy>", "toy"]
+    assert main(["demo", "--output", str(tmp_path / "world-xl"), "--family", "sdxl", "--quiet"]) == 2
+    assert "--random-weights" in capsys.readouterr().err

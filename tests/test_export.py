@@ -118,6 +118,37 @@ def test_kohya_and_diffusers_copies_of_every_layer_type_match_the_math(tiny_mode
         torch.testing.assert_close(_unet_outputs(pipe.unet), want, rtol=1e-4, atol=1e-5, msg=weight_name)
 
 
+# ---------------------------------------------------------------------------------------------- embedding file
+def test_sd_embedding_is_one_dimensional_and_old_files_load_the_same(trained, tiny_model, tmp_path):
+    """`{token: [hidden]}`, the form every client reads (InvokeAI rejects `[1, hidden]`); a `[1, hidden]` file of
+    an earlier version loads to the very same pixels, with load_attndb and with stock diffusers."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out = trained.output_dir
+    (vector,) = load_file(str(out / EMBEDDING_NAME)).values()
+    assert vector.ndim == 1 and vector.shape[0] == trained.text_encoder.config.hidden_size
+    old = tmp_path / "old"
+    shutil.copytree(out, old, ignore=shutil.ignore_patterns("checkpoints", "samples", "logs"))
+    save_file(
+        {trained.config.token: vector[None].clone()},
+        str(old / EMBEDDING_NAME),
+        metadata=_metadata(out / EMBEDDING_NAME),
+    )
+    prompt = f"a photo of a {trained.config.token} dog"
+    images = []
+    for folder in (out, old):
+        pipe = fresh_pipeline(tiny_model)
+        pipe.load_attndb(folder)
+        images.append(generate(pipe, prompt))
+        stock = fresh_pipeline(tiny_model)
+        stock.load_textual_inversion(str(folder / EMBEDDING_NAME))
+        stock.load_lora_weights(str(folder), weight_name=LORA_NAME)
+        images.append(generate(stock, prompt))
+    assert all(abs(image - images[0]).max() == 0 for image in images[1:])
+
+
 # ---------------------------------------------------------------------------------------------- metadata
 def test_every_file_carries_the_attndb_metadata(trained):
     out = trained.output_dir

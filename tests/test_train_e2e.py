@@ -69,7 +69,7 @@ def test_output_folder_has_the_contract_files(cli_run):
     for name in (EMBEDDING_NAME, LORA_NAME, KOHYA_NAME, CONFIG_NAME, MODEL_CARD_NAME):
         assert (out / name).is_file(), name
     emb = load_file(str(out / EMBEDDING_NAME))
-    assert list(emb) == ["<attndb-dog>"] and emb["<attndb-dog>"].shape == (1, 32)
+    assert list(emb) == ["<attndb-dog>"] and emb["<attndb-dog>"].shape == (32,)  # 1-D: every client reads it
     lora = load_file(str(out / LORA_NAME))
     assert lora and all(k.startswith("unet.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in lora)
     assert any(".attn2." in k for k in lora) and any(".attn1." in k for k in lora)

@@ -1,0 +1,309 @@
+# Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
+"""SDXL end to end on the tiny SDXL pipeline built in code (two text encoders, `text_time` U-Net): family
+detection, pooling at end-of-text, training all three stages, the adapter files (clip_l/clip_g embedding, kohya
+LDM names), reloading with stock diffusers and with `load_attndb` to the in-memory model's pixels, mixing with a
+foreign SDXL LoRA, two concepts, unload."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import generate, make_config
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import attndb_peft
+from attndb_peft.export import CONFIG_NAME, EMBEDDING_NAME, KOHYA_NAME, LORA_NAME
+from attndb_peft.families import SD, SDXL, family_of_model, family_of_pipeline, pool_at_end_of_text
+from attndb_peft.loading import AdapterError, loaded_concepts
+from attndb_peft.testing import TINY_SDXL_WIDTHS, build_tiny_sdxl_pipeline, save_tiny_sdxl_pipeline
+
+PROMPT = "a photo of a <attndb-dog> dog on the beach"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny SDXL's operations are too small to gain from a second thread, and on a shared 2-core machine two
+    threads made them 10-20x slower (threads waiting on each other; measured 0.8 s vs 8-15 s per generation)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl") / "model")
+
+
+@pytest.fixture(scope="module")
+def sdxl_run(tiny_sdxl, tmp_path_factory):
+    """All three stages on the tiny SDXL (2 images, 2 steps each); the Trainer keeps its in-memory models."""
+    from attndb_peft.testing import make_instance_images
+    from attndb_peft.trainer import Trainer
+
+    images = tmp_path_factory.mktemp("sdxl-images")
+    make_instance_images(images, num_images=2, size=48)
+    config = make_config(tiny_sdxl, images, tmp_path_factory.mktemp("sdxl-run") / "out", steps=(2, 2, 2), batch_size=1)
+    trainer = Trainer(config)
+    trainer.run()
+    return trainer
+
+
+def fresh_sdxl(model):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(model))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def stock_load(pipe, adapter, weight_name=LORA_NAME, adapter_name="concept", token="<attndb-dog>"):
+    """What the README tells stock-diffusers users: end-of-text pooling, one load_textual_inversion per encoder."""
+    pool_at_end_of_text(pipe.text_encoder_2, pipe.tokenizer_2.eos_token_id)
+    embedding = load_file(str(adapter / EMBEDDING_NAME))
+    pipe.load_textual_inversion(
+        embedding["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+    )
+    pipe.load_textual_inversion(
+        embedding["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+    )
+    pipe.load_lora_weights(str(adapter), weight_name=weight_name, adapter_name=adapter_name)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------- family
+def test_family_is_detected_from_the_model(tiny_sdxl, tiny_model):
+    assert family_of_model(tiny_sdxl) is SDXL and family_of_model(tiny_model) is SD
+    index = json.loads((tiny_sdxl / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    # without model_index.json the U-Net config tells (addition_embed_type == "text_time")
+    (tiny_sdxl / "model_index.json").rename(tiny_sdxl / "index.bak")
+    try:
+        assert family_of_model(tiny_sdxl) is SDXL
+    finally:
+        (tiny_sdxl / "index.bak").rename(tiny_sdxl / "model_index.json")
+    assert family_of_pipeline(build_tiny_sdxl_pipeline()) is SDXL
+
+
+def test_pooling_moves_from_the_new_token_to_end_of_text():
+    """text_encoder_2's legacy eos_token_id 2 pools at argmax(ids): the added token's (highest) id wins."""
+    pipe = build_tiny_sdxl_pipeline()
+    tokenizer, encoder = pipe.tokenizer_2, pipe.text_encoder_2
+    base_ids = tokenizer("a photo of a dog", padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        base_before = encoder(base_ids).text_embeds
+    tokenizer.add_tokens("<new>")
+    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    ids = tokenizer("a photo of a <new> dog", padding="max_length", return_tensors="pt").input_ids
+    new_position = ids[0].tolist().index(tokenizer.convert_tokens_to_ids("<new>"))
+    eos_position = ids[0].tolist().index(tokenizer.eos_token_id)
+
+    def pooled_at(position):
+        with torch.no_grad():
+            out = encoder(ids, output_hidden_states=True)
+            return encoder.text_projection(out.last_hidden_state[:, position])  # already final-layer-normed
+
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(ids).text_embeds, pooled_at(new_position))
+        pool_at_end_of_text(encoder, tokenizer.eos_token_id)
+        torch.testing.assert_close(encoder(ids).text_embeds, pooled_at(eos_position))
+        # prompts without added tokens pool where they did
+        torch.testing.assert_close(encoder(base_ids).text_embeds, base_before)
+
+
+# ---------------------------------------------------------------------------------------------- training, files
+def test_sdxl_adapter_files(sdxl_run, tiny_sdxl):
+    out = sdxl_run.output_dir
+    embedding = load_file(str(out / EMBEDDING_NAME))
+    assert {k: list(v.shape) for k, v in embedding.items()} == {
+        "clip_l": [1, TINY_SDXL_WIDTHS[0]],
+        "clip_g": [1, TINY_SDXL_WIDTHS[1]],
+    }
+    # each vector trained away from its own encoder's category init
+    base = fresh_sdxl(tiny_sdxl)
+    for key, (tokenizer, encoder) in zip(("clip_l", "clip_g"), SDXL.components(base)):
+        ids = tokenizer("dog", add_special_tokens=False).input_ids
+        init = encoder.get_input_embeddings().weight[ids].float().mean(0)
+        assert (embedding[key][0] - init).abs().max() > 1e-4, key
+    kohya = load_file(str(out / KOHYA_NAME))
+    modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in kohya}
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_q" in modules
+    assert "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_q" in modules
+    assert "lora_unet_output_blocks_0_1_transformer_blocks_0_attn2_to_q" in modules
+    assert all(
+        m.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_1_", "lora_unet_output_blocks_"))
+        for m in modules
+    )
+    with safe_open(str(out / KOHYA_NAME), framework="pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+    info = json.loads((out / CONFIG_NAME).read_text())
+    assert info["family"] == "sdxl" and info["embedding_dims"] == list(TINY_SDXL_WIDTHS)
+    card = (out / "README.md").read_text()
+    assert "StableDiffusionXLPipeline" in card and 'embedding["clip_g"]' in card
+
+
+def test_stock_diffusers_and_load_attndb_reproduce_the_trained_sdxl(sdxl_run, tiny_sdxl):
+    trained = sdxl_run.pipeline()
+    trained.set_progress_bar_config(disable=True)
+    expected = generate(trained, PROMPT, steps=2)
+    stock = generate(stock_load(fresh_sdxl(tiny_sdxl), sdxl_run.output_dir), PROMPT, steps=2)
+    assert abs(stock - expected).max() < 1e-5
+    pipe = fresh_sdxl(tiny_sdxl)
+    token = pipe.load_attndb(str(sdxl_run.output_dir))
+    assert token == "<attndb-dog>" and pipe.get_active_adapters() == ["attndb-dog"]
+    got = generate(pipe, PROMPT, steps=2)
+    assert abs(got - expected).max() < 1e-5
+    base = generate(fresh_sdxl(tiny_sdxl), PROMPT, steps=2)
+    assert abs(got - base).max() > 1e-3
+    # stock diffusers without the pooling fix pools at the concept token: other pictures
+    unfixed = fresh_sdxl(tiny_sdxl)
+    embedding = load_file(str(sdxl_run.output_dir / EMBEDDING_NAME))
+    unfixed.load_textual_inversion(
+        embedding["clip_l"], token=token, text_encoder=unfixed.text_encoder, tokenizer=unfixed.tokenizer
+    )
+    unfixed.load_textual_inversion(
+        embedding["clip_g"], token=token, text_encoder=unfixed.text_encoder_2, tokenizer=unfixed.tokenizer_2
+    )
+    unfixed.load_lora_weights(str(sdxl_run.output_dir), weight_name=LORA_NAME)
+    assert abs(generate(unfixed, PROMPT, steps=2) - expected).max() > 1e-4
+    # unload restores the base model: token gone from both tokenizers, same pictures
+    assert pipe.unload_attndb() == token
+    assert all(token not in t.get_vocab() for t in (pipe.tokenizer, pipe.tokenizer_2))
+    assert pipe.text_encoder_2.get_input_embeddings().num_embeddings == len(pipe.tokenizer_2)
+    plain = "a photo of a dog on the beach"
+    assert abs(generate(pipe, plain, steps=2) - generate(fresh_sdxl(tiny_sdxl), plain, steps=2)).max() == 0
+
+
+def test_kohya_ldm_copy_loads_to_the_same_pixels(sdxl_run, tiny_sdxl):
+    out = sdxl_run.output_dir
+    peft = generate(stock_load(fresh_sdxl(tiny_sdxl), out), PROMPT, steps=2)
+    kohya = generate(stock_load(fresh_sdxl(tiny_sdxl), out, weight_name=KOHYA_NAME), PROMPT, steps=2)
+    assert abs(kohya - peft).max() < 1e-5
+
+
+def test_hub_id_loads_from_the_cache_and_a_checkpoint_exports(sdxl_run, tiny_sdxl, tmp_path, monkeypatch):
+    """A Hub repo id resolves offline from the cache; `export_checkpoint` rebuilds the SDXL adapter from the last
+    stage-3 checkpoint (both token vectors restored)."""
+    from huggingface_hub import constants
+    from test_loading import _lay_out_hub_cache
+
+    from attndb_peft.trainer import export_checkpoint
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "hub"
+    _lay_out_hub_cache(cache, "attndb-test/dog-xl", sdxl_run.output_dir, "0123456789abcdef0123456789abcdef01234567")
+    pipe = fresh_sdxl(tiny_sdxl)
+    assert pipe.load_attndb("attndb-test/dog-xl", cache_dir=cache) == "<attndb-dog>"
+    assert all("<attndb-dog>" in t.get_vocab() for t in (pipe.tokenizer, pipe.tokenizer_2))
+
+    exported = tmp_path / "from-checkpoint"
+    export_checkpoint(sdxl_run.output_dir / "checkpoints" / "stage3-step2", exported)
+    for name in (EMBEDDING_NAME, LORA_NAME):
+        want, got = load_file(str(sdxl_run.output_dir / name)), load_file(str(exported / name))
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), name
+
+
+@pytest.fixture(scope="module")
+def sdxl_style_lora(tiny_sdxl, tmp_path_factory):
+    """A foreign SDXL LoRA made with PEFT (random, non-zero B) and saved with diffusers' SDXL writer."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_sdxl), subfolder="unet")
+    torch.manual_seed(3)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v", "proj_out"], init_lora_weights=False)
+    unet.add_adapter(config, adapter_name="style")
+    folder = tmp_path_factory.mktemp("sdxl-style")
+    StableDiffusionXLPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(unet, adapter_name="style")
+    )
+    return folder
+
+
+def test_mixing_with_a_foreign_sdxl_lora_and_two_concepts(sdxl_run, tiny_sdxl, sdxl_style_lora):
+    out = sdxl_run.output_dir
+    stock = fresh_sdxl(tiny_sdxl)
+    stock.load_lora_weights(str(sdxl_style_lora), adapter_name="style")
+    stock_load(stock, out)
+    stock.set_adapters(["style", "concept"], [0.6, 1.0])
+
+    pipe = fresh_sdxl(tiny_sdxl)
+    pipe.load_lora_weights(str(sdxl_style_lora), adapter_name="style")
+    pipe.set_adapters(["style"], [0.6])
+    style_only = generate(pipe, PROMPT.replace("<attndb-dog> ", ""), steps=2)
+    token = attndb_peft.load_attndb(pipe, out)
+    assert pipe.get_active_adapters() == ["style", "attndb-dog"]
+    assert abs(generate(pipe, PROMPT, steps=2) - generate(stock, PROMPT, steps=2)).max() < 1e-6
+    # a second concept (the same files under another token and adapter name)
+    second = pipe.load_attndb(out, token="<dog-b>", adapter_name="dog-b")
+    assert loaded_concepts(pipe) == {"attndb-dog": token, "dog-b": second}
+    assert all(second in t.get_vocab() for t in (pipe.tokenizer, pipe.tokenizer_2))
+    pipe.unload_attndb("attndb-dog")
+    assert pipe.get_active_adapters() == ["style", "dog-b"] and second in pipe.tokenizer_2.get_vocab()
+    pipe.unload_attndb("dog-b")
+    assert pipe.get_active_adapters() == ["style"]
+    assert abs(generate(pipe, PROMPT.replace("<attndb-dog> ", ""), steps=2) - style_only).max() == 0
+
+
+def test_load_attndb_is_registered_on_sdxl_pipelines():
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+
+    assert not issubclass(StableDiffusionXLLoraLoaderMixin, StableDiffusionLoraLoaderMixin)  # why both are patched
+
+    assert StableDiffusionXLLoraLoaderMixin.load_attndb is attndb_peft.load_attndb
+    for cls in (StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline):
+        assert cls.load_attndb is attndb_peft.load_attndb and cls.unload_attndb is attndb_peft.unload_attndb
+
+
+def test_an_sd_embedding_is_refused_by_an_sdxl_pipeline_unchanged(sdxl_run, tiny_sdxl, tmp_path):
+    folder = tmp_path / "sd-like"
+    shutil.copytree(sdxl_run.output_dir, folder, ignore=shutil.ignore_patterns("checkpoints", "samples", "logs"))
+    embedding = load_file(str(folder / EMBEDDING_NAME))
+    save_file({"<attndb-dog>": embedding["clip_l"].clone()}, str(folder / EMBEDDING_NAME))
+    pipe = fresh_sdxl(tiny_sdxl)
+    sizes = [len(pipe.tokenizer), len(pipe.tokenizer_2)]
+    with pytest.raises(AdapterError, match="clip_l"):
+        pipe.load_attndb(folder)
+    assert [len(pipe.tokenizer), len(pipe.tokenizer_2)] == sizes and pipe.get_list_adapters() == {}
+
+
+def test_full_stage3_on_sdxl_is_warned_about(tiny_sdxl, tmp_path):
+    from attndb_peft.testing import make_instance_images
+    from attndb_peft.trainer import check_inputs
+
+    make_instance_images(tmp_path / "images", num_images=1, size=48)
+    config = make_config(tiny_sdxl, tmp_path / "images", tmp_path / "out")
+    assert not any("SDXL" in w for w in check_inputs(config))
+    full = make_config(tiny_sdxl, tmp_path / "images", tmp_path / "out", stage3_mode="full")
+    assert any("--stage3 full on an SDXL U-Net" in w for w in check_inputs(full))
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_trains_generates_and_inspects_an_sdxl_model(tiny_sdxl, tmp_path):
+    """`attndb train --model <SDXL folder>` (the family comes from the model), then generate and inspect."""
+    from PIL import Image
+
+    from attndb_peft.cli import main
+    from attndb_peft.testing import make_instance_images
+
+    images = tmp_path / "images"
+    make_instance_images(images, num_images=2, size=48)
+    out = tmp_path / "out"
+    train = ["train", "--model", str(tiny_sdxl), "--images", str(images), "--category", "dog", "--output", str(out)]
+    settings = ["--resolution", "32", "--batch-size", "1", "--steps", "1,1,1", "--quiet"]
+    assert main([*train, *settings]) == 0
+    assert set(load_file(str(out / EMBEDDING_NAME))) == {"clip_l", "clip_g"}
+    assert (out / "samples" / "stage3-attention.png").is_file()  # validation samples drawn by the SDXL pipeline
+    common = ["--adapter", str(out), "--prompt", "a photo of a {} on the beach", "--steps", "2", "--quiet"]
+    assert main(["generate", *common, "--height", "32", "--width", "32", "--output", str(tmp_path / "gen")]) == 0
+    assert Image.open(next((tmp_path / "gen").glob("*.png"))).size == (32, 32)
+    assert main(["inspect", *common, "--output", str(tmp_path / "attn.png")]) == 0
+    record = json.loads((tmp_path / "attn.json").read_text())
+    assert "<attndb-dog>" in [t["text"] for t in record["tokens"]]
+    assert all(0 < t["mean_attention"] < 1 for t in record["tokens"])
