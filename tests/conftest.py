@@ -13,7 +13,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+# 2 threads on a free machine (CI); ATTNDB_TEST_THREADS=1 where other jobs share the cores (threads waiting on each
+# other made the tiny models 10-20x slower there)
+torch.set_num_threads(int(os.environ.get("ATTNDB_TEST_THREADS", "2")))
 
 from attndb_peft.config import AttnDBConfig  # noqa: E402
 from attndb_peft.testing import TINY_RESOLUTION, make_instance_images, save_tiny_pipeline  # noqa: E402

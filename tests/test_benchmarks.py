@@ -70,9 +70,14 @@ def test_summary_has_totals_ratios_overhead_and_memory(report):
     assert summary["recipe_s"]["compile"] is None and summary["compile_s"] is None  # only with --compile
     for key, value in summary["ratios"].items():
         assert _positive(value), key
+    # the regularizer's share of a step, from the two timings it compares (timings of one-step blocks on a shared
+    # CPU are noise-dominated, so the value itself is not bounded here; benchmarks/results has measured ones)
     overhead = summary["regularizer_overhead"]
-    for key in ("stage1", "stage2", "stage3", "recipe"):
-        assert isinstance(overhead[key], float) and -1 < overhead[key] < 1, (key, overhead[key])
+    results = report["results"]
+    for stage in (1, 2, 3):
+        on, off = results["default"][f"stage{stage}"]["ms"], results["default_regularizer_off"][f"stage{stage}"]["ms"]
+        assert overhead[f"stage{stage}"] == pytest.approx((on - off) / on, abs=1e-4), stage
+    assert isinstance(overhead["recipe"], float) and overhead["recipe"] < 1
     assert set(summary["peak_gib"]) == {"default", "low_memory", "stage3_full", "reference"}
 
 
