@@ -103,6 +103,23 @@ def tiny_text_config(tokenizer) -> dict:
     )
 
 
+def _tiny_vae(**config):
+    """The tiny pipelines' AutoencoderKL (32 px <-> 8x8x4), drawn from the caller's seeded RNG; `config` adds to it."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 16, 32),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=TINY_RESOLUTION,
+        **config,
+    )
+
+
 def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     """Build a tiny random `StableDiffusionPipeline` (about 0.5 M parameters, runs at 32 px on a CPU).
 
@@ -110,7 +127,7 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
         seed (`int`): seeds the random weights, so the same seed gives the same pipeline.
         prediction_type (`str`): `"epsilon"` (SD 1.x / 2.x-base) or `"v_prediction"` (SD 2.x-768).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tiny_clip_tokenizer()
@@ -130,16 +147,7 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
             use_linear_projection=True,
             norm_num_groups=16,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(16, 16, 32),
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=TINY_RESOLUTION,
-        )
+        vae = _tiny_vae()
         text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_config(tokenizer), projection_dim=32))
     finally:
         torch.random.set_rng_state(generator_state)
@@ -187,7 +195,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0):
     Args:
         seed (`int`): seeds the random weights, so the same seed gives the same pipeline.
     """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = tiny_clip_tokenizer()
@@ -214,17 +222,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0):
             addition_time_embed_dim=time_dim,
             projection_class_embeddings_input_dim=6 * time_dim + projection_dim,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(16, 16, 32),
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=TINY_RESOLUTION,
-            scaling_factor=0.13025,  # SDXL's VAE
-        )
+        vae = _tiny_vae(scaling_factor=0.13025)  # SDXL's VAE
         config_1 = {**tiny_text_config(tokenizer), "hidden_size": width_1}
         text_encoder = CLIPTextModel(CLIPTextConfig(**config_1, projection_dim=projection_dim))
         config_2 = {**tiny_text_config(tokenizer_2), "hidden_size": width_2, "eos_token_id": 2}
