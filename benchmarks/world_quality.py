@@ -82,6 +82,7 @@ __all__ = [
     "SWEEP_RANKS",
     "SWEEP_RATES",
     "TI_PAPER_STEPS",
+    "TRAINING_TEMPLATE",
     "TUNING_CONCEPTS",
     "Method",
     "confidence_interval",
@@ -136,11 +137,15 @@ QUICK_PROMPTS = (("photo", None, "beach"), ("painting", None, None), ("photo", "
 METRICS = (
     ("identity", "identity"),
     ("identity_ok", "identity beats distractors"),
+    ("identity_ok_training_prompt", "beats distractors, training prompt"),
+    ("identity_ok_new_prompts", "beats distractors, new prompts"),
     ("text_alignment", "text alignment"),
     ("presence", "presence"),
     ("attention_share", "[V] attention in mask"),
     ("embedding_cosine", "emb. cos to init"),
 )
+#: The training prompt's template (every method trains on it); the split metrics tell it from the new prompts.
+TRAINING_TEMPLATE = "a photo of a [V] [category]"
 _SAMPLE_SEED = 0  # pictures of image k use seeds _SAMPLE_SEED + 1000 k + prompt index
 _UNLIMITED_RANK = 1 << 20  # full fine-tunes export their exact delta (lora_from_delta caps it at the matrix rank)
 _FORMAT = 1
@@ -677,8 +682,21 @@ def _tune(methods: list[str], ctx: dict, grid: tuple[float, ...], evaluation: _E
     return report
 
 
+def _prompt_split(run: dict) -> dict:
+    """`identity_ok` on the training prompt and on the other (new) prompts, from a run's per-picture records
+    (derived, so finished runs need no retraining); None where a side has no scored picture."""
+    training = {i for i, t in enumerate(run.get("prompt_templates", [])) if t == TRAINING_TEMPLATE}
+    sides: dict[str, list] = {"identity_ok_training_prompt": [], "identity_ok_new_prompts": []}
+    for record in run.get("records", []):
+        if record.get("identity_ok") is not None:
+            side = "identity_ok_training_prompt" if record["prompt"] in training else "identity_ok_new_prompts"
+            sides[side].append(float(record["identity_ok"]))
+    return {key: _mean(values) for key, values in sides.items()}
+
+
 def _summarize_method(name: str, runs: list[dict], factor: float) -> dict:
-    per_concept = {str(r["concept"]): {k: r["values"].get(k) for k, _ in METRICS} for r in runs}
+    per_concept = {str(r["concept"]): {k: {**r["values"], **_prompt_split(r)}.get(k) for k, _ in METRICS}
+                   for r in runs}
     metrics = {k: confidence_interval([v[k] for v in per_concept.values()]) for k, _ in METRICS}
     first = runs[0]
     return {

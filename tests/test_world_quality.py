@@ -46,6 +46,29 @@ def test_t_quantile_matches_the_table(wq):
         assert wq.t_quantile(0.975, df) == pytest.approx(value, abs=2e-3)
 
 
+def test_identity_is_split_between_the_training_prompt_and_new_prompts(wq):
+    from attndb_peft.config import instance_prompt
+    from attndb_peft.world import scenes as W
+
+    scene = W.Scene("cone", wq.EVAL_PROMPTS[0][1], wq.EVAL_PROMPTS[0][2], wq.EVAL_PROMPTS[0][0])
+    assert W.caption(scene, "[V]") == instance_prompt("[V]", "cone")  # the first evaluation prompt is the training one
+    assert W.caption(scene, "[V]").replace("[V] cone", "[V] [category]") == wq.TRAINING_TEMPLATE
+    run = {
+        "prompt_templates": [wq.TRAINING_TEMPLATE, "a photo of a [V] [category] on the grass",
+                             "a sketch of a [V] [category]"],
+        "records": [
+            {"prompt": 0, "identity_ok": True},
+            {"prompt": 0, "identity_ok": False},
+            {"prompt": 0, "identity_ok": True},
+            {"prompt": 1, "identity_ok": False}, {"prompt": 1, "identity_ok": True},
+            {"prompt": 2, "identity_ok": None},  # sketches have no identity
+        ],
+    }
+    assert wq._prompt_split(run) == {"identity_ok_training_prompt": 2 / 3, "identity_ok_new_prompts": 0.5}
+    assert wq._prompt_split({**run, "prompt_templates": run["prompt_templates"][1:] + ["x"]}) == {
+        "identity_ok_training_prompt": None, "identity_ok_new_prompts": 3 / 5}
+
+
 @pytest.mark.slow
 def test_quick_trains_every_main_method_and_writes_the_report(wq, quick):
     out, report = quick
