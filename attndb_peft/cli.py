@@ -107,6 +107,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_train_parser(sub) -> None:
+    from .families import SD, SDXL
+
     p = sub.add_parser(
         "train",
         help="Train a concept with the three AttnDreamBooth stages.",
@@ -143,7 +145,8 @@ def _add_train_parser(sub) -> None:
     p.add_argument(
         "--ranks",
         type=_per_stage(int, (2, 3)),
-        help="LoRA rank of stages 2,3 (one value: both). " + _stage_default("rank", (2, 3)),
+        help="LoRA rank of stages 2,3 (one value: both). Default: the model family's, "
+        f"{SD.default_lora_rank} on SD 1.x/2.x and {SDXL.default_lora_rank} on SDXL.",
     )
     p.add_argument(
         "--lora-alphas",

@@ -50,7 +50,13 @@ class StageConfig:
     )
     lambda_mu: float = field(metadata={"help": "Weight of the attention-map mean term of the regularizer."})
     lambda_var: float = field(metadata={"help": "Weight of the attention-map variance term of the regularizer."})
-    rank: int = field(default=32, metadata={"help": "LoRA rank (stages 2 and 3)."})
+    rank: int | None = field(
+        default=32,
+        metadata={
+            "help": "LoRA rank (stages 2 and 3). None (their default): the model family's, 32 on SD 1.x/2.x and 16 "
+            "on SDXL (`families.ModelFamily.default_lora_rank`), filled in when the base model is known."
+        },
+    )
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; None means alpha = rank (scale 1)."})
     lr_scheduler: str = field(
         default="constant",
@@ -66,7 +72,7 @@ class StageConfig:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}.")
         if self.lambda_mu < 0 or self.lambda_var < 0:
             raise ConfigError(f"lambda_mu and lambda_var must be >= 0, got {self.lambda_mu} and {self.lambda_var}.")
-        if self.rank < 1:
+        if self.rank is not None and self.rank < 1:
             raise ConfigError(f"rank must be >= 1, got {self.rank}.")
         if self.lr_warmup_steps < 0:
             raise ConfigError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}.")
@@ -80,6 +86,9 @@ class StageConfig:
 
     @property
     def lora_alpha(self) -> float:
+        if self.rank is None:
+            raise ConfigError("rank is None (the family's default) until the base model is known; call "
+                              "AttnDBConfig.for_model(...) first.")
         return float(self.rank if self.alpha is None else self.alpha)
 
 
@@ -93,11 +102,11 @@ def _stage1() -> StageConfig:
 
 
 def _stage2() -> StageConfig:
-    return StageConfig(steps=100, learning_rate=2e-4, lambda_mu=2.0, lambda_var=5.0, rank=32)
+    return StageConfig(steps=100, learning_rate=2e-4, lambda_mu=2.0, lambda_var=5.0, rank=None)
 
 
 def _stage3() -> StageConfig:
-    return StageConfig(steps=500, learning_rate=None, lambda_mu=2.0, lambda_var=5.0, rank=32)
+    return StageConfig(steps=500, learning_rate=None, lambda_mu=2.0, lambda_var=5.0, rank=None)
 
 
 #: Stage-3 learning rate by stage3_mode: LoRA (10x the paper's) and the full fine-tune (the paper's).
@@ -147,7 +156,14 @@ class AttnDBConfig:
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
     variant: str | None = field(default=None, metadata={"help": "Weights variant of the base model, e.g. fp16."})
-    resolution: int = field(default=512, metadata={"help": "Training resolution in pixels (square)."})
+    resolution: int | None = field(
+        default=None,
+        metadata={
+            "help": "Training resolution in pixels (square). Default: the base model's own (its U-Net's sample_size "
+            "x the VAE's downscaling: 512 for SD 1.5 and SD 2.1-base, 768 for SD 2.1, 1024 for SDXL); the run "
+            "records the size it used."
+        },
+    )
     batch_size: int = field(
         default=8,
         metadata={"help": "Images per forward/backward pass (per process); see gradient_accumulation_steps."},
@@ -302,7 +318,7 @@ class AttnDBConfig:
             self.masked_loss = True  # a masks folder is only read for the masked loss
         if not isinstance(self.masked_loss, bool):
             raise ConfigError(f"masked_loss must be true or false, got {self.masked_loss!r}.")
-        if self.resolution < 8 or self.resolution % 8:
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise ConfigError(f"resolution must be a positive multiple of 8, got {self.resolution}.")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}.")
@@ -386,6 +402,17 @@ class AttnDBConfig:
     @property
     def stages(self) -> tuple[StageConfig, StageConfig, StageConfig]:
         return (self.stage1, self.stage2, self.stage3)
+
+    def for_model(self, family, resolution: int) -> AttnDBConfig:
+        """This config with the defaults that depend on the base model filled in: `resolution` (None: the model's
+        own, `resolution` here) and the stage-2/3 LoRA ranks (None: `family.default_lora_rank`). What the user set
+        is kept. The trainer calls it once the U-Net's config is read; attndb_config.json records the result."""
+        stages = {
+            name: dataclasses.replace(getattr(self, name), rank=family.default_lora_rank)
+            for name in ("stage2", "stage3")
+            if getattr(self, name).rank is None
+        }
+        return dataclasses.replace(self, resolution=self.resolution or resolution, **stages)
 
     def with_stage_values(self, steps=None, learning_rates=None, **stage_fields) -> AttnDBConfig:
         """Return a copy with per-stage values replaced.

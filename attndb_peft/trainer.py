@@ -44,7 +44,7 @@ from .data import (
     scan_image_folder,
     scan_masks,
 )
-from .families import SD, Conditioning, family_of_model, family_of_unet_config
+from .families import SD, Conditioning, family_of_model, family_of_unet_config, native_resolution
 from .regularizer import attention_regularizer, diffusion_loss, diffusion_target, masked_diffusion_loss
 from .reporting import check_report_to, format_run_summary, tracker_config, trackers_for, write_validation_samples
 from .stages import (
@@ -383,6 +383,7 @@ class Trainer:
         self.device = self.accelerator.device
         # Every process checks (they see the same files and all stop alike); nothing is written before this.
         given = self.components or {}
+        cfg = self._resolve_model_defaults(given)
         unet_config = dict(given["unet"].config) if "unet" in given else None
         for warning in check_inputs(cfg, given.get("tokenizer"), unet_config):
             if self.accelerator.is_main_process:
@@ -409,6 +410,41 @@ class Trainer:
         self._build_latent_cache()
         self._offload_frozen(keep_text_encoder=True)
         return resume
+
+    def _resolve_model_defaults(self, given: dict, unet=None, vae=None) -> AttnDBConfig:
+        """Fill in the defaults that depend on the base model (`AttnDBConfig.for_model`): `resolution=None` becomes
+        the model's own size (`families.native_resolution`: 1024 for SDXL, 512 for SD 2.1-base, 768 for SD 2.1)
+        and stage-2/3 `rank=None` the family's LoRA rank. Read from the U-Net and VAE configs alone, before the
+        input checks, so that the checks, `--resume`'s comparison and attndb_config.json all see what is trained.
+        A model whose configs cannot be read here is resolved from the loaded models instead (`unet`, `vae`), or
+        fails to load with loading's own message. Returns the (possibly replaced) config."""
+        cfg = self.config
+        if cfg.resolution is not None and all(s.rank is not None for s in cfg.stages):
+            return cfg
+        if unet is not None:
+            configs = (unet.config, vae.config if vae is not None else None)
+        elif "unet" in given:
+            configs = (given["unet"].config, given["vae"].config if "vae" in given else None)
+        else:
+            from diffusers import AutoencoderKL, UNet2DConditionModel
+
+            source = cfg.model_config if base_model.is_single_file(cfg.model) and cfg.model_config else cfg.model
+            try:
+                configs = tuple(
+                    cls.load_config(source, subfolder=sub, revision=cfg.revision)
+                    for cls, sub in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"))
+                )
+            except Exception:  # reported when the model is loaded
+                return cfg
+        family = family_of_unet_config(configs[0])
+        self.config = resolved = cfg.for_model(family, native_resolution(*configs))
+        if self.accelerator.is_main_process:
+            if cfg.resolution is None:
+                logger.info("Resolution: %d px, the base model's own (--resolution to change).", resolved.resolution)
+            if (cfg.stage2.rank, cfg.stage3.rank) != (resolved.stage2.rank, resolved.stage3.rank):
+                logger.info("LoRA ranks (stages 2, 3): %d, %d (the %s default; --ranks to change).",
+                            resolved.stage2.rank, resolved.stage3.rank, family.name.upper())
+        return resolved
 
     def _prepare_output_dir(self) -> None:
         out = self.output_dir
@@ -462,7 +498,8 @@ class Trainer:
         for model in (*self.text_encoders, self.vae, self.unet):
             model.requires_grad_(False)
             model.to(self.device)
-        native = self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        cfg = self._resolve_model_defaults({}, self.unet, self.vae)
+        native = native_resolution(self.unet.config, self.vae.config)
         if cfg.resolution != native and self.accelerator.is_main_process:
             logger.warning(
                 "--resolution %d: %s generates at %d px (e.g. SD 2.1 at 768, SD 2.1-base at 512); training at "

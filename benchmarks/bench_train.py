@@ -27,6 +27,9 @@ Paths timed (sections, `--only` picks some):
   folder with the real `export_adapter`, and times loading it into a pipeline on the CPU with
   `attndb_peft.loading.load_attndb` (or, where that module does not exist yet, the stock
   `load_textual_inversion` + `load_lora_weights` calls it wraps).
+- `flops`: the FLOPs of one U-Net training step per stage (and of a forward pass), counted with torch's
+  `FlopCounterMode` on the meta device, so it runs anywhere in seconds; next to the timed sections, the achieved
+  TFLOP/s.
 
 Timing: after `--warmup` steps, `--repeats` blocks of `--steps` steps, the device synchronised only around each
 block (a training loop does not wait for the device each step either, so host syncs inside the loop show up as
@@ -124,7 +127,7 @@ SDXL_TEXT_2 = dict(
 )
 SDXL_VAE = {**SD21_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
 #: Sections that know SDXL (the floor, processor and reference paths are SD2.1-base measurements).
-SDXL_SECTIONS = {"train", "full", "lowmem", "compile", "adapter"}
+SDXL_SECTIONS = {"train", "full", "lowmem", "compile", "adapter", "flops"}
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -136,7 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="sd",
         choices=("sd", "sdxl"),
         help="sd: SD2.1-base (default); sdxl: the SDXL-base architecture (with --tiny: the tiny SDXL). SDXL runs "
-        "the sections train, full, lowmem, compile and adapter (default: train, lowmem, adapter).",
+        "the sections train, full, lowmem, compile, adapter and flops (default: train, lowmem, adapter, flops).",
     )
     p.add_argument("--batch-size", type=int, help="Default 8 (tiny: 2).")
     p.add_argument("--resolution", type=int, help="Default 512 (tiny: 32).")
@@ -146,7 +149,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         default="",
-        help="Comma-separated sections: train, full, lowmem, compile, floor, reference, processor, adapter "
+        help="Comma-separated sections: train, full, lowmem, compile, floor, reference, processor, adapter, flops "
         "(default: all but compile; compile also runs with --compile).",
     )
     p.add_argument("--compile", action="store_true", help="Also time the default path with compile=True.")
@@ -165,8 +168,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.batch_size = args.batch_size or (2 if args.tiny or sdxl else 8)
     args.resolution = args.resolution or (32 if args.tiny else 1024 if sdxl else 512)
     args.threads = args.threads or (1 if args.tiny else None)
-    sections = {"train", "full", "lowmem", "floor", "reference", "processor", "adapter"}
-    default = {"train", "lowmem", "adapter"} if sdxl else sections
+    sections = {"train", "full", "lowmem", "floor", "reference", "processor", "adapter", "flops"}
+    default = {"train", "lowmem", "adapter", "flops"} if sdxl else sections
     args.sections = set(args.only.split(",")) - {""} if args.only else default
     if sdxl and args.sections - SDXL_SECTIONS:
         p.error(f"--family sdxl: sections {', '.join(sorted(args.sections - SDXL_SECTIONS))} are SD2.1-base only")
@@ -587,6 +590,86 @@ class Bench:
 
         return step_fn
 
+    # ------------------------------------------------------------------------------------------ flops
+    def run_flops(self) -> None:
+        """FLOPs of one U-Net training step at the run's batch and resolution, counted by torch's `FlopCounterMode`
+        on the meta device (shapes only: no memory or compute, so any machine counts SDXL-base): inference's
+        forward; stage 1 (frozen U-Net, gradients to the conditioning); stage 2 (the attn2 LoRA trained); stage 3
+        (its LoRA trained on top of stage 2's); stage 3 full (every weight). The U-Net only: the text encoder
+        (stage 1 runs it every step) and the regularizer's attention maps add little. With the `train` / `full`
+        sections timed, also the achieved TFLOP/s per stage."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from attndb_peft.config import AttnDBConfig
+        from attndb_peft.families import family_of_unet_config
+        from attndb_peft.stages import (
+            ADAPTER_STAGE2,
+            ADAPTER_STAGE3,
+            STAGE2_TARGET_MODULES,
+            STAGE3_TARGET_MODULES,
+            add_lora,
+        )
+
+        a = self.args
+        meta = torch.device("meta")
+        unet = build_components(a.tiny, meta, family=a.family)["unet"]
+        family = family_of_unet_config(unet.config)
+        ranks = AttnDBConfig(model="m", images="i", category="c", output="o").for_model(family, a.resolution)
+        size = a.resolution // 8 if not a.tiny else a.resolution // 4  # the VAE's downscaling (tiny VAEs: 4)
+        b = a.batch_size
+        args = dict(
+            sample=torch.randn(b, unet.config.in_channels, size, size, device=meta),
+            timestep=torch.full((b,), 500, device=meta),
+            encoder_hidden_states=torch.randn(b, 77, unet.config.cross_attention_dim, device=meta),
+        )
+        if unet.config.addition_embed_type == "text_time":
+            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            args["added_cond_kwargs"] = {
+                "text_embeds": torch.randn(b, pooled, device=meta),
+                "time_ids": torch.randn(b, 6, device=meta),
+            }
+
+        def count(backward: bool) -> float:
+            with FlopCounterMode(display=False) as counter:
+                out = unet(**args).sample
+                if backward:
+                    out.float().pow(2).mean().backward()
+            return round(counter.get_total_flops() / 1e9, 3)
+
+        unet.requires_grad_(False)
+        flops = {"forward": count(False)}
+        args["encoder_hidden_states"].requires_grad_(True)  # stage 1: gradients reach the token embedding
+        flops["stage1"] = count(True)
+        args["encoder_hidden_states"].requires_grad_(False)
+        for p in add_lora(unet, ADAPTER_STAGE2, ranks.stage2.rank, ranks.stage2.lora_alpha, STAGE2_TARGET_MODULES):
+            p.requires_grad_(True)
+        flops["stage2"] = count(True)
+        unet.requires_grad_(False)
+        add_lora(unet, ADAPTER_STAGE3, ranks.stage3.rank, ranks.stage3.lora_alpha, STAGE3_TARGET_MODULES)
+        unet.set_adapters([ADAPTER_STAGE2, ADAPTER_STAGE3])
+        unet.to(meta)  # PEFT puts a second adapter of an already wrapped layer on the CPU
+        for name, p in unet.named_parameters():
+            p.requires_grad_(ADAPTER_STAGE3 in name)
+        flops["stage3"] = count(True)
+        unet.unload_lora()
+        unet.requires_grad_(True)
+        flops["stage3_full"] = count(True)
+        result = {"gflop_per_step": flops, "batch_size": b, "resolution": a.resolution,
+                  "ranks": [ranks.stage2.rank, ranks.stage3.rank], "counted_on": "meta device (shapes only)"}
+        timed = {"stage1": ("default", "stage1"), "stage2": ("default", "stage2"), "stage3": ("default", "stage3"),
+                 "stage3_full": ("full", "stage3")}
+        achieved = {}
+        for key, (path, stage) in timed.items():
+            ms = self.results.get(path, {}).get(stage, {}).get("ms")
+            if ms:
+                achieved[key] = float(f"{flops[key] / ms:.4g}")  # GFLOP / ms = TFLOP/s
+        if achieved:
+            result["achieved_tflop_per_s"] = achieved
+        self.results["flops"] = result
+        print("  GFLOP per step: " + ", ".join(f"{k} {v}" for k, v in flops.items()), flush=True)
+        if achieved:
+            print("  achieved TFLOP/s: " + ", ".join(f"{k} {v}" for k, v in achieved.items()), flush=True)
+
     # ------------------------------------------------------------------------------------------ adapter
     def run_adapter(self) -> None:
         """Adapter folder size at the default ranks and the time to load it into a pipeline, both on the CPU."""
@@ -599,7 +682,7 @@ class Bench:
     def _export_random_adapter(self, components: dict) -> tuple[Path, str]:
         from attndb_peft.config import AttnDBConfig
         from attndb_peft.export import export_adapter
-        from attndb_peft.families import family_of_unet_config
+        from attndb_peft.families import family_of_unet_config, native_resolution
         from attndb_peft.stages import (
             ADAPTER_STAGE2,
             ADAPTER_STAGE3,
@@ -620,7 +703,7 @@ class Bench:
             images=str(self.images),
             category="dog",
             output=str(self.workdir / "adapter"),
-        )
+        ).for_model(family, native_resolution(unet.config, components["vae"].config))  # the family's ranks
         torch.manual_seed(0)
         counts = {}
         for adapter, stage_cfg, targets in (
@@ -912,6 +995,8 @@ def run(bench: Bench) -> dict:
         bench.run_reference()
     if "adapter" in args.sections:
         bench.run_adapter()
+    if "flops" in args.sections:  # after the timed sections, to give their achieved TFLOP/s
+        bench.run_flops()
     syncs = bench.host_syncs if any(v is not None for v in bench.host_syncs.values()) else None
     report = {
         "arch": arch_name(args),

@@ -51,6 +51,34 @@ def instance_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A random CLIP (32-px images) with its processor, saved like a Hub checkpoint (`attndb evaluate --clip`)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from attndb_peft.testing import tiny_clip_tokenizer, tiny_text_config
+
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=tiny_text_config(tokenizer),
+        vision_config=dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+        ),
+        projection_dim=16,
+    )
+    path = tmp_path_factory.mktemp("tiny-clip")
+    CLIPModel(config).save_pretrained(path)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
 def make_config(model: Path, images: Path, output: Path, steps=TINY_STEPS, learning_rates=TINY_LRS, **overrides):
     """An AttnDBConfig for a tiny run; `overrides` replace any setting."""
     config = AttnDBConfig(

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
 
@@ -93,6 +94,36 @@ def test_adapter_size_and_load_time(report):
     assert load["device"] == "cpu" and len(load["all_s"]) == 2
     assert _positive(load["first_s"]) and _positive(load["s"])
     assert "load_attndb" in load["loader"]
+
+
+def test_flops_counted_on_the_meta_device_equal_a_real_step(report):
+    """The `flops` section counts on the meta device; the same U-Net run for real on the CPU under the same counter
+    gives the same forward and full-step counts, and the achieved rates are the counts over the timed steps."""
+    from diffusers.models.attention_processor import AttnProcessor
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from attndb_peft.testing import build_tiny_pipeline
+
+    flops = report["results"]["flops"]
+    per_step = flops["gflop_per_step"]
+    assert set(per_step) == {"forward", "stage1", "stage2", "stage3", "stage3_full"}
+    # a training step adds a backward pass to the forward (no order among the stages: on the tiny U-Net the
+    # conditioning's gradient, 77 tokens through every attn2, costs more than the 8x8 latent's weight gradients)
+    assert 0 < per_step["forward"] < min(per_step[k] for k in ("stage1", "stage2", "stage3", "stage3_full"))
+    unet = build_tiny_pipeline(seed=0).unet
+    # explicit attention matmuls: the counter does not see inside the CPU's fused SDPA kernel (on the meta device
+    # SDPA runs as its matmuls, which it counts)
+    unet.set_attn_processor(AttnProcessor())
+    b, size = report["batch_size"], report["resolution"] // 4  # the tiny VAE downscales by 4
+    args = (torch.randn(b, 4, size, size), torch.full((b,), 500), torch.randn(b, 77, unet.config.cross_attention_dim))
+    with FlopCounterMode(display=False) as counter:
+        unet(*args)
+    assert per_step["forward"] == pytest.approx(counter.get_total_flops() / 1e9, abs=1e-3)
+    with FlopCounterMode(display=False) as counter:
+        unet(*args).sample.float().pow(2).mean().backward()
+    assert per_step["stage3_full"] == pytest.approx(counter.get_total_flops() / 1e9, abs=1e-3)
+    ms = report["results"]["default"]["stage1"]["ms"]
+    assert flops["achieved_tflop_per_s"]["stage1"] == pytest.approx(per_step["stage1"] / ms, rel=1e-3)
 
 
 def test_run_description(report):

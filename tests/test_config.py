@@ -24,7 +24,8 @@ def test_paper_defaults_and_lora_learning_rates():
     assert (c.stage1.learning_rate, c.stage2.learning_rate, c.stage3.learning_rate) == (1e-3, 2e-4, 2e-5)
     assert AttnDBConfig(**REQUIRED, stage3_mode="full").stage3.learning_rate == 2e-6
     assert c.token == "<attndb-dog>" and c.prompt == "a photo of a <attndb-dog> dog"
-    assert c.resolution == 512 and c.batch_size == 8 and c.regularizer == "per_layer"
+    # resolution None: the base model's own size (see test_device_paths)
+    assert c.resolution is None and c.batch_size == 8 and c.regularizer == "per_layer"
     assert default_token("Teddy  Bear!") == "<attndb-teddy-bear>"
 
 
@@ -56,7 +57,7 @@ def test_json_file_round_trips(tmp_path):
     path.write_text(c.to_json())
     again = AttnDBConfig.from_file(path)
     assert again == c
-    assert json.loads(path.read_text())["stage2"]["rank"] == 32
+    assert json.loads(path.read_text())["stage2"]["rank"] is None  # the family's, filled in by for_model
 
 
 @settings(max_examples=30, deadline=None)
@@ -165,7 +166,12 @@ def test_stage_flags_reach_the_config_and_defaults_are_shown(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for shown in ("Default: 32,32.", "Default: constant,constant,constant.", "Default: 512.", "Default: 0.1,2.0,2.0."):
+    for shown in (
+        "the model family's, 32 on SD 1.x/2.x and 16 on SDXL",
+        "Default: constant,constant,constant.",
+        "Default: the base model's own",
+        "Default: 0.1,2.0,2.0.",
+    ):
         assert shown in text
 
 
@@ -189,3 +195,19 @@ def test_a_runs_attndb_config_json_reproduces_it_bit_identically(tiny_model, ins
     assert settings[0].pop("output") == str(first) and settings[1].pop("output") == str(again)
     assert settings[0] == settings[1]
     assert settings[0]["stage2"]["rank"] == 4 and settings[0]["stage3"]["lr_scheduler"] == "cosine"
+
+
+def test_for_model_fills_the_family_defaults_and_keeps_what_was_set():
+    from attndb_peft.families import SD, SDXL
+
+    c = AttnDBConfig(**REQUIRED)
+    assert (c.resolution, c.stage2.rank, c.stage3.rank, c.stage1.rank) == (None, None, None, 32)
+    with pytest.raises(ConfigError, match="rank is None"):
+        c.stage2.lora_alpha  # noqa: B018  (no alpha before the family is known)
+    sd, sdxl = c.for_model(SD, 512), c.for_model(SDXL, 1024)
+    assert (sd.resolution, sd.stage2.rank, sd.stage3.rank, sd.stage3.lora_alpha) == (512, 32, 32, 32.0)
+    assert (sdxl.resolution, sdxl.stage2.rank, sdxl.stage3.rank) == (1024, 16, 16)
+    mine = c.with_stage_values(rank=(None, 8, None)).for_model(SDXL, 1024)
+    assert (mine.stage2.rank, mine.stage3.rank) == (8, 16)
+    assert AttnDBConfig(**REQUIRED, resolution=768).for_model(SDXL, 1024).resolution == 768
+    assert AttnDBConfig.from_dict(sdxl.to_dict()) == sdxl  # attndb_config.json records the filled-in values

@@ -315,6 +315,30 @@ def test_a_resolution_other_than_the_models_gets_a_warning(tiny_model, instance_
     assert "--resolution 48" in caplog.text and "generates at 32 px" in caplog.text
 
 
+def test_the_default_resolution_and_ranks_are_the_base_models(tiny_model, instance_dir, tmp_path, caplog):
+    """`resolution=None` is read from the saved U-Net and VAE configs before the checks (no weights loaded), so
+    the run, its warnings and attndb_config.json all use it."""
+    import json
+    from pathlib import Path
+
+    from attndb_peft.families import native_resolution
+
+    unet = json.loads((Path(tiny_model) / "unet" / "config.json").read_text())
+    vae = json.loads((Path(tiny_model) / "vae" / "config.json").read_text())
+    expected = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    trainer = Trainer(make_config(tiny_model, instance_dir, tmp_path / "out", resolution=None))
+    with caplog.at_level("INFO", logger="attndb_peft"):
+        trainer.prepare()
+    assert trainer.config.resolution == expected and trainer.config.to_dict()["resolution"] == expected
+    assert (trainer.config.stage2.rank, trainer.config.stage3.rank) == (32, 32)  # the SD family's LoRA rank
+    assert f"Resolution: {expected} px, the base model's own" in caplog.text and "generates at" not in caplog.text
+    assert trainer.latents.mean.shape[-1] == expected // 2 ** (len(vae["block_out_channels"]) - 1)
+    # the released models' configs: SD 1.5 / 2.1-base, SD 2.1, SDXL base (VAE of 4 blocks in all)
+    four_blocks = {"block_out_channels": [128, 256, 512, 512]}
+    assert [native_resolution({"sample_size": s}, four_blocks) for s in (64, 96, 128)] == [512, 768, 1024]
+    assert native_resolution({"sample_size": 128}) == 1024
+
+
 # -- fp16 loss scaling --------------------------------------------------------------------------------------
 def test_steps_the_fp16_scaler_skips_are_counted_and_reported(tiny_model, instance_dir, tmp_path, caplog):
     """A loss scaler (accelerate makes one for fp16 on a GPU; here a CPU GradScaler) skips every step whose

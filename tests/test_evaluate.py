@@ -23,33 +23,6 @@ from attndb_peft.evaluate import (
     text_alignment,
 )
 from attndb_peft.inference import AdapterInfo, UsageError
-from attndb_peft.testing import tiny_clip_tokenizer, tiny_text_config
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A random CLIP (32-px images) with its processor, saved like a Hub checkpoint."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    tokenizer = tiny_clip_tokenizer()
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=tiny_text_config(tokenizer),
-        vision_config=dict(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-        ),
-        projection_dim=16,
-    )
-    path = tmp_path_factory.mktemp("tiny-clip")
-    CLIPModel(config).save_pretrained(path)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

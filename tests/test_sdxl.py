@@ -285,19 +285,30 @@ def test_full_stage3_on_sdxl_is_warned_about(tiny_sdxl, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def test_cli_trains_generates_and_inspects_an_sdxl_model(tiny_sdxl, tmp_path):
-    """`attndb train --model <SDXL folder>` (the family comes from the model), then generate and inspect."""
+def test_cli_trains_resumes_generates_inspects_and_evaluates_an_sdxl_model(tiny_sdxl, tiny_clip, tmp_path, capsys):
+    """`attndb train --model <SDXL folder>` (the family comes from the model, and with it the resolution and the
+    LoRA ranks), a finished run extended with `--resume`, then generate, inspect and evaluate."""
     from PIL import Image
 
     from attndb_peft.cli import main
+    from attndb_peft.families import native_resolution
     from attndb_peft.testing import make_instance_images
 
     images = tmp_path / "images"
     make_instance_images(images, num_images=2, size=48)
     out = tmp_path / "out"
     train = ["train", "--model", str(tiny_sdxl), "--images", str(images), "--category", "dog", "--output", str(out)]
-    settings = ["--resolution", "32", "--batch-size", "1", "--steps", "1,1,1", "--quiet"]
-    assert main([*train, *settings]) == 0
+    settings = ["--batch-size", "1", "--checkpointing-steps", "1", "--quiet"]
+    assert main([*train, *settings, "--steps", "1,1,1"]) == 0
+    recorded = json.loads((out / "attndb_config.json").read_text())["settings"]
+    configs = [json.loads((tiny_sdxl / part / "config.json").read_text()) for part in ("unet", "vae")]
+    assert recorded["resolution"] == native_resolution(*configs)  # no --resolution: the model's own
+    assert recorded["stage2"]["rank"] == recorded["stage3"]["rank"] == SDXL.default_lora_rank == 16
+    one_step = load_file(str(out / LORA_NAME))
+    assert main([*train, *settings, "--steps", "1,1,2", "--resume"]) == 0  # one more stage-3 step
+    assert json.loads((out / "attndb_config.json").read_text())["settings"]["stage3"]["steps"] == 2
+    two_steps = load_file(str(out / LORA_NAME))
+    assert one_step.keys() == two_steps.keys() and any(not torch.equal(one_step[k], two_steps[k]) for k in one_step)
     assert set(load_file(str(out / EMBEDDING_NAME))) == {"clip_l", "clip_g"}
     assert (out / "samples" / "stage3-attention.png").is_file()  # validation samples drawn by the SDXL pipeline
     common = ["--adapter", str(out), "--prompt", "a photo of a {} on the beach", "--steps", "2", "--quiet"]
@@ -307,3 +318,14 @@ def test_cli_trains_generates_and_inspects_an_sdxl_model(tiny_sdxl, tmp_path):
     record = json.loads((tmp_path / "attn.json").read_text())
     assert "<attndb-dog>" in [t["text"] for t in record["tokens"]]
     assert all(0 < t["mean_attention"] < 1 for t in record["tokens"])
+    capsys.readouterr()
+    evaluation = tmp_path / "eval"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a {} in the snow\nstyle: a painting of a {}\n")
+    argv = ["evaluate", "--adapter", str(out), "--images", str(images), "--clip", str(tiny_clip), "--num-images", "1",
+            "--prompts", str(prompts),
+            "--steps", "2", "--height", "32", "--width", "32", "--output", str(evaluation), "--quiet"]
+    assert main(argv) == 0
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    assert -1 <= metrics["identity"] <= 1 and -1 <= metrics["text_alignment"] <= 1
+    assert [r["scored_against"] for r in metrics["prompts"]] == ["a photo of a dog in the snow", "a painting of a dog"]
