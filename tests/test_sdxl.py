@@ -207,6 +207,24 @@ def test_hub_id_loads_from_the_cache_and_a_checkpoint_exports(sdxl_run, tiny_sdx
         assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), name
 
 
+def test_push_to_hub_uploads_the_sdxl_adapter_with_an_sdxl_card(sdxl_run, monkeypatch):
+    """`push_to_hub` (network calls intercepted as in test_hub): the SDXL folder's files go up unchanged, and the
+    card's usage snippet loads the concept into an SDXL pipeline."""
+    from test_hub import COMMIT_URL, FakeHub
+
+    from attndb_peft.export import MODEL_CARD_NAME
+    from attndb_peft.hub import push_to_hub
+
+    hub = FakeHub(monkeypatch)
+    assert push_to_hub(sdxl_run.output_dir, "me/my-dog-xl", token="hf_write") == COMMIT_URL
+    (commit,) = hub.commits
+    for name in (EMBEDDING_NAME, LORA_NAME, KOHYA_NAME, CONFIG_NAME):
+        assert commit["files"][name] == (sdxl_run.output_dir / name).read_bytes(), name
+    card = commit["files"][MODEL_CARD_NAME].decode()
+    assert "StableDiffusionXLPipeline.from_pretrained" in card and 'pipe.load_attndb("me/my-dog-xl")' in card
+    assert "stable-diffusion-xl" in card  # the Hub tag
+
+
 @pytest.fixture(scope="module")
 def sdxl_style_lora(tiny_sdxl, tmp_path_factory):
     """A foreign SDXL LoRA made with PEFT (random, non-zero B) and saved with diffusers' SDXL writer."""
