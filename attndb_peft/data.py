@@ -107,12 +107,13 @@ def _to_rgb(image):
     return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGB
 
 
-def scan_image_folder(folder: str | os.PathLike, resolution: int) -> ImageFolderReport:
+def scan_image_folder(folder: str | os.PathLike, resolution: int | None) -> ImageFolderReport:
     """Find and check the instance images without loading any model.
 
     Problems (the run cannot start): the folder is missing or holds no images; a file with an image
     extension does not decode; an image is smaller than half the resolution. Warnings: an image is smaller
     than the resolution (it will be upscaled). Files without an image extension are ignored and logged.
+    `resolution=None` (the base model's size, not known when its configs cannot be read) skips the size checks.
     """
     from PIL import Image
 
@@ -136,6 +137,9 @@ def scan_image_folder(folder: str | os.PathLike, resolution: int) -> ImageFolder
             )
             continue
         shorter = min(width, height)
+        if resolution is None:
+            report.images.append(path)
+            continue
         if shorter < resolution / 2:
             report.problems.append(
                 f"{path}: {width}x{height} is smaller than half the training resolution ({resolution}); use a "

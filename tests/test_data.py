@@ -109,6 +109,10 @@ def test_scan_reports_every_problem(tmp_path):
     assert any("smallish.png" in w for w in report.warnings)
     assert {p.name for p in report.ignored} == {"caption.txt", ".DS_Store"}
     assert ".jpg" in IMAGE_EXTENSIONS
+    # resolution None (the base model's own, unknown when its configs cannot be read): sizes are not judged
+    unsized = scan_image_folder(tmp_path, resolution=None)
+    assert [p.name for p in unsized.images] == ["good.png", "smallish.png", "tiny.png"] and not unsized.warnings
+    assert len(unsized.problems) == 1 and "broken.jpg" in unsized.problems[0]
 
 
 @pytest.mark.parametrize("num_processes", [1, 2])
