@@ -612,10 +612,11 @@ class Bench:
 
         a = self.args
         meta = torch.device("meta")
-        unet = build_components(a.tiny, meta, family=a.family)["unet"]
+        components = build_components(a.tiny, meta, family=a.family)
+        unet = components["unet"]
         family = family_of_unet_config(unet.config)
         ranks = AttnDBConfig(model="m", images="i", category="c", output="o").for_model(family, a.resolution)
-        size = a.resolution // 8 if not a.tiny else a.resolution // 4  # the VAE's downscaling (tiny VAEs: 4)
+        size = a.resolution // 2 ** (len(components["vae"].config.block_out_channels) - 1)  # latent cells
         b = a.batch_size
         args = dict(
             sample=torch.randn(b, unet.config.in_channels, size, size, device=meta),

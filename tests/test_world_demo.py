@@ -54,7 +54,6 @@ def test_a_short_attndb_run_learns_a_world_concept(tmp_path):
     images = [img for seed in seeds for img in generate(pipe, [W.caption(s, token) for s in scenes], seed=seed)]
     records = [score_image(img, s, concept) for img, s in zip(images, scenes * len(seeds))]
     summary = summarize(records)
-    print(summary)
     # chance: context 1/6, presence of the right category 1/3 (the base model draws the caption's category in
     # 69 % of held-out pictures, so a concept's presence sits near that, not near 1)
     assert summary["present"] > 0.4, summary
