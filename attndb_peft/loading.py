@@ -198,13 +198,19 @@ def load_attndb(
     try:
         family.fix_pooling(pairs)  # SDXL: pool at end-of-text, not at the new (highest) token id
         for (tokenizer, text_encoder), embedding in zip(pairs, embeddings):
-            with _no_mean_resizing(text_encoder):
+            with _cheap_resizing(text_encoder):
                 pipe.load_textual_inversion(
                     {token: embedding}, token=token, tokenizer=tokenizer, text_encoder=text_encoder
                 )
         with _quiet_missing_text_encoder_lora():
+            # low_cpu_mem_usage: PEFT creates the LoRA layers empty and takes the file's tensors, instead of
+            # initialising 722 (SDXL) layers at random only to overwrite them (~1 s of an SDXL load on a CPU)
             pipe.load_lora_weights(
-                str(files.lora.parent), weight_name=files.lora.name, adapter_name=adapter_name, use_safetensors=True
+                str(files.lora.parent),
+                weight_name=files.lora.name,
+                adapter_name=adapter_name,
+                use_safetensors=True,
+                low_cpu_mem_usage=True,
             )
         _activate_new(pipe, before, adapter_name, weight)
         for tokenizer, _ in pairs:
@@ -726,28 +732,41 @@ def _check_token_roundtrip(tokenizer, token: str) -> None:
 
 
 @contextmanager
-def _no_mean_resizing(text_encoder):
-    """Make `text_encoder.resize_token_embeddings` skip transformers' mean resizing while diffusers grows the
-    embedding matrix in `load_textual_inversion`.
+def _cheap_resizing(text_encoder):
+    """Make `text_encoder.resize_token_embeddings` skip initialising the rows it adds while diffusers grows the
+    embedding matrix in `load_textual_inversion`; diffusers overwrites those rows with the loaded embedding right
+    after, so any initialisation is thrown away.
 
-    Mean resizing (transformers' default) initialises new rows from the mean and covariance of the whole
-    vocabulary, 49 408 x 1 024 for SD 2.x, and diffusers overwrites those rows with the loaded embedding right
-    after: on a CPU that was about half of `load_attndb`'s time (benchmarks/bench_train.py). The patch is an
-    instance attribute, removed on exit; text encoders without the argument are left alone."""
+    By default transformers fills them by mean resizing (mean and covariance of the whole vocabulary, 49 408 x
+    1 024 for SD 2.x: about half of `load_attndb`'s time on a CPU), and even with `mean_resizing=False` it draws a
+    normal sample for the whole new 49 409-row matrix twice (`nn.Embedding`'s own init, then the model's
+    `_init_weights`): 1.5-1.8 s of SDXL's 1 280- and 768-wide encoders (benchmarks/bench_train.py). Here the new
+    matrix is created uninitialised (transformers' `no_init_weights`, plus an instance-level `_init_weights` that
+    does nothing) and the old rows are copied as usual. The patches are instance attributes, removed on exit; text
+    encoders without the argument are left alone."""
     import inspect
 
     resize = getattr(text_encoder, "resize_token_embeddings", None)
     if resize is None or "mean_resizing" not in inspect.signature(resize).parameters:
         yield
         return
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
 
-    def resize_without_mean(*args, **kwargs):
+    def resize_uninitialised(*args, **kwargs):
         kwargs.setdefault("mean_resizing", False)
-        return resize(*args, **kwargs)
+        text_encoder.__dict__["_init_weights"] = lambda module: None
+        try:
+            with no_init_weights():
+                return resize(*args, **kwargs)
+        finally:
+            text_encoder.__dict__.pop("_init_weights", None)
 
     missing = object()
     previous = text_encoder.__dict__.get("resize_token_embeddings", missing)
-    text_encoder.__dict__["resize_token_embeddings"] = resize_without_mean
+    text_encoder.__dict__["resize_token_embeddings"] = resize_uninitialised
     try:
         yield
     finally:

@@ -177,7 +177,9 @@ def test_every_file_carries_the_attndb_metadata(trained):
 
 def test_lora_header_carries_the_rank_and_alpha_diffusers_reads(trained):
     """diffusers builds the LoraConfig from `lora_adapter_metadata` when present; it must give every module the
-    rank of its tensors and alpha = rank (scale 1)."""
+    rank of its tensors and alpha = rank (scale 1), as PEFT matches the patterns' keys (`get_pattern_key`)."""
+    from peft.utils.other import get_pattern_key
+
     out = trained.output_dir
     meta = json.loads(_metadata(out / LORA_NAME)["lora_adapter_metadata"])
     sd = load_file(str(out / LORA_NAME))
@@ -185,8 +187,26 @@ def test_lora_header_carries_the_rank_and_alpha_diffusers_reads(trained):
     rank_pattern, alpha_pattern = meta["unet.rank_pattern"], meta["unet.alpha_pattern"]
     modules = {k[len("unet.") : k.index(".lora_A.")]: v.shape[0] for k, v in sd.items() if ".lora_A." in k}
     assert set(meta["unet.target_modules"]) == set(modules)
+    assert rank_pattern and len(rank_pattern) < len(modules)  # two ranks here; keys shorter than one per module
     for module, rank in modules.items():
-        assert rank_pattern.get(module, r) == rank and alpha_pattern.get(module, alpha) == rank, module
+        rank_key, alpha_key = get_pattern_key(list(rank_pattern), module), get_pattern_key(list(alpha_pattern), module)
+        assert rank_pattern.get(rank_key, r) == rank and alpha_pattern.get(alpha_key, alpha) == rank, module
+
+
+def test_rank_pattern_keys_are_the_shortest_unambiguous_suffixes():
+    from peft.utils.other import get_pattern_key
+
+    from attndb_peft.stages import _rank_pattern
+
+    ranks = {
+        "down.0.attn1.to_q": 4, "down.0.attn2.to_q": 8, "up.1.attn2.to_q": 8, "up.1.attn2.to_k": 8,
+        "mid.attn2.to_k": 4, "mid.attn2.to_out.0": 8, "up.1.attn1.to_out.0": 4, "x.to_q": 4,
+    }
+    pattern = _rank_pattern(ranks, default=4)
+    assert pattern == {r"attn2\.to_q": 8, r"1\.attn2\.to_k": 8, r"attn2\.to_out\.0": 8}
+    for name, rank in ranks.items():  # every module gets its own rank through PEFT's own matcher
+        assert pattern.get(get_pattern_key(list(pattern), name), 4) == rank, name
+    assert _rank_pattern({"a.b": 4, "c.b": 4}, default=4) == {}
 
 
 # ---------------------------------------------------------------------------------------------- model card

@@ -1,7 +1,8 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
 """The performance levers change no result: the precomputed view schedule is the per-step batch, skipping
-PEFT's LoRA input cast under autocast is exact, and `load_attndb` without transformers' mean resizing loads the
-same embedding matrix."""
+PEFT's LoRA input cast under autocast is exact, and `load_attndb`, which grows the embedding matrix without
+initialising the new rows and lets PEFT take the LoRA tensors without initialising them first, loads the same
+weights in the pipeline's dtype."""
 
 from __future__ import annotations
 
@@ -56,26 +57,33 @@ def test_skipping_lora_input_casts_under_autocast_is_exact():
         assert torch.equal(a, b)
 
 
-def test_load_attndb_grows_the_embedding_without_mean_resizing(trained, tiny_model, monkeypatch):
+def test_load_attndb_grows_the_embedding_without_initialising_it(trained, tiny_model, monkeypatch):
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     from attndb_peft.loading import load_attndb
 
-    calls = []
+    calls, draws = [], []
     original = CLIPTextModel.resize_token_embeddings
+    normal = torch.Tensor.normal_
 
     def spy(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
         calls.append(mean_resizing)
-        return original(self, new_num_tokens, pad_to_multiple_of, mean_resizing=mean_resizing)
+        monkeypatch.setattr(torch.Tensor, "normal_", lambda t, *a, **k: draws.append(t.shape) or normal(t, *a, **k))
+        try:
+            return original(self, new_num_tokens, pad_to_multiple_of, mean_resizing=mean_resizing)
+        finally:
+            monkeypatch.setattr(torch.Tensor, "normal_", normal)
 
     monkeypatch.setattr(CLIPTextModel, "resize_token_embeddings", spy)
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model))
     before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
     token = load_attndb(pipe, str(trained.output_dir))
     after = pipe.text_encoder.get_input_embeddings().weight.detach()
-    assert calls == [False]
-    assert "resize_token_embeddings" not in pipe.text_encoder.__dict__  # the patch is gone again
+    assert calls == [False] and draws == []  # no mean resizing, no random rows thrown away
+    assert {"resize_token_embeddings", "_init_weights"}.isdisjoint(pipe.text_encoder.__dict__)  # patches gone
+    lora = {n: p for n, p in pipe.unet.named_parameters() if ".lora_" in n}
+    assert lora and {(p.dtype, p.device.type) for p in lora.values()} == {(torch.float32, "cpu")}  # fp16 file
     token_id = pipe.tokenizer.convert_tokens_to_ids(token)
     assert after.shape[0] == before.shape[0] + 1 == len(pipe.tokenizer) and token_id == before.shape[0]
     assert torch.equal(after[: before.shape[0]], before)
