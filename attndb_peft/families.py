@@ -86,6 +86,7 @@ class ModelFamily:
         pooled_from (`str`, *optional*): the text encoder whose pooled output conditions the U-Net (SDXL's
             `text_encoder_2`); it must pool at end-of-text (`pool_at_end_of_text`). None: only hidden states are
             used, and the encoders are left exactly as loaded.
+        safety_checker (`bool`): the family's pipelines take a safety checker (`no_safety_checker` leaves it out).
     """
 
     name: str
@@ -101,10 +102,18 @@ class ModelFamily:
     default_lora_rank: int
     vae_fp32_encode: bool
     pooled_from: str | None
+    safety_checker: bool
 
     @property
     def is_sdxl(self) -> bool:  # for messages and tests; code asks the attributes above
         return self.name == "sdxl"
+
+    def no_safety_checker(self) -> dict:
+        """The pipeline arguments (constructor, `from_pretrained`, `from_single_file`) that leave the safety
+        checker and its image processor out; none for families whose pipelines have no checker."""
+        if not self.safety_checker:
+            return {}
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     # -------------------------------------------------------------------------------------- text side
     def components(self, pipe) -> list[tuple[object, object]]:
@@ -196,6 +205,7 @@ SD = ModelFamily(
     default_lora_rank=32,
     vae_fp32_encode=False,
     pooled_from=None,
+    safety_checker=True,
 )
 SDXL = ModelFamily(
     name="sdxl",
@@ -211,6 +221,7 @@ SDXL = ModelFamily(
     default_lora_rank=16,
     vae_fp32_encode=True,
     pooled_from="text_encoder_2",
+    safety_checker=False,
 )
 FAMILIES = {family.name: family for family in (SD, SDXL)}
 
@@ -251,7 +262,7 @@ def family_from_pipeline_class(class_name: str | None) -> ModelFamily | None:
 
 def family_of_model(model: str | os.PathLike, revision: str | None = None) -> ModelFamily:
     """The family of a base model (a diffusers folder or Hub id): its `model_index.json` pipeline class, else its
-    U-Net config; SD when neither can be read (single files are SD 1.x/2.x here)."""
+    U-Net config; SD when neither can be read (a single file: ask its `--model-config` instead)."""
     path = Path(model).expanduser()
     index = None
     try:

@@ -182,7 +182,7 @@ def load_pipeline(
     import diffusers
 
     from .base_model import BaseModelError, check_base_model, is_single_file, load_single_file
-    from .families import SD, family_of_model
+    from .families import family_of_model
 
     info = read_adapter_config(adapter, token=hub_token) if adapter else None
     model = model or (info.base_model if info else None)
@@ -204,9 +204,7 @@ def load_pipeline(
             pipe = load_single_file(model, model_config, torch_dtype)
         else:
             family = family_of_model(model, revision)  # SD 1.x/2.x or SDXL, from the model itself
-            no_checker = {}
-            if not safety_checker and family is SD:  # SDXL pipelines have no safety checker
-                no_checker = {"safety_checker": None, "requires_safety_checker": False}
+            no_checker = {} if safety_checker else family.no_safety_checker()
             pipe = getattr(diffusers, family.pipeline_class).from_pretrained(
                 model, revision=revision, token=hub_token, **_dtype_argument(torch_dtype), **no_checker
             )

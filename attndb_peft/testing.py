@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .families import SD
+
 __all__ = [
     "TINY_RESOLUTION",
     "TINY_SDXL_WIDTHS",
@@ -166,9 +168,7 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **SD.no_safety_checker(),
     )
 
 
@@ -286,13 +286,16 @@ def make_instance_images(
 def ldm_state_dict(pipe) -> dict[str, torch.Tensor]:
     """The pipeline's weights in the original Stable Diffusion (LDM) single-file layout: `model.diffusion_model.*`
     (U-Net), `first_stage_model.*` (VAE) and `cond_stage_model.transformer.text_model.*` (an SD 1.x CLIP text
-    encoder; the tiny encoder is CLIP-shaped).
+    encoder; the tiny encoder is CLIP-shaped). For an SDXL pipeline, the layout of Stability's SDXL files: the
+    U-Net's size embedding as `label_emb.0.*`, `conditioner.embedders.0.transformer.text_model.*` (CLIP-L) and
+    `conditioner.embedders.1.model.*` (the second encoder in OpenCLIP's names: fused `in_proj` attention,
+    `resblocks`, a transposed `text_projection`).
 
     The inverse of diffusers' own single-file conversion (`convert_ldm_unet_checkpoint`,
-    `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint` in `diffusers.loaders.single_file_utils`), written
-    for any layer count so the tiny pipeline can be saved as a single file. Only U-Nets whose down/up blocks are
-    all of one kind per block (resnets, optional attentions, one down/upsampler) are covered, which is every SD
-    1.x/2.x U-Net.
+    `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`, `convert_open_clip_checkpoint` in
+    `diffusers.loaders.single_file_utils`), written for any layer count so the tiny pipelines can be saved as
+    single files. Only U-Nets whose down/up blocks are all of one kind per block (resnets, optional attentions,
+    one down/upsampler) are covered, which is every SD 1.x/2.x and SDXL U-Net.
     """
     unet, vae = pipe.unet, pipe.vae
     state: dict[str, torch.Tensor] = {}
@@ -317,6 +320,8 @@ def ldm_state_dict(pipe) -> dict[str, torch.Tensor]:
         "conv_in": "input_blocks.0.0",
         "conv_norm_out": "out.0",
         "conv_out": "out.2",
+        "add_embedding.linear_1": "label_emb.0.0",  # SDXL's pooled-text and size embedding
+        "add_embedding.linear_2": "label_emb.0.2",
     }
     for key, value in unet.state_dict().items():
         parts = key.split(".")
@@ -384,19 +389,46 @@ def ldm_state_dict(pipe) -> dict[str, torch.Tensor]:
         new = new.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
         state["first_stage_model." + new] = value
 
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    prefix = "conditioner.embedders.0.transformer." if sdxl else "cond_stage_model.transformer."
     for key, value in pipe.text_encoder.state_dict().items():
         key = key if key.startswith("text_model.") else "text_model." + key  # transformers >= 5.6 flattened it
-        state["cond_stage_model.transformer." + key] = value
+        state[prefix + key] = value
+    if sdxl:
+        state.update(_open_clip_state_dict(pipe.text_encoder_2, "conditioner.embedders.1.model."))
     return {k: v.contiguous() for k, v in state.items()}
 
 
-def save_tiny_single_file(path: str | os.PathLike, seed: int = 0) -> Path:
-    """Build the tiny pipeline and write it as one `.safetensors` file in the original Stable Diffusion layout (what
-    A1111/ComfyUI users hold); it loads with diffusers' `from_single_file` given the tiny pipeline's folder as
-    `config` (see `save_tiny_pipeline`, same `seed`, same weights)."""
+def _open_clip_state_dict(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
+    """A `CLIPTextModelWithProjection`'s weights in OpenCLIP's names (SDXL's second encoder in its single files)."""
+    weights = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    state = {
+        "token_embedding.weight": weights["embeddings.token_embedding.weight"],
+        "positional_embedding": weights["embeddings.position_embedding.weight"],
+        "ln_final.weight": weights["final_layer_norm.weight"],
+        "ln_final.bias": weights["final_layer_norm.bias"],
+        "text_projection": weights["text_projection.weight"].T,
+    }
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}  # fmt: skip
+    for i in range(text_encoder.config.num_hidden_layers):
+        layer, block = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            qkv = [weights[f"{layer}self_attn.{p}_proj.{kind}"] for p in "qkv"]
+            state[f"{block}attn.in_proj_{kind}"] = torch.cat(qkv)
+            for old, new in names.items():
+                state[f"{block}{new}.{kind}"] = weights[f"{layer}{old}.{kind}"]
+    return {prefix + k: v for k, v in state.items()}
+
+
+def save_tiny_single_file(path: str | os.PathLike, seed: int = 0, sdxl: bool = False) -> Path:
+    """Build the tiny pipeline (the tiny SDXL one with `sdxl`) and write it as one `.safetensors` file in the
+    original layout (what A1111/ComfyUI users hold); it loads with diffusers' `from_single_file` given the tiny
+    pipeline's folder as `config` (see `save_tiny_pipeline`/`save_tiny_sdxl_pipeline`, same `seed`, same weights)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(ldm_state_dict(build_tiny_pipeline(seed=seed)), str(path))
+    pipe = build_tiny_sdxl_pipeline(seed=seed) if sdxl else build_tiny_pipeline(seed=seed)
+    save_file(ldm_state_dict(pipe), str(path))
     return path

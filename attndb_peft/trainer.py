@@ -44,7 +44,7 @@ from .data import (
     scan_image_folder,
     scan_masks,
 )
-from .families import SD, Conditioning, family_of_model, family_of_unet_config, native_resolution
+from .families import SD, Conditioning, family_of_model, family_of_pipeline, family_of_unet_config, native_resolution
 from .regularizer import attention_regularizer, diffusion_loss, diffusion_target, masked_diffusion_loss
 from .reporting import check_report_to, format_run_summary, tracker_config, trackers_for, write_validation_samples
 from .stages import (
@@ -155,7 +155,7 @@ def check_inputs(config: AttnDBConfig, tokenizer=None, unet_config: dict | None 
     """Every problem with the run's inputs that can be found without loading the U-Net, VAE or text
     encoder: images, output folder, token, category and the training prompt's length (with the base model's
     tokenizer, or `tokenizer` when given), with `masked_loss` the subject masks, and a U-Net attndb cannot train
-    (its config, or `unet_config`: inpainting/depth models, SDXL single files). Returns warnings (e.g. SDXL with
+    (its config, or `unet_config`: inpainting/depth models). Returns warnings (e.g. SDXL with
     `--stage3 full`); raises `InputError` listing all problems."""
     problems: list[str] = []
     warnings: list[str] = []
@@ -246,11 +246,6 @@ def _unet_problems(config: AttnDBConfig, unet_config: dict | None) -> tuple[list
         problems.append(
             f"--model {config.model}: its U-Net takes {unet_config['in_channels']} input channels (an inpainting "
             "or depth model); attndb trains text-to-image models with 4 latent channels, e.g. SD 1.5 or SD 2.1."
-        )
-    if family_of_unet_config(unet_config) is not SD and base_model.is_single_file(config.model):
-        problems.append(
-            f"--model {config.model}: an SDXL single file; attndb reads SDXL from a diffusers folder or Hub id "
-            "(e.g. stabilityai/stable-diffusion-xl-base-1.0)."
         )
     if family_of_unet_config(unet_config) is not SD and config.stage3_mode == "full":
         warnings.append(
@@ -465,8 +460,8 @@ class Trainer:
         weights = {"variant": cfg.variant, "torch_dtype": self.weight_dtype, **kwargs}
         if self.components is None and base_model.is_single_file(cfg.model):
             pipe = base_model.load_single_file(cfg.model, cfg.model_config, self.weight_dtype)
-            self.family = SD
-            self.tokenizers, self.text_encoders = [pipe.tokenizer], [pipe.text_encoder]
+            self.family = family_of_pipeline(pipe)
+            self.tokenizers, self.text_encoders = (list(t) for t in zip(*self.family.components(pipe)))
             self.vae, self.unet = pipe.vae, pipe.unet
             self.noise_scheduler = DDPMScheduler.from_pretrained(cfg.model_config, subfolder="scheduler", **kwargs)
         elif self.components is None:
@@ -1121,9 +1116,8 @@ class Trainer:
         text = {
             **dict(zip(self.family.tokenizers, self.tokenizers)),
             **dict(zip(self.family.text_encoders, self.text_encoders)),
+            **self.family.no_safety_checker(),
         }
-        if self.family is SD:
-            text.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         return pipeline_class(vae=self.vae, unet=self.unet, scheduler=scheduler, **text)
 
     def export(self, report: dict | None = None) -> list[Path]:

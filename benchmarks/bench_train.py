@@ -742,12 +742,11 @@ class Bench:
         from diffusers import DDIMScheduler
 
         from attndb_peft.export import EMBEDDING_NAME, LORA_NAME
-        from attndb_peft.families import SD, family_of_unet_config
+        from attndb_peft.families import family_of_unet_config
 
         family = family_of_unet_config(components["unet"].config)
         parts = {name: components[name] for name in ("unet", "vae", *family.text_encoders, *family.tokenizers)}
-        if family is SD:
-            parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        parts.update(family.no_safety_checker())
         pipe = getattr(diffusers, family.pipeline_class)(
             scheduler=DDIMScheduler.from_config(components["scheduler"].config), **parts
         )

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..families import SD
 from . import scenes as W
 
 __all__ = [
@@ -226,9 +227,7 @@ def build_world_pipeline(config: PretrainConfig | None = None, seed: int = 0):
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **SD.no_safety_checker(),
     )
 
 
