@@ -268,6 +268,8 @@ def unload_attndb(pipe, adapter_name: str | None = None) -> str:
     before = _capture_lora_state(pipe)
     if adapter_name in _all_adapter_names(pipe):  # the user may already have deleted it with delete_adapters
         _delete_adapter(pipe, adapter_name)
+    else:
+        _drop_empty_lora_layers(pipe)
     _unload_tokens(pipe, family, concept.tokens)
     _restore(pipe, _LoraState([a for a in before.active if a != adapter_name], before.scaling))
     del registry[adapter_name]
@@ -705,6 +707,15 @@ def _delete_adapter(pipe, adapter_name: str) -> None:
     with warnings.catch_warnings():  # PEFT picks a new active adapter; `_restore` sets the right ones right after
         warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
         pipe.delete_adapters(adapter_name)
+    _drop_empty_lora_layers(pipe)
+
+
+def _drop_empty_lora_layers(pipe) -> None:
+    """When no adapter is left, take out the (empty) LoRA layers PEFT keeps around every module it once targeted,
+    so the base model runs as loaded and the next load starts from plain modules (PEFT checks each module against
+    every existing LoRA layer: ~0.5 s more per SDXL load otherwise)."""
+    if not _all_adapter_names(pipe) and any(True for _ in _tuner_layers(pipe)):
+        pipe.unload_lora_weights()
 
 
 def _unload_tokens(pipe, family: ModelFamily, tokens: list[str]) -> None:

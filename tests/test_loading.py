@@ -257,6 +257,7 @@ def test_two_concepts_trained_with_the_same_token_coexist_and_unload_independent
     assert pipe.unload_attndb() == "<dog-b>"  # the only one left: no name needed
     state = _state(pipe)
     assert not any(state["adapters"].values()) and state["active"] == []
+    assert [type(m) for m in pipe.unet.modules()] == [type(m) for m in base.unet.modules()]  # no empty LoRA layers
     for key in ("vocab", "vocab_size", "embeddings", "concepts"):
         _assert_same_state({key: base_state[key]}, {key: state[key]})
     assert abs(generate(pipe, PLAIN) - generate(base, PLAIN)).max() == 0
@@ -267,6 +268,7 @@ def test_unload_after_the_user_deleted_the_lora(adapter, tiny_model):
     token = pipe.load_attndb(adapter)
     pipe.delete_adapters("attndb-dog")
     assert pipe.unload_attndb() == token and token not in pipe.tokenizer.get_vocab()
+    assert [type(m) for m in pipe.unet.modules()] == [type(m) for m in fresh_pipeline(tiny_model).unet.modules()]
 
 
 # ---------------------------------------------------------------------------------------------- refusals
