@@ -120,6 +120,30 @@ def test_pretraining_is_deterministic_and_resumes_bit_identically(tmp_path):
         pretrain(tmp_path / "a", _tiny(learning_rate=1e-4), evaluate=False)
 
 
+def test_a_frozen_text_encoder_stays_at_its_initialisation(tmp_path, capsys):
+    """`--frozen-text-encoder`: the U-Net trains, the text encoder is the seeded one, bit for bit."""
+    from safetensors.torch import load_file
+
+    from attndb_peft.cli import main
+    from attndb_peft.world.model import build_world_pipeline
+
+    config = _tiny(train_text_encoder=False)
+    folder = pretrain(tmp_path / "frozen", config, evaluate=False)
+    initial = build_world_pipeline(config, seed=config.seed)
+    saved = load_file(str(folder / "text_encoder" / "model.safetensors"))
+    expected = initial.text_encoder.state_dict()
+    assert saved and all(torch.equal(saved[k], expected[k]) for k in saved)
+    unet = load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    start = initial.unet.state_dict()
+    assert any(not torch.equal(unet[k].float(), start[k].half().float()) for k in unet)  # the U-Net did train
+    assert json.loads((tmp_path / "frozen" / "settings.json").read_text())["train_text_encoder"] is False
+    # The command line: the tiny run's sizes are no flags, so both calls are refused (exit 2) with the settings
+    # that differ, which include train_text_encoder only without --frozen-text-encoder.
+    argv = ["world", "pretrain", "--output", str(tmp_path / "frozen"), "--steps", "4", "--threads", "1", "--quiet"]
+    assert main(argv) == 2 and "train_text_encoder" in capsys.readouterr().err
+    assert main([*argv, "--frozen-text-encoder"]) == 2 and "train_text_encoder" not in capsys.readouterr().err
+
+
 def test_pretrain_config_rejects_bad_values():
     with pytest.raises(ValueError, match="steps=0"):
         PretrainConfig(steps=0)

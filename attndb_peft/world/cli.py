@@ -271,6 +271,9 @@ def _add_pretrain_parser(sub) -> None:
                    "weights (run again without it to continue).")
     p.add_argument("--no-evaluate", action="store_false", dest="evaluate",
                    help="Skip the held-out evaluation at the end.")
+    p.add_argument("--frozen-text-encoder", action="store_false", dest="train_text_encoder",
+                   help="Keep the text encoder at its seeded initialisation (frozen, as SD's CLIP is) and train the "
+                   "U-Net alone; by default both are trained.")
     _add_common(p)
     p.set_defaults(handler=_cmd_pretrain)
 
@@ -279,7 +282,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from .model import PretrainConfig, pretrain
 
     config = PretrainConfig(
-        seed=args.seed, steps=args.steps, threads=args.threads, checkpoint_every=args.checkpoint_every
+        seed=args.seed,
+        steps=args.steps,
+        threads=args.threads,
+        checkpoint_every=args.checkpoint_every,
+        train_text_encoder=args.train_text_encoder,
     )
     try:
         final = pretrain(args.output, config, evaluate=args.evaluate, stop_after=args.stop_after)

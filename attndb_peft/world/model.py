@@ -109,10 +109,16 @@ class PretrainConfig:
     text_width: int = 64
     text_layers: int = 3
     held_out: int = 30
+    #: False: the text encoder stays at its seeded initialisation (frozen, as SD's CLIP is), so no two words can
+    #: be merged by training; the shipped model trained it (True), and its encoder maps `ball` and `box` to nearly
+    #: the same states (see the README's world section).
+    train_text_encoder: bool = True
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if isinstance(value, bool):
+                continue
             if f.name in ("caption_dropout", "ema_decay"):
                 if not 0 <= value < 1:
                     raise ValueError(f"{f.name}={value}: expected a number in [0, 1).")
@@ -458,11 +464,14 @@ def pretrain(
         logger.info("latent cache: %d pictures, scaling factor %.4f (%.0f s)", len(ids), scaling, log["cache_seconds"])
 
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        params = list(unet.parameters()) + list(text_encoder.parameters())
+        text_encoder.requires_grad_(config.train_text_encoder)
+        trained = [unet, text_encoder] if config.train_text_encoder else [unet]
+        params = [p for model in trained for p in model.parameters()]
         opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config))
-        named = {**{f"unet.{k}": v for k, v in unet.named_parameters()},
-                 **{f"text_encoder.{k}": v for k, v in text_encoder.named_parameters()}}
+        named = {f"unet.{k}": v for k, v in unet.named_parameters()}
+        if config.train_text_encoder:
+            named.update({f"text_encoder.{k}": v for k, v in text_encoder.named_parameters()})
         ema = {k: v.detach().clone() for k, v in named.items()}
         generator = torch.Generator().manual_seed(config.seed)
         torch.manual_seed(config.seed)
@@ -488,7 +497,7 @@ def pretrain(
             logger.info("resuming pretraining at step %d", start_step)
 
         unet.train()
-        text_encoder.train()
+        text_encoder.train(config.train_text_encoder)
         t1 = time.perf_counter()
         total = config.steps
         # with stop_after at or before the checkpoint resumed from, nothing is trained: the pipeline is written
