@@ -42,10 +42,12 @@ __all__ = [
     "BASE_SETTINGS",
     "SHIPPED_DIR",
     "TEXTUAL_INVERSION_LEARNING_RATE",
+    "LatentCache",
     "PretrainConfig",
     "build_world_pipeline",
     "load_world_pipeline",
     "pretrain",
+    "pretrain_loss",
     "save_pipeline",
     "textual_inversion_config",
     "world_config",
@@ -369,6 +371,33 @@ def _encode(vae, pictures: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(means), torch.cat(stds)
 
 
+@dataclass
+class LatentCache:
+    """The pretraining set as the U-Net sees it: each picture's VAE posterior (`means`, `stds`), its caption's
+    token ids, the empty caption's ids (caption dropout) and the latent scaling factor."""
+
+    means: torch.Tensor
+    stds: torch.Tensor
+    ids: torch.Tensor
+    empty: torch.Tensor
+    scaling: float
+
+
+def pretrain_loss(unet, text_encoder, noise_scheduler, cache: LatentCache, config: PretrainConfig, generator):
+    """One pretraining batch's v-prediction loss: `config.batch_size` random pictures of `cache` (latents drawn
+    from their posteriors), captions dropped at `config.caption_dropout`, uniform timesteps; every draw comes from
+    `generator`, in this order (what makes a run reproducible and its resume bit-identical)."""
+    j = torch.randint(0, len(cache.ids), (config.batch_size,), generator=generator)
+    latents = (cache.means[j] + cache.stds[j] * torch.randn(cache.means[j].shape, generator=generator)) * cache.scaling
+    tokens = cache.ids[j].clone()
+    tokens[torch.rand(config.batch_size, generator=generator) < config.caption_dropout] = cache.empty
+    noise = torch.randn(latents.shape, generator=generator)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    target = noise_scheduler.get_velocity(latents, noise, t)
+    return torch.nn.functional.mse_loss(unet(noisy, t, text_encoder(tokens)[0]).sample, target)
+
+
 def _lr_lambda(config: PretrainConfig):
     def f(step: int) -> float:
         warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
@@ -463,6 +492,7 @@ def pretrain(
         log["scaling_factor"] = scaling
         logger.info("latent cache: %d pictures, scaling factor %.4f (%.0f s)", len(ids), scaling, log["cache_seconds"])
 
+        cache = LatentCache(means, stds, ids, empty, scaling)
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         text_encoder.requires_grad_(config.train_text_encoder)
         trained = [unet, text_encoder] if config.train_text_encoder else [unet]
@@ -503,16 +533,7 @@ def pretrain(
         # with stop_after at or before the checkpoint resumed from, nothing is trained: the pipeline is written
         stopped = start_step if stop_after is not None and stop_after <= start_step < total else None
         for step in range(start_step, total if stopped is None else start_step):
-            j = torch.randint(0, len(ids), (config.batch_size,), generator=generator)
-            latents = (means[j] + stds[j] * torch.randn(means[j].shape, generator=generator)) * scaling
-            tokens = ids[j].clone()
-            tokens[torch.rand(config.batch_size, generator=generator) < config.caption_dropout] = empty
-            noise = torch.randn(latents.shape, generator=generator)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
-            noisy = noise_scheduler.add_noise(latents, noise, t)
-            target = noise_scheduler.get_velocity(latents, noise, t)
-            pred = unet(noisy, t, text_encoder(tokens)[0]).sample
-            loss = torch.nn.functional.mse_loss(pred, target)
+            loss = pretrain_loss(unet, text_encoder, noise_scheduler, cache, config, generator)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()

@@ -3,6 +3,8 @@
 Continues the shipped base model's own pretraining run (its step-1,800 checkpoint: raw weights, EMA, AdamW state)
 for `EXTRA` more steps with a warm restart of the rate (200 warm-up steps to `PEAK`, cosine to 5 % of it), and
 scores the EMA weights with `evaluate_base` (30 held-out captions x 3 seeds, default sampler) every `EVERY` steps.
+Run on 2026-11-27 (1 thread, shared CPU) as `probe.py RUN 1500 500 3e-4` and stopped after the +500 point (to free
+the CPU for the frozen-text-encoder pretraining): steps.json holds the two points, step 1,800 and 2,300.
 Not how a base model should be made (`attndb world pretrain --steps N` from scratch is); it asks only whether the
 extra steps move category accuracy, before anyone spends GPU or CPU hours on a longer run.
 
@@ -63,6 +65,7 @@ pictures, ids = M._training_set(config, tokenizer)
 means, stds = M._encode(vae, pictures)
 scaling = vae.config.scaling_factor
 empty = tokenizer([""], padding="max_length", max_length=ids.shape[1], return_tensors="pt").input_ids[0]
+cache = M.LatentCache(means, stds, ids, empty, scaling)
 noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 generator = torch.Generator().manual_seed(config.seed + 1)
 results = {"base_run": str(run), "start_step": start, "extra": EXTRA, "peak_lr": PEAK, "settings": asdict(config),
@@ -92,15 +95,7 @@ score(start)
 t0, i0 = time.time(), 0
 for i in range(EXTRA):
     step = start + i
-    j = torch.randint(0, len(ids), (config.batch_size,), generator=generator)
-    latents = (means[j] + stds[j] * torch.randn(means[j].shape, generator=generator)) * scaling
-    tokens = ids[j].clone()
-    tokens[torch.rand(config.batch_size, generator=generator) < config.caption_dropout] = empty
-    noise = torch.randn(latents.shape, generator=generator)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
-    noisy = noise_scheduler.add_noise(latents, noise, t)
-    loss = torch.nn.functional.mse_loss(unet(noisy, t, text_encoder(tokens)[0]).sample,
-                                        noise_scheduler.get_velocity(latents, noise, t))
+    loss = M.pretrain_loss(unet, text_encoder, noise_scheduler, cache, config, generator)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
