@@ -1,9 +1,11 @@
 """Issue 9 diagnostic: where the shipped world base model's shapes go wrong. The 30 held-out captions x 3 seeds
 at the default sampler (what `evaluate_base` scores), with the category the scorer reads off each picture, per
 asked category and per style; next to it the same captions rendered as ground truth (one render per seed), read
-by the same scorer. Writes confusion.json beside this file."""
+by the same scorer. Writes confusion.json (the shipped model) or confusion_NAME.json (python confusion.py
+PIPELINE_DIR NAME) beside this file."""
 
 import json
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -16,7 +18,9 @@ from attndb_peft.world.model import SHIPPED_DIR, load_world_pipeline
 from attndb_peft.world.scorers import score_image
 
 torch.set_num_threads(1)
-pipe = load_world_pipeline(SHIPPED_DIR)
+folder = Path(sys.argv[1]) if len(sys.argv) > 1 else SHIPPED_DIR
+out_name = f"confusion_{sys.argv[2]}.json" if len(sys.argv) > 2 else "confusion.json"
+pipe = load_world_pipeline(folder)
 pipe.set_progress_bar_config(disable=True)
 _, held = W.split_scenes(30, seed=1)
 prompts = [W.caption(s) for s in held]
@@ -49,5 +53,5 @@ def summary(records):
 
 
 result = {kind: summary(records) for kind, records in rows.items()}
-Path(__file__).with_name("confusion.json").write_text(json.dumps(result, indent=1))
+Path(__file__).with_name(out_name).write_text(json.dumps(result, indent=1))
 print(json.dumps(result, indent=1))
