@@ -191,7 +191,7 @@ def _add_train_parser(sub) -> None:
     )
     p.add_argument(
         "--gradient-checkpointing",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
         dest="gradient_checkpointing",
         help=_config_help("gradient_checkpointing"),

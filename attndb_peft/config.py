@@ -164,16 +164,20 @@ class AttnDBConfig:
             "records the size it used."
         },
     )
-    batch_size: int = field(
-        default=8,
-        metadata={"help": "Images per forward/backward pass (per process); see gradient_accumulation_steps."},
+    batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Images per forward/backward pass (per process); see gradient_accumulation_steps. Default: the "
+            "base model's family: 8 on SD 1.x/2.x (the paper's batch), 2 on SDXL (with 4 accumulated passes: the "
+            "same 8 images per optimizer step)."
+        },
     )
-    gradient_accumulation_steps: int = field(
-        default=1,
+    gradient_accumulation_steps: int | None = field(
+        default=None,
         metadata={
             "help": "Forward/backward passes per optimizer step: the effective batch is batch_size x this x "
             "processes, at the memory of batch_size (e.g. --batch-size 2 --gradient-accumulation-steps 4 trains "
-            "the paper's batch 8)."
+            "the paper's batch 8). Default: 1 on SD 1.x/2.x, 4 on SDXL."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed for data order, noise, timesteps and initialisation."})
@@ -235,8 +239,12 @@ class AttnDBConfig:
             "CPU), no, fp16, bf16."
         },
     )
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Trade compute for memory in the U-Net (low-memory setting)."}
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Trade compute for memory in the U-Net (low-memory setting). Default: off on SD 1.x/2.x, on on "
+            "SDXL (off when compile is on: the two do not combine)."
+        },
     )
     offload_frozen: bool = field(
         default=False,
@@ -320,9 +328,9 @@ class AttnDBConfig:
             raise ConfigError(f"masked_loss must be true or false, got {self.masked_loss!r}.")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise ConfigError(f"resolution must be a positive multiple of 8, got {self.resolution}.")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}.")
-        if self.gradient_accumulation_steps < 1:
+        if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps < 1:
             raise ConfigError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}.")
         if self.stage3_mode not in STAGE3_LEARNING_RATES:
             raise ConfigError(f"stage3_mode must be 'lora' or 'full', got {self.stage3_mode!r}.")
@@ -403,16 +411,33 @@ class AttnDBConfig:
     def stages(self) -> tuple[StageConfig, StageConfig, StageConfig]:
         return (self.stage1, self.stage2, self.stage3)
 
+    @property
+    def model_defaults_missing(self) -> bool:
+        """Whether a setting that defaults to the base model's value is still unset (see `for_model`)."""
+        unset = (self.resolution, self.batch_size, self.gradient_accumulation_steps, self.gradient_checkpointing)
+        return any(v is None for v in unset) or any(s.rank is None for s in (self.stage2, self.stage3))
+
     def for_model(self, family, resolution: int) -> AttnDBConfig:
         """This config with the defaults that depend on the base model filled in: `resolution` (None: the model's
-        own, `resolution` here) and the stage-2/3 LoRA ranks (None: `family.default_lora_rank`). What the user set
+        own, `resolution` here), the stage-2/3 LoRA ranks (None: `family.default_lora_rank`) and the batch and
+        memory setting (None: the family's; gradient checkpointing stays off under `compile`). What the user set
         is kept. The trainer calls it once the U-Net's config is read; attndb_config.json records the result."""
         stages = {
             name: dataclasses.replace(getattr(self, name), rank=family.default_lora_rank)
             for name in ("stage2", "stage3")
             if getattr(self, name).rank is None
         }
-        return dataclasses.replace(self, resolution=self.resolution or resolution, **stages)
+        checkpointing = self.gradient_checkpointing
+        if checkpointing is None:
+            checkpointing = family.default_gradient_checkpointing and not self.compile
+        return dataclasses.replace(
+            self,
+            resolution=self.resolution or resolution,
+            batch_size=self.batch_size or family.default_batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps or family.default_gradient_accumulation_steps,
+            gradient_checkpointing=checkpointing,
+            **stages,
+        )
 
     def with_stage_values(self, steps=None, learning_rates=None, **stage_fields) -> AttnDBConfig:
         """Return a copy with per-stage values replaced.

@@ -231,6 +231,7 @@ def _run_random(output: Path, steps, seed: int, inference_steps: int, started: f
         output=str(adapter),
         resolution=TINY_RESOLUTION,
         batch_size=2,
+        gradient_accumulation_steps=1,  # SDXL's default (4) is for 1024 px on a GPU; this is a few-second smoke run
         seed=seed,
         save_dtype="fp32",
         log_every=5,

@@ -392,6 +392,8 @@ class Trainer:
         if self.accelerator.is_main_process:
             self._prepare_output_dir()
         self.accelerator.wait_for_everyone()
+        self._load_models()
+        cfg = self.config  # every default is known now, even for a model whose configs could not be read above
         accumulation, processes = cfg.gradient_accumulation_steps, self.accelerator.num_processes
         self.result.batch = (
             f"{cfg.batch_size * accumulation * processes} images per optimizer step ({cfg.batch_size} per pass x "
@@ -401,20 +403,20 @@ class Trainer:
             logger.info("Effective batch: %s", self.result.batch)
         if self.accelerator.log_with:
             self.accelerator.init_trackers("attndb", config=tracker_config(cfg))
-        self._load_models()
         self._build_latent_cache()
         self._offload_frozen(keep_text_encoder=True)
         return resume
 
     def _resolve_model_defaults(self, given: dict, unet=None, vae=None) -> AttnDBConfig:
         """Fill in the defaults that depend on the base model (`AttnDBConfig.for_model`): `resolution=None` becomes
-        the model's own size (`families.native_resolution`: 1024 for SDXL, 512 for SD 2.1-base, 768 for SD 2.1)
-        and stage-2/3 `rank=None` the family's LoRA rank. Read from the U-Net and VAE configs alone, before the
+        the model's own size (`families.native_resolution`: 1024 for SDXL, 512 for SD 2.1-base, 768 for SD 2.1),
+        stage-2/3 `rank=None` the family's LoRA rank, and an unset batch/accumulation/checkpointing the family's
+        setting. Read from the U-Net and VAE configs alone, before the
         input checks, so that the checks, `--resume`'s comparison and attndb_config.json all see what is trained.
         A model whose configs cannot be read here is resolved from the loaded models instead (`unet`, `vae`), or
         fails to load with loading's own message. Returns the (possibly replaced) config."""
         cfg = self.config
-        if cfg.resolution is not None and all(s.rank is not None for s in cfg.stages):
+        if not cfg.model_defaults_missing:
             return cfg
         if unet is not None:
             configs = (unet.config, vae.config if vae is not None else None)
@@ -439,6 +441,11 @@ class Trainer:
             if (cfg.stage2.rank, cfg.stage3.rank) != (resolved.stage2.rank, resolved.stage3.rank):
                 logger.info("LoRA ranks (stages 2, 3): %d, %d (the %s default; --ranks to change).",
                             resolved.stage2.rank, resolved.stage3.rank, family.name.upper())
+            if None in (cfg.batch_size, cfg.gradient_accumulation_steps, cfg.gradient_checkpointing):
+                logger.info("Batch %d per pass x %d accumulated, gradient checkpointing %s (the %s default; "
+                            "--batch-size, --gradient-accumulation-steps, --[no-]gradient-checkpointing to change).",
+                            resolved.batch_size, resolved.gradient_accumulation_steps,
+                            "on" if resolved.gradient_checkpointing else "off", family.name.upper())
         return resolved
 
     def _prepare_output_dir(self) -> None:

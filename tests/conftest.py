@@ -24,6 +24,7 @@ from attndb_peft.testing import TINY_RESOLUTION, make_instance_images, save_tiny
 TINY_SETTINGS = dict(
     resolution=TINY_RESOLUTION,
     batch_size=2,
+    gradient_accumulation_steps=1,  # (SDXL's default is 4)
     save_dtype="fp32",
     log_every=1,
     validation_prompts=(),

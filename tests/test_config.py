@@ -24,8 +24,8 @@ def test_paper_defaults_and_lora_learning_rates():
     assert (c.stage1.learning_rate, c.stage2.learning_rate, c.stage3.learning_rate) == (1e-3, 2e-4, 2e-5)
     assert AttnDBConfig(**REQUIRED, stage3_mode="full").stage3.learning_rate == 2e-6
     assert c.token == "<attndb-dog>" and c.prompt == "a photo of a <attndb-dog> dog"
-    # resolution None: the base model's own size (see test_device_paths)
-    assert c.resolution is None and c.batch_size == 8 and c.regularizer == "per_layer"
+    # resolution and batch None: the base model's own size, the family's batch (for_model; SD: the paper's 8)
+    assert c.resolution is None and c.batch_size is None and c.regularizer == "per_layer"
     assert default_token("Teddy  Bear!") == "<attndb-teddy-bear>"
 
 
@@ -211,3 +211,11 @@ def test_for_model_fills_the_family_defaults_and_keeps_what_was_set():
     assert (mine.stage2.rank, mine.stage3.rank) == (8, 16)
     assert AttnDBConfig(**REQUIRED, resolution=768).for_model(SDXL, 1024).resolution == 768
     assert AttnDBConfig.from_dict(sdxl.to_dict()) == sdxl  # attndb_config.json records the filled-in values
+    # the batch and memory setting: the paper's 8 images per step on both, SDXL in 2-image passes, checkpointed
+    setting = ("batch_size", "gradient_accumulation_steps", "gradient_checkpointing")
+    assert [getattr(c, k) for k in setting] == [None, None, None]
+    assert [getattr(sd, k) for k in setting] == [8, 1, False]
+    assert [getattr(sdxl, k) for k in setting] == [2, 4, True]
+    mine = AttnDBConfig(**REQUIRED, batch_size=1, gradient_checkpointing=False).for_model(SDXL, 1024)
+    assert [getattr(mine, k) for k in setting] == [1, 4, False]
+    assert AttnDBConfig(**REQUIRED, compile=True).for_model(SDXL, 1024).gradient_checkpointing is False

@@ -355,12 +355,13 @@ def test_cli_trains_resumes_generates_inspects_and_evaluates_an_sdxl_model(tiny_
     make_instance_images(images, num_images=2, size=48)
     out = tmp_path / "out"
     train = ["train", "--model", str(tiny_sdxl), "--images", str(images), "--category", "dog", "--output", str(out)]
-    settings = ["--batch-size", "1", "--checkpointing-steps", "1", "--quiet"]
+    settings = ["--batch-size", "1", "--gradient-accumulation-steps", "1", "--checkpointing-steps", "1", "--quiet"]
     assert main([*train, *settings, "--steps", "1,1,1"]) == 0
     recorded = json.loads((out / "attndb_config.json").read_text())["settings"]
     configs = [json.loads((tiny_sdxl / part / "config.json").read_text()) for part in ("unet", "vae")]
     assert recorded["resolution"] == native_resolution(*configs)  # no --resolution: the model's own
     assert recorded["stage2"]["rank"] == recorded["stage3"]["rank"] == SDXL.default_lora_rank == 16
+    assert recorded["gradient_checkpointing"] is True  # SDXL's memory default (the batch is set above, for speed)
     one_step = load_file(str(out / LORA_NAME))
     assert main([*train, *settings, "--steps", "1,1,2", "--resume"]) == 0  # one more stage-3 step
     assert json.loads((out / "attndb_config.json").read_text())["settings"]["stage3"]["steps"] == 2
