@@ -495,13 +495,12 @@ def pretrain(
         cache = LatentCache(means, stds, ids, empty, scaling)
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         text_encoder.requires_grad_(config.train_text_encoder)
-        trained = [unet, text_encoder] if config.train_text_encoder else [unet]
-        params = [p for model in trained for p in model.parameters()]
-        opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config))
-        named = {f"unet.{k}": v for k, v in unet.named_parameters()}
+        named = {f"unet.{k}": v for k, v in unet.named_parameters()}  # what is trained (and averaged by the EMA)
         if config.train_text_encoder:
             named.update({f"text_encoder.{k}": v for k, v in text_encoder.named_parameters()})
+        params = list(named.values())
+        opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config))
         ema = {k: v.detach().clone() for k, v in named.items()}
         generator = torch.Generator().manual_seed(config.seed)
         torch.manual_seed(config.seed)
