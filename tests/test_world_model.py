@@ -149,6 +149,99 @@ def test_pretrain_config_rejects_bad_values():
         PretrainConfig(steps=0)
     with pytest.raises(ValueError, match="caption_dropout"):
         PretrainConfig(caption_dropout=1.5)
+    with pytest.raises(ValueError, match="object_loss_weight=-1"):
+        PretrainConfig(object_loss_weight=-1)
+
+
+def test_object_masks_on_the_latent_grid_cover_each_object():
+    from attndb_peft.world.model import _training_set
+
+    config = _tiny(num_images=8)
+    pictures, ids, masks = _training_set(config, world_tokenizer())
+    assert masks.shape == (8, 1, W.SIZE // 2, W.SIZE // 2) and len(ids) == len(pictures) == 8
+    # the same pictures' masks, rendered again from the same seed (the training set draws scenes in order)
+    train, _ = W.split_scenes(config.held_out, seed=1)
+    rng = np.random.default_rng([config.seed, 2])
+    for i in range(8):
+        pixels = torch.from_numpy(W.render(train[i], rng)[1])
+        blocks = pixels.view(W.SIZE // 2, 2, W.SIZE // 2, 2).any(3).any(1)  # latent positions the object touches
+        assert torch.all(masks[i, 0][blocks] > 0) and torch.all((masks[i, 0] > 0) >= blocks)
+        assert 0 <= masks.min() and masks.max() <= 1
+        # one latent position of widening: nothing two positions away from the object is weighted
+        far = ~torch.nn.functional.max_pool2d(blocks[None, None].float(), 5, 1, 2)[0, 0].bool()
+        assert torch.all(masks[i, 0][far] == 0)
+
+
+def test_the_object_weighted_loss_is_the_weighted_mean_of_the_squared_error():
+    """`pretrain_loss` against the formula, with the batch's draws redone by hand in the documented order."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from attndb_peft.world.model import LatentCache, pretrain_loss
+
+    torch.manual_seed(0)
+    n, side = 5, W.SIZE // 2
+    means, stds = torch.randn(n, 4, side, side), 0.1 * torch.rand(n, 4, side, side)
+    ids, empty = torch.randint(1, 9, (n, 16)), torch.zeros(16, dtype=torch.long)
+    masks = (torch.rand(n, 1, side, side) > 0.6).float() * torch.rand(n, 1, side, side)
+    cache = LatentCache(means, stds, ids, empty, 0.9, masks)
+    scheduler = DDPMScheduler(prediction_type="v_prediction")
+
+    class Unet:  # a known function of its inputs in place of the U-Net
+        device = torch.device("cpu")
+
+        def __call__(self, noisy, t, states):
+            return SimpleNamespace(sample=0.5 * noisy + states.mean())
+
+    unet = Unet()
+
+    def text_encoder(tokens):
+        return (tokens.float(),)
+
+    def by_hand(weight: float) -> torch.Tensor:
+        g = torch.Generator().manual_seed(3)
+        j = torch.randint(0, n, (3,), generator=g)
+        latents = (means[j] + stds[j] * torch.randn(means[j].shape, generator=g)) * 0.9
+        tokens = ids[j].clone()
+        tokens[torch.rand(3, generator=g) < 0.1] = empty
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, 1000, (3,), generator=g)
+        a = scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+        b = (1 - scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+        error = (0.5 * (a * latents + b * noise) + tokens.float().mean() - (a * noise - b * latents)) ** 2
+        w = (1 + weight * masks[j]).expand_as(error)
+        return (w * error).sum() / w.sum()
+
+    for weight in (0.0, 4.0):
+        config = PretrainConfig(batch_size=3, caption_dropout=0.1, object_loss_weight=weight)
+        loss = pretrain_loss(unet, text_encoder, scheduler, cache, config, torch.Generator().manual_seed(3))
+        assert torch.allclose(loss, by_hand(weight), rtol=1e-5), weight
+    assert not torch.allclose(by_hand(0.0), by_hand(4.0), rtol=1e-3)  # the weight does change the loss
+    with pytest.raises(ValueError, match="masks"):
+        pretrain_loss(unet, text_encoder, scheduler, LatentCache(means, stds, ids, empty, 0.9), config,
+                      torch.Generator().manual_seed(3))
+
+
+def test_pretrain_takes_the_object_loss_weight_from_the_command_line(tmp_path, capsys):
+    from attndb_peft.cli import main
+
+    plain = pretrain(tmp_path / "plain", _tiny(), evaluate=False)
+    weighted = pretrain(tmp_path / "weighted", _tiny(object_loss_weight=4.0), evaluate=False)
+    from safetensors.torch import load_file
+
+    name = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(plain / name)), load_file(str(weighted / name))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "weighted" / "settings.json").read_text())["object_loss_weight"] == 4.0
+    # the flag reaches the settings: the tiny run's sizes are no flags, so this is refused naming what differs,
+    # and object_loss_weight is not among them
+    argv = ["world", "pretrain", "--output", str(tmp_path / "weighted"), "--steps", "4", "--threads", "1", "--quiet"]
+    assert main([*argv, "--object-loss-weight", "4"]) == 2 and "object_loss_weight" not in capsys.readouterr().err
+    assert main(argv) == 2 and "object_loss_weight" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--object-loss-weight", "-2"])
+    assert "--object-loss-weight" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (SHIPPED_DIR / "model_index.json").is_file(), reason="shipped world model not built")
@@ -164,3 +257,15 @@ def test_base_folder_loads_with_stock_diffusers_and_carries_the_recipe(tmp_path)
     assert config.resolution == W.SIZE and config.model == str(out.resolve())
     with pytest.raises(FileExistsError, match="not an empty folder"):
         write_base(out)
+
+
+@pytest.mark.parametrize("device", ["foo", "cuda"])
+def test_pretrain_refuses_a_device_it_cannot_use(tmp_path, capsys, device):
+    from attndb_peft.cli import main
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["world", "pretrain", "--output", str(tmp_path / "run"), "--device", device])
+    assert exit_info.value.code == 2
+    assert f"--device: '{device}'" in capsys.readouterr().err and not (tmp_path / "run").exists()

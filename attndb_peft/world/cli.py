@@ -274,8 +274,37 @@ def _add_pretrain_parser(sub) -> None:
     p.add_argument("--frozen-text-encoder", action="store_false", dest="train_text_encoder",
                    help="Keep the text encoder at its seeded initialisation (frozen, as SD's CLIP is) and train the "
                    "U-Net alone; by default both are trained.")
+    p.add_argument("--object-loss-weight", type=_non_negative_float, default=defaults.object_loss_weight,
+                   dest="object_loss_weight", metavar="W",
+                   help="Extra loss weight on the object's latent positions (1 + W there, 1 elsewhere), so its "
+                   f"shape is learnt before the backgrounds' speckles. Default {defaults.object_loss_weight}.")
+    p.add_argument("--device", default="cpu", type=_torch_device,
+                   help="Where to train: cpu (default) or a torch device such as cuda. The random draws stay on the "
+                   "CPU, so the batches are the same anywhere; the weights differ across devices in rounding.")
     _add_common(p)
     p.set_defaults(handler=_cmd_pretrain)
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a non-negative number, e.g. 4")
+    return value
+
+
+def _torch_device(text: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a torch device; use cpu or cuda (cuda:0, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this torch ({torch.__version__}) sees no CUDA GPU; use cpu")
+    return text
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -287,9 +316,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         threads=args.threads,
         checkpoint_every=args.checkpoint_every,
         train_text_encoder=args.train_text_encoder,
+        object_loss_weight=args.object_loss_weight,
     )
     try:
-        final = pretrain(args.output, config, evaluate=args.evaluate, stop_after=args.stop_after)
+        final = pretrain(args.output, config, evaluate=args.evaluate, stop_after=args.stop_after, device=args.device)
     except ValueError as exc:  # another run's settings in --output
         raise _usage_error(f"--output {exc}") from None
     print(final)

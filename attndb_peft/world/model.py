@@ -115,6 +115,11 @@ class PretrainConfig:
     #: be merged by training; the shipped model trained it (True), and its encoder maps `ball` and `box` to nearly
     #: the same states (see the README's world section).
     train_text_encoder: bool = True
+    #: Extra loss weight on the object: each latent position's squared error counts `1 + object_loss_weight * m`,
+    #: `m` the object's share of it (its mask averaged to the latent grid and widened by one position, so a corner
+    #: drawn where there is none counts too). The object is a quarter of a picture and the backgrounds' random
+    #: speckles dominate a plain MSE, so shape (a box's corners) is learnt last; 0 is a plain MSE.
+    object_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -124,10 +129,10 @@ class PretrainConfig:
             if f.name in ("caption_dropout", "ema_decay"):
                 if not 0 <= value < 1:
                     raise ValueError(f"{f.name}={value}: expected a number in [0, 1).")
-            elif f.name == "seed":
+            elif f.name in ("seed", "object_loss_weight", "warmup_steps"):
                 if value < 0:
-                    raise ValueError(f"seed={value}: expected a non-negative integer.")
-            elif value <= 0 and f.name != "warmup_steps":
+                    raise ValueError(f"{f.name}={value}: expected a non-negative number.")
+            elif value <= 0:
                 raise ValueError(f"{f.name}={value}: expected a positive number.")
 
 
@@ -333,8 +338,9 @@ def _train_vae(vae, config: PretrainConfig, log: dict) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - 0.9 * s / config.vae_steps)
     vae.train()
     start = time.perf_counter()
+    device = vae.device
     for step in range(config.vae_steps):
-        x = pictures[torch.randint(0, len(pictures), (config.vae_batch_size,))]
+        x = pictures[torch.randint(0, len(pictures), (config.vae_batch_size,))].to(device)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
@@ -349,53 +355,71 @@ def _train_vae(vae, config: PretrainConfig, log: dict) -> None:
     log["vae_seconds"] = round(time.perf_counter() - start, 1)
 
 
-def _training_set(config: PretrainConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+def _training_set(config: PretrainConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pretraining pictures (`[N, 3, 32, 32]` in [-1, 1]), their captions' token ids and the objects' masks
+    on the latent grid (`[N, 1, 16, 16]`, see `PretrainConfig.object_loss_weight`)."""
     train, _ = W.split_scenes(config.held_out, seed=1)
     rng = np.random.default_rng([config.seed, 2])
-    images, ids = [], []
+    images, masks, ids = [], [], []
     for i in range(config.num_images):
         scene = train[i % len(train)]
-        images.append(W.render(scene, rng)[0])
+        image, mask = W.render(scene, rng)
+        images.append(image)
+        masks.append(mask)
         ids.append(W.caption(scene))
     tok = tokenizer(ids, padding="max_length", max_length=_MAX_LENGTH, truncation=True, return_tensors="pt")
-    return _to_tensor(images), tok.input_ids
+    share = torch.nn.functional.avg_pool2d(torch.from_numpy(np.stack(masks)).float()[:, None], 2)
+    return _to_tensor(images), tok.input_ids, torch.nn.functional.max_pool2d(share, 3, stride=1, padding=1)
 
 
 @torch.no_grad()
 def _encode(vae, pictures: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     means, stds = [], []
     for i in range(0, len(pictures), 256):
-        dist = vae.encode(pictures[i : i + 256]).latent_dist
-        means.append(dist.mean)
-        stds.append(dist.std)
+        dist = vae.encode(pictures[i : i + 256].to(vae.device)).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
     return torch.cat(means), torch.cat(stds)
 
 
 @dataclass
 class LatentCache:
     """The pretraining set as the U-Net sees it: each picture's VAE posterior (`means`, `stds`), its caption's
-    token ids, the empty caption's ids (caption dropout) and the latent scaling factor."""
+    token ids, the empty caption's ids (caption dropout), the latent scaling factor and, for an object-weighted
+    loss, the objects' masks on the latent grid (`_training_set`)."""
 
     means: torch.Tensor
     stds: torch.Tensor
     ids: torch.Tensor
     empty: torch.Tensor
     scaling: float
+    masks: torch.Tensor | None = None
 
 
 def pretrain_loss(unet, text_encoder, noise_scheduler, cache: LatentCache, config: PretrainConfig, generator):
     """One pretraining batch's v-prediction loss: `config.batch_size` random pictures of `cache` (latents drawn
     from their posteriors), captions dropped at `config.caption_dropout`, uniform timesteps; every draw comes from
-    `generator`, in this order (what makes a run reproducible and its resume bit-identical)."""
+    `generator`, in this order (what makes a run reproducible and its resume bit-identical); the cache and the
+    draws stay on the CPU, the batch then goes to the U-Net's device. With
+    `config.object_loss_weight`, positions on the object weigh more (the weights' mean is divided out, so the loss
+    keeps a plain MSE's scale)."""
     j = torch.randint(0, len(cache.ids), (config.batch_size,), generator=generator)
     latents = (cache.means[j] + cache.stds[j] * torch.randn(cache.means[j].shape, generator=generator)) * cache.scaling
     tokens = cache.ids[j].clone()
     tokens[torch.rand(config.batch_size, generator=generator) < config.caption_dropout] = cache.empty
     noise = torch.randn(latents.shape, generator=generator)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+    device = unet.device
+    latents, noise, t, tokens = latents.to(device), noise.to(device), t.to(device), tokens.to(device)
     noisy = noise_scheduler.add_noise(latents, noise, t)
     target = noise_scheduler.get_velocity(latents, noise, t)
-    return torch.nn.functional.mse_loss(unet(noisy, t, text_encoder(tokens)[0]).sample, target)
+    prediction = unet(noisy, t, text_encoder(tokens)[0]).sample
+    if not config.object_loss_weight:
+        return torch.nn.functional.mse_loss(prediction, target)
+    if cache.masks is None:
+        raise ValueError("object_loss_weight needs the cache's object masks (LatentCache.masks).")
+    weight = (1.0 + config.object_loss_weight * cache.masks[j].to(device)).expand_as(prediction)
+    return (weight * (prediction - target) ** 2).mean() / weight.mean()
 
 
 def _lr_lambda(config: PretrainConfig):
@@ -431,6 +455,7 @@ def pretrain(
     config: PretrainConfig | None = None,
     evaluate: bool = True,
     stop_after: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> Path | None:
     """Pretrain the world base model into `output` (see the module docstring); resumes from `output/checkpoint`.
 
@@ -441,6 +466,9 @@ def pretrain(
         stop_after (`int`, *optional*): stop at the first checkpoint at or after this step (or at the checkpoint
             resumed from, if it is past it) and write the pipeline of the EMA weights there (`steps_done` in
             `pretrain.json` says which); running again without it continues the same run.
+        device (`str`, *optional*): where the models train ("cuda" on a GPU). Every random draw is made on the CPU,
+            so a run's batches are the same on any device; its weights are not bit-identical across devices (a
+            resume is, on the same one). Recorded in `pretrain.json`.
 
     Returns:
         `Path`: the pipeline folder `output/pipeline`.
@@ -467,9 +495,9 @@ def pretrain(
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        pipe = build_world_pipeline(config, seed=config.seed)
+        pipe = build_world_pipeline(config, seed=config.seed).to(device)
         unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-        log: dict = {"settings": asdict(config), "torch": torch.__version__}
+        log: dict = {"settings": asdict(config), "torch": torch.__version__, "device": str(device)}
         started = time.perf_counter()
 
         vae_file = output / "vae.safetensors"
@@ -483,7 +511,7 @@ def pretrain(
             write_json_atomic(output / "vae.json", {k: log[k] for k in ("vae_loss", "vae_seconds")})
 
         t0 = time.perf_counter()
-        pictures, ids = _training_set(config, tokenizer)
+        pictures, ids, masks = _training_set(config, tokenizer)
         means, stds = _encode(vae, pictures)
         scaling = float(1.0 / means.std())
         vae.register_to_config(scaling_factor=scaling)
@@ -492,7 +520,7 @@ def pretrain(
         log["scaling_factor"] = scaling
         logger.info("latent cache: %d pictures, scaling factor %.4f (%.0f s)", len(ids), scaling, log["cache_seconds"])
 
-        cache = LatentCache(means, stds, ids, empty, scaling)
+        cache = LatentCache(means, stds, ids, empty, scaling, masks)
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         text_encoder.requires_grad_(config.train_text_encoder)
         named = {f"unet.{k}": v for k, v in unet.named_parameters()}  # what is trained (and averaged by the EMA)
@@ -510,7 +538,7 @@ def pretrain(
             state = read_json(ckpt / "state.json")
             unet.load_state_dict(load_file(str(ckpt / "unet.safetensors")))
             text_encoder.load_state_dict(load_file(str(ckpt / "text_encoder.safetensors")))
-            ema = load_file(str(ckpt / "ema.safetensors"))
+            ema = load_file(str(ckpt / "ema.safetensors"), device=str(unet.device))
             load_optimizer_state(
                 opt, load_file(str(ckpt / "optimizer.safetensors")), read_json(ckpt / "optimizer.json")
             )
@@ -518,7 +546,7 @@ def pretrain(
             generator.set_state(rng["generator"])
             torch.set_rng_state(rng["torch"])
             start_step = int(state["step"])
-            log = state["log"]
+            log = {**state["log"], "device": str(device)}
             with warnings.catch_warnings():  # fast-forwarding the schedule before any optimizer step is the point
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
                 for _ in range(start_step):
@@ -574,7 +602,8 @@ def pretrain(
         if evaluate:
             from .evaluation import evaluate_base
 
-            log["evaluation"] = evaluate_base(load_world_pipeline(final))  # what ships: fp16-stored weights
+            # what ships: the fp16-stored weights
+            log["evaluation"] = evaluate_base(load_world_pipeline(final, device=str(device)))
             write_json_atomic(output / "evaluation.json", log["evaluation"])
         write_json_atomic(output / "pretrain.json", log)
         (final / "pretrain.json").write_text(json.dumps(log, indent=1), encoding="utf-8")

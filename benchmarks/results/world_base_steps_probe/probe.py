@@ -9,10 +9,15 @@ Not how a base model should be made (`attndb world pretrain --steps N` from scra
 extra steps move category accuracy, before anyone spends GPU or CPU hours on a longer run.
 
 Usage: python probe.py RUN_DIR [EXTRA] [EVERY] [PEAK]   (RUN_DIR: an `attndb world pretrain` folder)
+Environment: THREADS (1), OBJECT_WEIGHT (the continuation's `object_loss_weight`; default the run's own),
+OUT (the results file; default steps.json beside this script), SCORE_START=0 to skip scoring the starting point.
+The text encoder trains only if the run trained it.
+Also run on 2026-11-28 on the frozen-text-encoder run with OBJECT_WEIGHT=4 (object_weight.json).
 """
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -31,10 +36,12 @@ EXTRA = int(sys.argv[2]) if len(sys.argv) > 2 else 1500
 EVERY = int(sys.argv[3]) if len(sys.argv) > 3 else 500
 PEAK = float(sys.argv[4]) if len(sys.argv) > 4 else 3e-4
 KEYS = ("context", "style", "colour", "category")
-out_file = Path(__file__).with_name("steps.json")
+out_file = Path(__file__).with_name(os.environ.get("OUT", "steps.json"))
 
-torch.set_num_threads(int(__import__("os").environ.get("THREADS", "1")))
+torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 config = M.PretrainConfig(**read_json(run / "settings.json"))
+if "OBJECT_WEIGHT" in os.environ:
+    config.object_loss_weight = float(os.environ["OBJECT_WEIGHT"])
 pipe = M.load_world_pipeline(run / "pipeline")
 pipe.set_progress_bar_config(disable=True)
 unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
@@ -44,9 +51,10 @@ start = int(state["step"])
 unet.load_state_dict(load_file(str(ckpt / "unet.safetensors")))
 text_encoder.load_state_dict(load_file(str(ckpt / "text_encoder.safetensors")))
 ema = load_file(str(ckpt / "ema.safetensors"))
-named = {**{f"unet.{k}": v for k, v in unet.named_parameters()},
-         **{f"text_encoder.{k}": v for k, v in text_encoder.named_parameters()}}
-params = list(unet.parameters()) + list(text_encoder.parameters())
+named = {f"unet.{k}": v for k, v in unet.named_parameters()}
+if config.train_text_encoder:
+    named.update({f"text_encoder.{k}": v for k, v in text_encoder.named_parameters()})
+params = list(named.values())
 for p in params:
     p.requires_grad_(True)
 opt = torch.optim.AdamW(params, lr=PEAK, weight_decay=0.0)
@@ -61,11 +69,11 @@ def rate(step):
 
 
 sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
-pictures, ids = M._training_set(config, tokenizer)
+pictures, ids, masks = M._training_set(config, tokenizer)
 means, stds = M._encode(vae, pictures)
 scaling = vae.config.scaling_factor
 empty = tokenizer([""], padding="max_length", max_length=ids.shape[1], return_tensors="pt").input_ids[0]
-cache = M.LatentCache(means, stds, ids, empty, scaling)
+cache = M.LatentCache(means, stds, ids, empty, scaling, masks)
 noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 generator = torch.Generator().manual_seed(config.seed + 1)
 results = {"base_run": str(run), "start_step": start, "extra": EXTRA, "peak_lr": PEAK, "settings": asdict(config),
@@ -77,13 +85,13 @@ def score(step):
     with torch.no_grad():
         for k, v in named.items():
             v.copy_(ema[k])
-    unet.eval(), text_encoder.eval()
+    unet.eval()
     t = time.time()
     result = evaluate_base(pipe)
     with torch.no_grad():
         for k, v in named.items():
             v.copy_(raw[k])
-    unet.train(), text_encoder.train()
+    unet.train()
     point = {"step": step, "held_out": {k: result["held_out"][k] for k in KEYS},
              "train": {k: result["train"][k] for k in KEYS}, "eval_seconds": round(time.time() - t)}
     results["points"].append(point)
@@ -91,7 +99,8 @@ def score(step):
     print(point, flush=True)
 
 
-score(start)
+if os.environ.get("SCORE_START", "1") != "0":
+    score(start)
 t0, i0 = time.time(), 0
 for i in range(EXTRA):
     step = start + i
