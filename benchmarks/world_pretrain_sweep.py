@@ -2,12 +2,15 @@
 
 Each variant is one `attndb world pretrain` run (`world.model.pretrain`, the command's own code) with a few settings
 changed from the defaults, scored by its own `evaluation.json` (30 held-out captions x 3 seeds at the default
-sampler). On the 2-core CPU one variant takes about an hour; on a GPU a few minutes, which is what this script is
-for: a lent device runs the sweep in one call.
+sampler) and by what the base is for, personalization: a short attndb run on concept 11 and the concept in every
+context (`world.evaluation.evaluate_personalization`; the shipped model keeps the context in 14 of 15 pictures,
+the frozen-encoder, object-weighted candidate in 4). On the 2-core CPU one variant takes about 80 minutes; on a GPU
+a few minutes (an estimate, not measured yet), which is what this script is for: a lent device runs the sweep in
+one or two calls.
 
-    python benchmarks/world_pretrain_sweep.py --tiny --out /tmp/sweep          # CPU, about a minute: the plumbing
+    python benchmarks/world_pretrain_sweep.py --tiny --out /tmp/sweep          # CPU, ~2 min a variant: the plumbing
     python benchmarks/world_pretrain_sweep.py --device cuda --out sweep         # every variant below
-    python benchmarks/world_pretrain_sweep.py --device cuda --only frozen_obj4 frozen_obj4_w128 --out sweep
+    python benchmarks/world_pretrain_sweep.py --device cuda --only joint_obj4 joint_obj1 --out sweep
 
 On a device machine without diffusers, carry its wheel (see the device tool's README) and run from the repository
 root with `PYTHONPATH=.`. Results: `OUT/sweep.json` (settings, device, seconds and held-out/training scores per
@@ -26,17 +29,22 @@ from pathlib import Path
 
 import torch
 
+from attndb_peft.world.evaluation import evaluate_personalization
 from attndb_peft.world.model import PretrainConfig, pretrain
 
-#: name -> settings changed from `PretrainConfig()` (the shipped recipe). Frozen text encoder: SD keeps CLIP frozen,
-#: and the jointly trained one merged `ball` and `box`; the object weight puts the loss on the shape; width and
-#: steps are the capacity and training the CPU could not afford.
+#: name -> settings changed from `PretrainConfig()` (the shipped recipe), most promising first. Frozen text encoder:
+#: SD keeps CLIP frozen, and the jointly trained one merged `ball` and `box`; the object weight puts the loss on the
+#: shape (and, at 4 with a frozen encoder, cost personalised prompts their context); width and steps are the
+#: capacity and training the CPU could not afford.
 VARIANTS: dict[str, dict] = {
+    "joint_obj4": {"object_loss_weight": 4.0},
+    "joint_obj1": {"object_loss_weight": 1.0},
+    "frozen_obj1": {"train_text_encoder": False, "object_loss_weight": 1.0},
+    "joint_obj1_w128": {"object_loss_weight": 1.0, "unet_width": 128},
+    "joint_obj1_6k": {"object_loss_weight": 1.0, "steps": 6000},
     "shipped": {},
     "frozen": {"train_text_encoder": False},
     "frozen_obj4": {"train_text_encoder": False, "object_loss_weight": 4.0},
-    "frozen_obj4_w128": {"train_text_encoder": False, "object_loss_weight": 4.0, "unet_width": 128},
-    "frozen_obj4_6k": {"train_text_encoder": False, "object_loss_weight": 4.0, "steps": 6000},
 }
 #: --tiny: the sizes of the unit tests' runs (seconds on a CPU; the scores mean nothing).
 TINY = dict(steps=4, batch_size=4, num_images=24, vae_steps=2, vae_images=16, vae_batch_size=4, checkpoint_every=2,
@@ -66,8 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
         # --tiny overrides the variant's sizes too (its steps and width), so every variant takes seconds
         config = PretrainConfig(seed=args.seed, **{**VARIANTS[name], **(TINY if args.tiny else {})})
         start = time.perf_counter()
-        pretrain(args.out / name, config, evaluate=True, device=args.device)
+        folder = pretrain(args.out / name, config, evaluate=True, device=args.device)
         log = json.loads((args.out / name / "pretrain.json").read_text())
+        personalization = evaluate_personalization(folder, steps=(2, 2, 2) if args.tiny else (30, 40, 80))
         evaluation = log["evaluation"]
         variants[name] = {
             "settings": asdict(config),
@@ -76,10 +85,12 @@ def main(argv: list[str] | None = None) -> dict:
             "unet_seconds": log.get("unet_seconds"),
             "held_out": {k: evaluation["held_out"][k] for k in KEYS},
             "train": {k: evaluation["train"][k] for k in KEYS},
+            "personalization": {k: personalization[k] for k in ("context_ok", "present", "identity_ok")},
             "finished": True,
         }
         summary_file.write_text(json.dumps(summary, indent=1))
-        print(name, json.dumps({k: variants[name][k] for k in ("seconds", "held_out", "train")}), flush=True)
+        print(name, json.dumps({k: variants[name][k] for k in ("seconds", "held_out", "personalization")}),
+              flush=True)
     return summary
 
 

@@ -34,26 +34,11 @@ def test_shipped_base_model_composes_held_out_captions():
 
 
 @pytest.mark.slow
-def test_a_short_attndb_run_learns_a_world_concept(tmp_path):
-    from attndb_peft.trainer import Trainer
-    from attndb_peft.world.cli import concept_folder
-    from attndb_peft.world.model import world_config, write_base
+def test_a_short_attndb_run_learns_a_world_concept():
+    from attndb_peft.world.evaluation import evaluate_personalization
 
-    base = write_base(tmp_path / "base")
-    concept = W.make_concept(11)
-    concept_folder(11, tmp_path / "photos")
-    config = world_config(
-        model=str(base), images=str(tmp_path / "photos"), category=concept.category, output=str(tmp_path / "out"),
-        validation_prompts=(),
-    ).with_stage_values(steps=(30, 40, 80))
-    Trainer(config).run()
-    pipe = load_world_pipeline(base)
-    token = pipe.load_attndb(str(tmp_path / "out"))
-    scenes = [W.Scene(concept.category, None, ctx) for ctx in W.CONTEXTS]
-    seeds = (0, 100, 200)
-    images = [img for seed in seeds for img in generate(pipe, [W.caption(s, token) for s in scenes], seed=seed)]
-    records = [score_image(img, s, concept) for img, s in zip(images, scenes * len(seeds))]
-    summary = summarize(records)
+    summary = evaluate_personalization(SHIPPED_DIR, concept_seed=11, steps=(30, 40, 80))
+    assert summary["num_images"] == 15
     # chance: context 1/6, presence of the right category 1/3 (the base model draws the caption's category in
     # 69 % of held-out pictures, so a concept's presence sits near that, not near 1)
     assert summary["present"] > 0.4, summary

@@ -99,13 +99,14 @@ def _tiny(**kw) -> PretrainConfig:
     return PretrainConfig(**{**settings, **kw})
 
 
-def test_pretraining_is_deterministic_and_resumes_bit_identically(tmp_path):
-    straight = pretrain(tmp_path / "a", _tiny(), evaluate=False)
+@pytest.mark.parametrize("train_text_encoder", [False, True], ids=["default", "text-encoder-trained"])
+def test_pretraining_is_deterministic_and_resumes_bit_identically(tmp_path, train_text_encoder):
+    straight = pretrain(tmp_path / "a", _tiny(train_text_encoder=train_text_encoder), evaluate=False)
     # the same run, stopped after its first checkpoint (step 2) and resumed
-    early = pretrain(tmp_path / "b", _tiny(), evaluate=False, stop_after=2)
+    early = pretrain(tmp_path / "b", _tiny(train_text_encoder=train_text_encoder), evaluate=False, stop_after=2)
     assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 2
     assert json.loads((early / "pretrain.json").read_text())["steps_done"] == 2
-    resumed = pretrain(tmp_path / "b", _tiny(), evaluate=False)
+    resumed = pretrain(tmp_path / "b", _tiny(train_text_encoder=train_text_encoder), evaluate=False)
     from safetensors.torch import load_file
 
     for part in ("unet", "text_encoder"):
@@ -117,7 +118,21 @@ def test_pretraining_is_deterministic_and_resumes_bit_identically(tmp_path):
     log = json.loads((tmp_path / "a" / "pretrain.json").read_text())
     assert log["settings"]["steps"] == 4 and log["unet_loss"][-1][0] == 4 and log["steps_done"] == 4
     with pytest.raises(ValueError, match="other settings"):
-        pretrain(tmp_path / "a", _tiny(learning_rate=1e-4), evaluate=False)
+        pretrain(tmp_path / "a", _tiny(learning_rate=1e-4, train_text_encoder=train_text_encoder), evaluate=False)
+
+
+def test_a_run_started_before_a_setting_existed_resumes_with_the_old_behaviour(tmp_path):
+    """A run folder whose settings.json predates `train_text_encoder` and `object_loss_weight` was trained with the
+    text encoder and a plain MSE: resuming it with today's defaults would silently change its recipe."""
+    from dataclasses import asdict
+
+    old = _tiny(train_text_encoder=True, object_loss_weight=0.0)
+    settings = {k: v for k, v in asdict(old).items() if k not in ("train_text_encoder", "object_loss_weight")}
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "settings.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match="object_loss_weight, train_text_encoder"):
+        pretrain(tmp_path / "old", _tiny(train_text_encoder=False, object_loss_weight=4.0), evaluate=False)
+    assert pretrain(tmp_path / "old", old, evaluate=False).is_dir()
 
 
 def test_a_frozen_text_encoder_stays_at_its_initialisation(tmp_path, capsys):
@@ -137,11 +152,12 @@ def test_a_frozen_text_encoder_stays_at_its_initialisation(tmp_path, capsys):
     start = initial.unet.state_dict()
     assert any(not torch.equal(unet[k].float(), start[k].half().float()) for k in unet)  # the U-Net did train
     assert json.loads((tmp_path / "frozen" / "settings.json").read_text())["train_text_encoder"] is False
-    # The command line: the tiny run's sizes are no flags, so both calls are refused (exit 2) with the settings
-    # that differ, which include train_text_encoder only without --frozen-text-encoder.
+    # The command line: the tiny run's sizes are no flags, so every call is refused (exit 2) with the settings
+    # that differ, which include train_text_encoder only without --frozen-text-encoder (training it is the default).
     argv = ["world", "pretrain", "--output", str(tmp_path / "frozen"), "--steps", "4", "--threads", "1", "--quiet"]
     assert main(argv) == 2 and "train_text_encoder" in capsys.readouterr().err
     assert main([*argv, "--frozen-text-encoder"]) == 2 and "train_text_encoder" not in capsys.readouterr().err
+    assert main([*argv, "--train-text-encoder"]) == 2 and "train_text_encoder" in capsys.readouterr().err
 
 
 def test_pretrain_config_rejects_bad_values():
@@ -226,18 +242,19 @@ def test_the_object_weighted_loss_is_the_weighted_mean_of_the_squared_error():
 def test_pretrain_takes_the_object_loss_weight_from_the_command_line(tmp_path, capsys):
     from attndb_peft.cli import main
 
-    plain = pretrain(tmp_path / "plain", _tiny(), evaluate=False)
-    weighted = pretrain(tmp_path / "weighted", _tiny(object_loss_weight=4.0), evaluate=False)
+    assert PretrainConfig().object_loss_weight == 0.0  # the shipped model's recipe: a plain MSE
+    plain = pretrain(tmp_path / "plain", _tiny(object_loss_weight=0.0), evaluate=False)
+    weighted = pretrain(tmp_path / "weighted", _tiny(object_loss_weight=2.5), evaluate=False)
     from safetensors.torch import load_file
 
     name = "unet/diffusion_pytorch_model.safetensors"
     a, b = load_file(str(plain / name)), load_file(str(weighted / name))
     assert any(not torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((tmp_path / "weighted" / "settings.json").read_text())["object_loss_weight"] == 4.0
+    assert json.loads((tmp_path / "weighted" / "settings.json").read_text())["object_loss_weight"] == 2.5
     # the flag reaches the settings: the tiny run's sizes are no flags, so this is refused naming what differs,
     # and object_loss_weight is not among them
     argv = ["world", "pretrain", "--output", str(tmp_path / "weighted"), "--steps", "4", "--threads", "1", "--quiet"]
-    assert main([*argv, "--object-loss-weight", "4"]) == 2 and "object_loss_weight" not in capsys.readouterr().err
+    assert main([*argv, "--object-loss-weight", "2.5"]) == 2 and "object_loss_weight" not in capsys.readouterr().err
     assert main(argv) == 2 and "object_loss_weight" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*argv, "--object-loss-weight", "-2"])

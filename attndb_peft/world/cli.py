@@ -253,10 +253,10 @@ def _add_pretrain_parser(sub) -> None:
         "pretrain",
         help="Pretrain a world base model from scratch (the shipped one came from this command).",
         description="Train the world's VAE, then its U-Net and CLIP text encoder on captioned world scenes "
-        "(v-prediction, zero terminal SNR, caption dropout, EMA), deterministic from --seed for a given torch "
-        "build and thread count. Checkpoints every --checkpoint-every steps; the same command on the same --output "
+        "(v-prediction, zero terminal SNR, caption dropout, EMA), deterministic from --seed for a given torch build "
+        "and thread count. Checkpoints every --checkpoint-every steps; the same command on the same --output "
         "resumes. Writes DIR/pipeline (a diffusers folder), DIR/pretrain.json and DIR/evaluation.json (held-out "
-        "caption scores). The defaults took about 2 hours on 2 busy CPU cores (VAE 15 min, U-Net ~3 s a step).",
+        "caption scores). The defaults take about 75 minutes on 2 idle CPU cores (VAE 15 min, U-Net ~2 s a step).",
     )
     p.add_argument("--output", metavar="DIR", required=True, help="Folder for the run (resumed if it exists).")
     p.add_argument("--seed", type=_seed, default=defaults.seed, help=f"Seed. Default {defaults.seed}.")
@@ -271,9 +271,13 @@ def _add_pretrain_parser(sub) -> None:
                    "weights (run again without it to continue).")
     p.add_argument("--no-evaluate", action="store_false", dest="evaluate",
                    help="Skip the held-out evaluation at the end.")
-    p.add_argument("--frozen-text-encoder", action="store_false", dest="train_text_encoder",
-                   help="Keep the text encoder at its seeded initialisation (frozen, as SD's CLIP is) and train the "
-                   "U-Net alone; by default both are trained.")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--frozen-text-encoder", action="store_false", dest="train_text_encoder",
+                      default=defaults.train_text_encoder,
+                      help="Keep the text encoder at its seeded initialisation (frozen, as SD's CLIP is) and train "
+                      "the U-Net alone.")
+    text.add_argument("--train-text-encoder", action="store_true", dest="train_text_encoder",
+                      help="Train the text encoder with the U-Net (the default; the shipped model's recipe).")
     p.add_argument("--object-loss-weight", type=_non_negative_float, default=defaults.object_loss_weight,
                    dest="object_loss_weight", metavar="W",
                    help="Extra loss weight on the object's latent positions (1 + W there, 1 elsewhere), so its "

@@ -1,6 +1,9 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
 """How well the world's base model composes: generate captions it never saw and score the pixels.
 
+`evaluate_personalization(base)` asks the other thing a base model is for: after a short attndb run on a world
+concept, does a prompt with the concept still get its context?
+
 `evaluate_base(pipe)` draws every held-out caption of `scenes.split_scenes` (and as many training captions, for
 comparison) at the world's default sampler and reports, per caption set, the share of pictures whose context,
 style, category and colour the scorers find right.
@@ -13,7 +16,7 @@ import torch
 
 from . import scenes as W
 
-__all__ = ["WORLD_GUIDANCE", "WORLD_INFERENCE_STEPS", "evaluate_base", "generate"]
+__all__ = ["WORLD_GUIDANCE", "WORLD_INFERENCE_STEPS", "evaluate_base", "evaluate_personalization", "generate"]
 
 #: The world's default sampler: DDIM (trailing timesteps, from the model's scheduler), 25 steps, guidance 5.
 WORLD_INFERENCE_STEPS = 25
@@ -82,3 +85,41 @@ def evaluate_base(
         "held_out": _score_set(pipe, held, seeds, steps, guidance),
         "train": _score_set(pipe, train_sample, seeds, steps, guidance),
     }
+
+
+def evaluate_personalization(
+    base,
+    concept_seed: int = 11,
+    steps: tuple[int, int, int] = (30, 40, 80),
+    seeds: tuple[int, ...] = (0, 100, 200),
+) -> dict:
+    """Train attndb (the world recipe at `steps`) on concept `concept_seed` on the base model folder `base`, then
+    draw the concept in every context (`a photo of a [V] <category> <context>`, one picture per seed) and score it.
+
+    Returns:
+        `dict`: `scorers.summarize` of the pictures (context_ok, present, identity, ...), `len(CONTEXTS) * len(seeds)`.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from ..trainer import Trainer
+    from .cli import concept_folder
+    from .model import load_world_pipeline, world_config, write_base
+    from .scorers import score_image, summarize
+
+    concept = W.make_concept(concept_seed)
+    with tempfile.TemporaryDirectory(prefix="attndb-personalization-") as tmp:
+        tmp = Path(tmp)
+        folder = write_base(tmp / "base", source=base)
+        concept_folder(concept_seed, tmp / "photos")
+        config = world_config(
+            model=str(folder), images=str(tmp / "photos"), category=concept.category, output=str(tmp / "out"),
+            validation_prompts=(),
+        ).with_stage_values(steps=steps)
+        Trainer(config).run()
+        pipe = load_world_pipeline(folder)
+        token = pipe.load_attndb(str(tmp / "out"))
+        scenes = [W.Scene(concept.category, None, ctx) for ctx in W.CONTEXTS]
+        prompts = [W.caption(s, token) for s in scenes]
+        images = [img for seed in seeds for img in generate(pipe, prompts, seed=seed)]
+    return summarize([score_image(img, s, concept) for img, s in zip(images, scenes * len(seeds))])
