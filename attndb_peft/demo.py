@@ -274,9 +274,9 @@ def _run_world(output: Path, steps, seed, inference_steps, concept_seed, num_ima
     from .trainer import Trainer
     from .visualize import labelled_cells
     from .world import scenes as W
-    from .world.cli import concept_folder
     from .world.evaluation import WORLD_GUIDANCE, WORLD_INFERENCE_STEPS, generate
     from .world.model import load_world_pipeline, textual_inversion_config, world_config, write_base
+    from .world.scenes import concept_folder
     from .world.scorers import score_image, summarize
 
     inference_steps = inference_steps or WORLD_INFERENCE_STEPS

@@ -502,7 +502,7 @@ def _save_sheet(path: Path, sheet: list) -> None:
 
 def _concept_images(output: Path, seed: int) -> Path:
     """The concept's user photos under `output/concepts/SEED` (written once)."""
-    from attndb_peft.world.cli import concept_folder
+    from attndb_peft.world.scenes import concept_folder
 
     images = output / "concepts" / str(seed)
     if not (images / "concept.json").is_file():

@@ -17,11 +17,12 @@ import json
 import logging
 from pathlib import Path
 
-__all__ = ["add_world_parser", "concept_folder", "score_folder"]
+from .scenes import CONCEPT_FILE, concept_folder
+
+__all__ = ["add_world_parser", "score_folder"]
 
 logger = logging.getLogger("attndb_peft")
 
-CONCEPT_FILE = "concept.json"
 GENERATE_FILE = "generate.json"
 
 
@@ -42,37 +43,6 @@ def _seed(text: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- concept
-def concept_folder(seed: int, output_dir: str | Path, num_images: int = 5) -> dict:
-    """Write the concept of `seed`'s user photos (`instance_XX.png`) and `concept.json` into `output_dir`.
-
-    Returns:
-        `dict`: what `concept.json` holds: `Concept.to_dict()` plus `description`, `token` (the attndb default
-        token of its category), `instance_prompt` and `images`.
-    """
-    from PIL import Image
-
-    from ..config import default_token, instance_prompt
-    from .scenes import concept_photos, make_concept
-
-    concept = make_concept(seed)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    names = []
-    for i, image in enumerate(concept_photos(concept, num_images)):
-        names.append(f"instance_{i:02d}.png")
-        Image.fromarray(image).save(output_dir / names[-1])
-    token = default_token(concept.category)
-    info = {
-        **concept.to_dict(),
-        "description": concept.describe(),
-        "token": token,
-        "instance_prompt": instance_prompt(token, concept.category),
-        "images": names,
-    }
-    (output_dir / CONCEPT_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
-    return info
-
-
 def _add_concept_parser(sub) -> None:
     from ..cli import _add_common, _positive_int  # lazily: attndb_peft.cli imports this module
 

@@ -103,7 +103,6 @@ def evaluate_personalization(
     from pathlib import Path
 
     from ..trainer import Trainer
-    from .cli import concept_folder
     from .model import load_world_pipeline, world_config, write_base
     from .scorers import score_image, summarize
 
@@ -111,7 +110,7 @@ def evaluate_personalization(
     with tempfile.TemporaryDirectory(prefix="attndb-personalization-") as tmp:
         tmp = Path(tmp)
         folder = write_base(tmp / "base", source=base)
-        concept_folder(concept_seed, tmp / "photos")
+        W.concept_folder(concept_seed, tmp / "photos")
         config = world_config(
             model=str(folder), images=str(tmp / "photos"), category=concept.category, output=str(tmp / "out"),
             validation_prompts=(),

@@ -401,10 +401,9 @@ class LatentCache:
 def pretrain_loss(unet, text_encoder, noise_scheduler, cache: LatentCache, config: PretrainConfig, generator):
     """One pretraining batch's v-prediction loss: `config.batch_size` random pictures of `cache` (latents drawn
     from their posteriors), captions dropped at `config.caption_dropout`, uniform timesteps; every draw comes from
-    `generator`, in this order (what makes a run reproducible and its resume bit-identical); the cache and the
-    draws stay on the CPU, the batch then goes to the U-Net's device. With
-    `config.object_loss_weight`, positions on the object weigh more (the weights' mean is divided out, so the loss
-    keeps a plain MSE's scale)."""
+    `generator`, in this order (what makes a run reproducible and its resume bit-identical). The cache and the
+    draws stay on the CPU; the batch then goes to the U-Net's device. With `config.object_loss_weight`, positions on
+    the object weigh more (the weights' mean is divided out, so the loss keeps a plain MSE's scale)."""
     j = torch.randint(0, len(cache.ids), (config.batch_size,), generator=generator)
     latents = (cache.means[j] + cache.stds[j] * torch.randn(cache.means[j].shape, generator=generator)) * cache.scaling
     tokens = cache.ids[j].clone()

@@ -10,18 +10,23 @@ A personal concept (`Concept`) is an object of one category with a two-colour pa
 halves). The base model never sees a patterned object in pretraining, so a concept is new to it; any seed gives a
 new one. Its "user photos" show it on the plain backdrop at varied positions and scales.
 
+`concept_folder` writes a concept's photos and `concept.json` into a folder (`attndb world concept`).
+
 Everything here is deterministic given the `numpy.random.Generator` passed in; colours are RGB in 0..255.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
 __all__ = [
     "CATEGORIES",
+    "CONCEPT_FILE",
     "COLOURS",
     "CONCEPT_COLOURS",
     "CONTEXTS",
@@ -34,12 +39,15 @@ __all__ = [
     "Scene",
     "all_scenes",
     "caption",
+    "concept_folder",
     "concept_photos",
     "make_concept",
     "render",
     "split_scenes",
 ]
 
+#: The file `concept_folder` writes next to a concept's photos (what `attndb world score --concept` reads).
+CONCEPT_FILE = "concept.json"
 #: Image side in pixels of every world picture.
 SIZE = 32
 
@@ -330,6 +338,36 @@ def concept_photos(concept: Concept, num_images: int = 5, seed: int | None = Non
     rng = np.random.default_rng([concept.seed if seed is None else seed, 0xF0])
     scene = Scene(category=concept.category)
     return [render(scene, rng, concept=concept, scale=(7.5, 11.0))[0] for _ in range(num_images)]
+
+
+def concept_folder(seed: int, output_dir: str | Path, num_images: int = 5) -> dict:
+    """Write the concept of `seed`'s user photos (`instance_XX.png`) and `concept.json` into `output_dir`.
+
+    Returns:
+        `dict`: what `concept.json` holds: `Concept.to_dict()` plus `description`, `token` (the attndb default
+        token of its category), `instance_prompt` and `images`.
+    """
+    from PIL import Image
+
+    from ..config import default_token, instance_prompt
+
+    concept = make_concept(seed)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, image in enumerate(concept_photos(concept, num_images)):
+        names.append(f"instance_{i:02d}.png")
+        Image.fromarray(image).save(output_dir / names[-1])
+    token = default_token(concept.category)
+    info = {
+        **concept.to_dict(),
+        "description": concept.describe(),
+        "token": token,
+        "instance_prompt": instance_prompt(token, concept.category),
+        "images": names,
+    }
+    (output_dir / CONCEPT_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
+    return info
 
 
 def with_colour(scene: Scene, colour: str | None) -> Scene:
