@@ -99,14 +99,18 @@ def _tiny(**kw) -> PretrainConfig:
     return PretrainConfig(**{**settings, **kw})
 
 
-@pytest.mark.parametrize("train_text_encoder", [False, True], ids=["default", "text-encoder-trained"])
-def test_pretraining_is_deterministic_and_resumes_bit_identically(tmp_path, train_text_encoder):
-    straight = pretrain(tmp_path / "a", _tiny(train_text_encoder=train_text_encoder), evaluate=False)
+@pytest.mark.parametrize(
+    "recipe",
+    [{}, {"train_text_encoder": False, "object_loss_weight": 4.0}],
+    ids=["default", "frozen-encoder-object-weighted"],
+)
+def test_pretraining_is_deterministic_and_resumes_bit_identically(tmp_path, recipe):
+    straight = pretrain(tmp_path / "a", _tiny(**recipe), evaluate=False)
     # the same run, stopped after its first checkpoint (step 2) and resumed
-    early = pretrain(tmp_path / "b", _tiny(train_text_encoder=train_text_encoder), evaluate=False, stop_after=2)
+    early = pretrain(tmp_path / "b", _tiny(**recipe), evaluate=False, stop_after=2)
     assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 2
     assert json.loads((early / "pretrain.json").read_text())["steps_done"] == 2
-    resumed = pretrain(tmp_path / "b", _tiny(train_text_encoder=train_text_encoder), evaluate=False)
+    resumed = pretrain(tmp_path / "b", _tiny(**recipe), evaluate=False)
     from safetensors.torch import load_file
 
     for part in ("unet", "text_encoder"):
@@ -118,14 +122,23 @@ def test_pretraining_is_deterministic_and_resumes_bit_identically(tmp_path, trai
     log = json.loads((tmp_path / "a" / "pretrain.json").read_text())
     assert log["settings"]["steps"] == 4 and log["unet_loss"][-1][0] == 4 and log["steps_done"] == 4
     with pytest.raises(ValueError, match="other settings"):
-        pretrain(tmp_path / "a", _tiny(learning_rate=1e-4, train_text_encoder=train_text_encoder), evaluate=False)
+        pretrain(tmp_path / "a", _tiny(learning_rate=1e-4, **recipe), evaluate=False)
 
 
-def test_a_run_started_before_a_setting_existed_resumes_with_the_old_behaviour(tmp_path):
+def test_a_run_started_before_a_setting_existed_resumes_with_the_old_behaviour(tmp_path, monkeypatch):
     """A run folder whose settings.json predates `train_text_encoder` and `object_loss_weight` was trained with the
-    text encoder and a plain MSE: resuming it with today's defaults would silently change its recipe."""
-    from dataclasses import asdict
+    text encoder and a plain MSE: it must read as that whatever the defaults are, or a resume could silently change
+    its recipe. Checked with defaults that differ from the old behaviour (as they did for a while)."""
+    from dataclasses import asdict, dataclass
 
+    from attndb_peft.world import model as M
+
+    @dataclass
+    class OtherDefaults(PretrainConfig):
+        train_text_encoder: bool = False
+        object_loss_weight: float = 4.0
+
+    monkeypatch.setattr(M, "PretrainConfig", OtherDefaults)
     old = _tiny(train_text_encoder=True, object_loss_weight=0.0)
     settings = {k: v for k, v in asdict(old).items() if k not in ("train_text_encoder", "object_loss_weight")}
     (tmp_path / "old").mkdir()
