@@ -20,6 +20,7 @@ import torch
 from .families import SD
 
 __all__ = [
+    "TINY_PRETRAIN_SETTINGS",
     "TINY_RESOLUTION",
     "TINY_SDXL_WIDTHS",
     "TINY_WORDS",
@@ -33,6 +34,13 @@ __all__ = [
     "tiny_clip_tokenizer",
     "tiny_text_config",
 ]
+
+#: `world.model.PretrainConfig` overrides for a world pretraining run of seconds on a CPU (tiny models, 4 U-Net
+#: steps; the scores mean nothing): the tests' runs and `benchmarks/world_pretrain_sweep.py --tiny`.
+TINY_PRETRAIN_SETTINGS = dict(
+    steps=4, batch_size=4, num_images=24, vae_steps=2, vae_images=16, vae_batch_size=4, checkpoint_every=2,
+    threads=1, unet_width=32, text_width=32, text_layers=1,
+)
 
 #: Image size the tiny pipeline is meant to run at (the VAE downsamples by 4, the U-Net sees 8x8 latents).
 TINY_RESOLUTION = 32

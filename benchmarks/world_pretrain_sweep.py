@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from attndb_peft.testing import TINY_PRETRAIN_SETTINGS
 from attndb_peft.world.evaluation import evaluate_personalization
 from attndb_peft.world.model import PretrainConfig, pretrain
 
@@ -46,9 +47,6 @@ VARIANTS: dict[str, dict] = {
     "frozen": {"train_text_encoder": False},
     "frozen_obj4": {"train_text_encoder": False, "object_loss_weight": 4.0},
 }
-#: --tiny: the sizes of the unit tests' runs (seconds on a CPU; the scores mean nothing).
-TINY = dict(steps=4, batch_size=4, num_images=24, vae_steps=2, vae_images=16, vae_batch_size=4, checkpoint_every=2,
-            threads=1, unet_width=32, text_width=32, text_layers=1)
 KEYS = ("context", "style", "colour", "category")
 
 
@@ -72,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name}: done before, skipped", flush=True)
             continue
         # --tiny overrides the variant's sizes too (its steps and width), so every variant takes seconds
-        config = PretrainConfig(seed=args.seed, **{**VARIANTS[name], **(TINY if args.tiny else {})})
+        config = PretrainConfig(seed=args.seed, **{**VARIANTS[name], **(TINY_PRETRAIN_SETTINGS if args.tiny else {})})
         start = time.perf_counter()
         folder = pretrain(args.out / name, config, evaluate=True, device=args.device)
         log = json.loads((args.out / name / "pretrain.json").read_text())

@@ -94,9 +94,9 @@ def test_world_pipeline_architecture():
 
 
 def _tiny(**kw) -> PretrainConfig:
-    settings = dict(steps=4, batch_size=4, num_images=24, vae_steps=2, vae_images=16, vae_batch_size=4,
-                    checkpoint_every=2, threads=1, unet_width=32, text_width=32, text_layers=1)
-    return PretrainConfig(**{**settings, **kw})
+    from attndb_peft.testing import TINY_PRETRAIN_SETTINGS
+
+    return PretrainConfig(**{**TINY_PRETRAIN_SETTINGS, **kw})
 
 
 @pytest.mark.parametrize(
