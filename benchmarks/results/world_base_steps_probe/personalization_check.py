@@ -3,8 +3,12 @@
 the world recipe) on a given base model, then the concept in the 5 contexts x 3 seeds, scored
 (`world.evaluation.evaluate_personalization`).
 
-Usage: python personalization_check.py PIPELINE_DIR NAME   (writes personalization_NAME.json beside this file)
-Run 2026-11-28 (2 threads) on the shipped model, the frozen-text-encoder run and the object-weighted one.
+Usage: python personalization_check.py PIPELINE_DIR NAME [SEED ...]
+  no SEED: concept 11, writes personalization_NAME.json beside this file;
+  SEEDs (e.g. the world benchmark's tuning concepts 900 901): one run each, writes personalization_NAME_concepts.json
+  with each concept's summary and the pooled context/presence counts.
+Run 2026-11-28 (2 threads) on the shipped model, the frozen-text-encoder run and the object-weighted one; concepts
+11, 900, 901 on the shipped model and the jointly-trained-encoder object-weighted run (session 6).
 """
 
 import json
@@ -16,7 +20,15 @@ import torch
 from attndb_peft.world.evaluation import evaluate_personalization
 
 torch.set_num_threads(2)
-source, name = Path(sys.argv[1]), sys.argv[2]
-result = {"base": str(source), "concept": 11, "steps": [30, 40, 80], "summary": evaluate_personalization(source)}
-Path(__file__).with_name(f"personalization_{name}.json").write_text(json.dumps(result, indent=1))
+source, name, seeds = Path(sys.argv[1]), sys.argv[2], [int(s) for s in sys.argv[3:]]
+if not seeds:
+    result = {"base": str(source), "concept": 11, "steps": [30, 40, 80], "summary": evaluate_personalization(source)}
+    out = Path(__file__).with_name(f"personalization_{name}.json")
+else:
+    per = {seed: evaluate_personalization(source, concept_seed=seed) for seed in seeds}
+    pooled = {key: sum(round(s[key] * s["num_images"]) for s in per.values()) for key in ("context_ok", "present")}
+    result = {"base": str(source), "concepts": seeds, "steps": [30, 40, 80], "per_concept": per,
+              "pooled_right": pooled, "pooled_images": sum(s["num_images"] for s in per.values())}
+    out = Path(__file__).with_name(f"personalization_{name}_concepts.json")
+out.write_text(json.dumps(result, indent=1))
 print(json.dumps(result))
