@@ -91,6 +91,11 @@ def test_world_pipeline_architecture():
     with torch.no_grad():
         latents = pipe.vae.encode(torch.zeros(1, 3, W.SIZE, W.SIZE)).latent_dist.mean
     assert latents.shape == (1, 4, W.SIZE // 2, W.SIZE // 2)
+    # --unet-layers-per-block 2: two ResNet + transformer layers in each down block, three in each up block
+    deeper = build_world_pipeline(PretrainConfig(unet_layers_per_block=2)).unet
+    assert [len(b.resnets) for b in deeper.down_blocks] == [2, 2]
+    assert [len(b.resnets) for b in deeper.up_blocks] == [3, 3]
+    assert sum(n.endswith("attn2") for n, _ in deeper.named_modules()) == 2 * 2 + 1 + 2 * 3
 
 
 def _tiny(**kw) -> PretrainConfig:
@@ -126,9 +131,10 @@ def test_pretraining_is_deterministic_and_resumes_bit_identically(tmp_path, reci
 
 
 def test_a_run_started_before_a_setting_existed_resumes_with_the_old_behaviour(tmp_path, monkeypatch):
-    """A run folder whose settings.json predates `train_text_encoder` and `object_loss_weight` was trained with the
-    text encoder and a plain MSE: it must read as that whatever the defaults are, or a resume could silently change
-    its recipe. Checked with defaults that differ from the old behaviour (as they did for a while)."""
+    """A run folder whose settings.json predates `train_text_encoder`, `object_loss_weight` and
+    `unet_layers_per_block` was trained with the text encoder, a plain MSE and one layer a block: it must read as
+    that whatever the defaults are, or a resume could silently change its recipe. Checked with defaults that differ
+    from the old behaviour (as they did for a while)."""
     from dataclasses import asdict, dataclass
 
     from attndb_peft.world import model as M
@@ -137,14 +143,17 @@ def test_a_run_started_before_a_setting_existed_resumes_with_the_old_behaviour(t
     class OtherDefaults(PretrainConfig):
         train_text_encoder: bool = False
         object_loss_weight: float = 4.0
+        unet_layers_per_block: int = 2
 
     monkeypatch.setattr(M, "PretrainConfig", OtherDefaults)
-    old = _tiny(train_text_encoder=True, object_loss_weight=0.0)
-    settings = {k: v for k, v in asdict(old).items() if k not in ("train_text_encoder", "object_loss_weight")}
+    new_settings = ("train_text_encoder", "object_loss_weight", "unet_layers_per_block")
+    old = _tiny(train_text_encoder=True, object_loss_weight=0.0, unet_layers_per_block=1)
+    settings = {k: v for k, v in asdict(old).items() if k not in new_settings}
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "settings.json").write_text(json.dumps(settings))
-    with pytest.raises(ValueError, match="object_loss_weight, train_text_encoder"):
-        pretrain(tmp_path / "old", _tiny(train_text_encoder=False, object_loss_weight=4.0), evaluate=False)
+    with pytest.raises(ValueError, match="object_loss_weight, train_text_encoder, unet_layers_per_block"):
+        pretrain(tmp_path / "old", _tiny(train_text_encoder=False, object_loss_weight=4.0, unet_layers_per_block=2),
+                 evaluate=False)
     assert pretrain(tmp_path / "old", old, evaluate=False).is_dir()
 
 
@@ -272,6 +281,25 @@ def test_pretrain_takes_the_object_loss_weight_from_the_command_line(tmp_path, c
     with pytest.raises(SystemExit):
         main([*argv, "--object-loss-weight", "-2"])
     assert "--object-loss-weight" in capsys.readouterr().err
+
+
+def test_pretrain_takes_the_unet_depth_from_the_command_line(tmp_path, capsys):
+    """`--unet-layers-per-block N` reaches the settings (checked against a run folder's settings, before training)."""
+    from dataclasses import asdict
+
+    from attndb_peft.cli import main
+
+    assert PretrainConfig().unet_layers_per_block == 1  # the shipped model's
+    (tmp_path / "deep").mkdir()
+    (tmp_path / "deep" / "settings.json").write_text(json.dumps(asdict(_tiny(unet_layers_per_block=2))))
+    # the tiny run's sizes are no flags, so both are refused; only the one without the flag names the depth
+    argv = ["world", "pretrain", "--output", str(tmp_path / "deep"), "--steps", "4", "--threads", "1", "--quiet"]
+    assert main([*argv, "--unet-layers-per-block", "2"]) == 2
+    assert "unet_layers_per_block" not in capsys.readouterr().err
+    assert main(argv) == 2 and "unet_layers_per_block" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--unet-layers-per-block", "0"])
+    assert "--unet-layers-per-block" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (SHIPPED_DIR / "model_index.json").is_file(), reason="shipped world model not built")

@@ -252,6 +252,10 @@ def _add_pretrain_parser(sub) -> None:
                    dest="object_loss_weight", metavar="W",
                    help="Extra loss weight on the object's latent positions (1 + W there, 1 elsewhere), so its "
                    f"shape is learnt before the backgrounds' speckles. Default {defaults.object_loss_weight}.")
+    p.add_argument("--unet-layers-per-block", type=_positive_int, default=defaults.unet_layers_per_block,
+                   dest="unet_layers_per_block", metavar="N",
+                   help="ResNet + transformer layers in each U-Net down block (deeper U-Net at both resolutions). "
+                   f"Default {defaults.unet_layers_per_block}.")
     p.add_argument("--device", default="cpu", type=_torch_device,
                    help="Where to train: cpu (default) or a torch device such as cuda. The random draws stay on the "
                    "CPU, so the batches are the same anywhere; the weights differ across devices in rounding.")
@@ -291,6 +295,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         train_text_encoder=args.train_text_encoder,
         object_loss_weight=args.object_loss_weight,
+        unet_layers_per_block=args.unet_layers_per_block,
     )
     try:
         final = pretrain(args.output, config, evaluate=args.evaluate, stop_after=args.stop_after, device=args.device)
