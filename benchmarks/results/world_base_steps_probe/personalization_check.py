@@ -7,8 +7,9 @@ Usage: python personalization_check.py PIPELINE_DIR NAME [SEED ...]
   no SEED: concept 11, writes personalization_NAME.json beside this file;
   SEEDs (e.g. the world benchmark's tuning concepts 900 901): one run each, writes personalization_NAME_concepts.json
   with each concept's summary and the pooled context/presence counts.
-Run 2026-11-28 (2 threads) on the shipped model, the frozen-text-encoder run and the object-weighted one; concepts
-11, 900, 901 on the shipped model and the jointly-trained-encoder object-weighted run (session 6).
+Run 2026-11-28 (2 threads) with concept 11 on the shipped model, the frozen-text-encoder run, the object-weighted
+ones (frozen and jointly trained encoder, W 4 and 16) and the deeper U-Net; the SEED form is what each base's
+`*_concepts.json` file beside this one records (none before session 7).
 """
 
 import json

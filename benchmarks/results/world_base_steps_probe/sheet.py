@@ -1,7 +1,9 @@
 """Issue 9 diagnostic: the shipped base model's held-out pictures (seed 0) next to ground-truth renders of the
 same captions, one pair of rows per category (box, ball, cone), 4x enlarged: held_out_seed0_sheet.png. Prints the
-category the scorer reads off each generated picture."""
+category the scorer reads off each generated picture. `python sheet.py PIPELINE_DIR NAME` does the same for another
+base model and writes held_out_seed0_sheet_NAME.png."""
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from attndb_peft.world.model import SHIPPED_DIR, load_world_pipeline
 from attndb_peft.world.scorers import score_image
 
 torch.set_num_threads(1)
-pipe = load_world_pipeline(SHIPPED_DIR)
+pipe = load_world_pipeline(sys.argv[1] if len(sys.argv) > 1 else SHIPPED_DIR)
 pipe.set_progress_bar_config(disable=True)
 _, held = W.split_scenes(30, seed=1)
 rows = []
@@ -29,4 +31,5 @@ width = max(r.shape[1] for r in rows)
 rows = [np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0))) for r in rows]
 sheet = Image.fromarray(np.concatenate(rows, 0))
 sheet = sheet.resize((sheet.width * 4, sheet.height * 4), Image.NEAREST)
-sheet.save(Path(__file__).with_name("held_out_seed0_sheet.png"))
+suffix = f"_{sys.argv[2]}" if len(sys.argv) > 2 else ""
+sheet.save(Path(__file__).with_name(f"held_out_seed0_sheet{suffix}.png"))
