@@ -4,7 +4,7 @@ Each variant is one `attndb world pretrain` run (`world.model.pretrain`, the com
 changed from the defaults, scored by its own `evaluation.json` (30 held-out captions x 3 seeds at the default
 sampler) and by what the base is for, personalization: a short attndb run on concept 11 and the concept in every
 context (`world.evaluation.evaluate_personalization`; the shipped model keeps the context in 14 of 15 pictures,
-the frozen-encoder, object-weighted candidate in 4). On the 2-core CPU one variant takes about 70 minutes; on a GPU
+the frozen-encoder, object-weighted candidate in 4). On the 2-core CPU one variant takes about 70-90 minutes; on a GPU
 a few minutes (an estimate, not measured yet), which is what this script is for: a lent device runs the sweep in
 one or two calls.
 
