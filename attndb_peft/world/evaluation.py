@@ -90,7 +90,7 @@ def summarize_base(records: list[dict], scenes: list[W.Scene]) -> dict:
         raise ValueError(f"{len(records)} records for {len(scenes)} scenes: expected one record per scene")
     result: dict = {"images": len(records)}
     intervals = {}
-    # category: the object of the caption's category was found
+    # category right = `present`: an object of the caption's category was found
     checks = (("context", "context_ok"), ("style", "style_ok"), ("colour", "colour_ok"), ("category", "present"))
     for name, key in checks:
         values = [bool(r[key]) for r in records if r.get(key) is not None]
@@ -101,14 +101,14 @@ def summarize_base(records: list[dict], scenes: list[W.Scene]) -> dict:
     # the category is what the base model fails at; where (which category, which style) and as what, so a run's
     # own evaluation says it without a separate script
     for field, of in (("category_by_asked", lambda s: s.category), ("category_by_style", lambda s: s.style)):
-        groups: dict[str, list] = {}
+        groups: dict[str, list[dict]] = {}
         for r, s in zip(records, scenes):
-            groups.setdefault(of(s), []).append((r, s))
+            groups.setdefault(of(s), []).append(r)
         result[field] = {
             name: {
-                "right": sum(bool(r["present"]) for r, _ in group),
+                "right": sum(bool(r["present"]) for r in group),
                 "n": len(group),
-                "read_as": dict(sorted(Counter(str(r["category"]) for r, _ in group).items())),
+                "read_as": dict(sorted(Counter(str(r["category"]) for r in group).items())),
             }
             for name, group in sorted(groups.items())
         }
