@@ -118,13 +118,12 @@ def summarize_base(records: list[dict], scenes: list[W.Scene]) -> dict:
 def _score_set(pipe, scenes: list[W.Scene], seeds: tuple[int, ...], steps: int, guidance: float) -> dict:
     from .scorers import score_image
 
-    records, asked = [], []
+    records = []
     prompts = [W.caption(s) for s in scenes]
     for seed in seeds:
         images = generate(pipe, prompts, seed=1000 * seed, steps=steps, guidance=guidance)
         records.extend(score_image(img, scene) for img, scene in zip(images, scenes))
-        asked.extend(scenes)
-    return summarize_base(records, asked)
+    return summarize_base(records, scenes * len(seeds))
 
 
 def evaluate_base(
