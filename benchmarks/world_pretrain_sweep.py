@@ -3,10 +3,10 @@
 Each variant is one `attndb world pretrain` run (`world.model.pretrain`, the command's own code) with a few settings
 changed from the defaults, scored by its own `evaluation.json` (30 held-out captions x 3 seeds at the default
 sampler) and by what the base is for, personalization: a short attndb run on concept 11 and the concept in every
-context (`world.evaluation.evaluate_personalization`; the shipped model keeps the context in 14 of 15 pictures,
-the frozen-encoder, object-weighted candidate in 4). On the 2-core CPU one variant takes about 70-90 minutes; on a GPU
-a few minutes (an estimate, not measured yet), which is what this script is for: a lent device runs the sweep in
-one or two calls.
+context (`world.evaluation.evaluate_personalization`; the step-1,800 plain-loss model keeps the context in 14 of 15
+pictures, the frozen-encoder, object-weighted candidate in 4, the shipped model in 15). On the 2-core CPU one
+variant takes about 70-90 minutes (joint_obj4_3600 about 100); on a GPU a few minutes (an estimate, not measured
+yet), which is what this script is for: a lent device runs the sweep in one or two calls.
 
     python benchmarks/world_pretrain_sweep.py --tiny --out /tmp/sweep          # CPU, ~2 min a variant: the plumbing
     python benchmarks/world_pretrain_sweep.py --device cuda --out sweep         # every variant below
@@ -33,25 +33,30 @@ from attndb_peft.testing import TINY_PRETRAIN_SETTINGS
 from attndb_peft.world.evaluation import evaluate_personalization
 from attndb_peft.world.model import PretrainConfig, pretrain
 
-#: name -> settings changed from `PretrainConfig()` (the shipped recipe), the untried ones first. Frozen text encoder:
-#: SD keeps CLIP frozen, and the jointly trained one merged `ball` and `box`; the object weight puts the loss on the
-#: shape (and, at 4 with a frozen encoder, cost personalised prompts their context); depth and steps are the
-#: capacity and training the CPU could not afford. Measured on the CPU so far (README): shipped, frozen, frozen_obj4,
+#: The settings the variants differ in, at the step-1,800 recipe the sweep started from (plain MSE, jointly trained
+#: text encoder); every variant spells them out, so a name keeps its meaning when `PretrainConfig()` changes.
+_STARTED_FROM = {"steps": 1800, "object_loss_weight": 0.0, "train_text_encoder": True, "unet_layers_per_block": 1}
+#: name -> settings changed from `_STARTED_FROM`, the untried ones first. Frozen text encoder: SD keeps CLIP frozen,
+#: and the jointly trained one merged `ball` and `box`; the object weight puts the loss on the shape (and, at 4 with a
+#: frozen encoder, cost personalised prompts their context); depth and steps are the capacity and training the CPU
+#: could not afford. Measured on the CPU (README): joint_plain (shipped until session 9), frozen, frozen_obj4,
 #: joint_obj4 (held-out category 75.6 %, context kept under personalization), joint_obj4_lpb2 (72.2 %) and
-#: joint_obj4_3600 (95.6 %, every bar met: the recipe to ship; `--seed 1 --only joint_obj4_3600` checks another
-#: seed). A wider U-Net is no variant: the width must be a multiple of 32 (GroupNorm), and 96 already makes the U-Net
-#: 9.4 M parameters, over the package's 20 MB budget with the VAE; two layers a block give 6.13 M.
-VARIANTS: dict[str, dict] = {
+#: joint_obj4_3600 (95.6 %, every bar met: shipped since session 9 and `PretrainConfig()`'s defaults;
+#: `--seed 1 --only joint_obj4_3600` checks another seed). A wider U-Net is no variant: the width must be a multiple
+#: of 32 (GroupNorm), and 96 already makes the U-Net 9.4 M parameters, over the package's 20 MB budget with the VAE;
+#: two layers a block give 6.13 M.
+_CHANGES: dict[str, dict] = {
     "joint_obj1": {"object_loss_weight": 1.0},
     "frozen_obj1": {"train_text_encoder": False, "object_loss_weight": 1.0},
     "joint_obj4_lpb2_6k": {"object_loss_weight": 4.0, "unet_layers_per_block": 2, "steps": 6000},
     "joint_obj4_lpb2": {"object_loss_weight": 4.0, "unet_layers_per_block": 2},
     "joint_obj4_3600": {"object_loss_weight": 4.0, "steps": 3600},
     "joint_obj4": {"object_loss_weight": 4.0},
-    "shipped": {},
+    "joint_plain": {},
     "frozen": {"train_text_encoder": False},
     "frozen_obj4": {"train_text_encoder": False, "object_loss_weight": 4.0},
 }
+VARIANTS: dict[str, dict] = {name: {**_STARTED_FROM, **changes} for name, changes in _CHANGES.items()}
 KEYS = ("context", "style", "colour", "category")
 
 

@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from attndb_peft.world import scenes as W
 from attndb_peft.world.evaluation import generate
@@ -29,8 +30,22 @@ def test_shipped_base_model_composes_held_out_captions():
     summary = summarize([score_image(img, s) for img, s in zip(images, held)])
     assert summary["context_ok"] >= 0.70, summary
     assert summary["style_ok"] >= 0.70, summary
-    assert summary["category_ok"] >= 0.60, summary
+    assert summary["category_ok"] >= 0.80, summary  # the step-1,800 model shipped before drew boxes as balls
     assert summary["colour_ok"] >= 0.50, summary
+
+
+def test_shipped_base_model_came_from_pretrains_defaults():
+    # `attndb world pretrain --output DIR` with no other flag remakes the shipped weights (README); its recorded
+    # settings say so, and its recorded held-out evaluation meets the bars
+    from dataclasses import asdict
+
+    from attndb_peft.world.model import PretrainConfig
+
+    log = json.loads((SHIPPED_DIR / "pretrain.json").read_text())
+    assert log["settings"] == asdict(PretrainConfig())
+    assert log["steps_done"] == PretrainConfig().steps
+    held_out = log["evaluation"]["held_out"]
+    assert min(held_out["context"], held_out["style"], held_out["category"]) >= 0.85 and held_out["colour"] >= 0.75
 
 
 @pytest.mark.slow
@@ -40,7 +55,7 @@ def test_a_short_attndb_run_learns_a_world_concept():
     summary = evaluate_personalization(SHIPPED_DIR, concept_seed=11, steps=(30, 40, 80))
     assert summary["num_images"] == 15
     # chance: context 1/6, presence of the right category 1/3 (the base model draws the caption's category in
-    # 69 % of held-out pictures, so a concept's presence sits near that, not near 1)
+    # 96 % of held-out pictures; a concept learned in 150 steps is drawn less often: 11/15 when measured)
     assert summary["present"] > 0.4, summary
     assert summary["context_ok"] > 0.3, summary
 
@@ -66,3 +81,26 @@ def test_world_demo_compares_attndb_with_textual_inversion(tmp_path, capsys, mon
     assert (out / "instance-images" / "concept.json").is_file() and (out / "base-model" / "attndb.yaml").is_file()
     assert str(out / "compare" / "grid.png") in printed and "Textual Inversion" in printed
     assert np.isfinite([v for v in scores["summary"]["AttnDB"].values() if isinstance(v, float)]).all()
+
+
+@pytest.mark.slow
+def test_world_demo_trains_textual_inversion_beside_attndb_with_the_same_result(tmp_path, monkeypatch):
+    # with a spare core the Textual Inversion run trains in a second process; its weights and scores must be what
+    # the one-process demo gives
+    from safetensors.torch import load_file
+
+    from attndb_peft import demo
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    kwargs = dict(steps=(1, 1, 1), num_images=1, inference_steps=2)
+    monkeypatch.setattr(demo, "_spare_cores", lambda: 1)
+    demo.run_demo(tmp_path / "two", **kwargs)
+    monkeypatch.setattr(demo, "_spare_cores", lambda: 0)
+    demo.run_demo(tmp_path / "one", **kwargs)
+    two, one = (load_file(str(tmp_path / d / "ti-adapter" / "attndb_embedding.safetensors")) for d in ("two", "one"))
+    assert two.keys() == one.keys() and all(torch.equal(two[k], one[k]) for k in two)
+    assert "stage 1/3" in (tmp_path / "two" / "ti-adapter" / "train.log").read_text()
+    assert not (tmp_path / "two" / demo._TI_LOG).exists()
+    assert not (tmp_path / "one" / "ti-adapter" / "train.log").exists()
+    scores = [json.loads((tmp_path / d / "compare" / "scores.json").read_text())["summary"] for d in ("two", "one")]
+    assert scores[0] == scores[1]

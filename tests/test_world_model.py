@@ -264,7 +264,7 @@ def test_the_object_weighted_loss_is_the_weighted_mean_of_the_squared_error():
 def test_pretrain_takes_the_object_loss_weight_from_the_command_line(tmp_path, capsys):
     from attndb_peft.cli import main
 
-    assert PretrainConfig().object_loss_weight == 0.0  # the shipped model's recipe: a plain MSE
+    assert PretrainConfig().object_loss_weight == 4.0  # the shipped model's recipe
     plain = pretrain(tmp_path / "plain", _tiny(object_loss_weight=0.0), evaluate=False)
     weighted = pretrain(tmp_path / "weighted", _tiny(object_loss_weight=2.5), evaluate=False)
     from safetensors.torch import load_file

@@ -226,7 +226,8 @@ def _add_pretrain_parser(sub) -> None:
         "(v-prediction, zero terminal SNR, caption dropout, EMA), deterministic from --seed for a given torch build "
         "and thread count. Checkpoints every --checkpoint-every steps; the same command on the same --output "
         "resumes. Writes DIR/pipeline (a diffusers folder), DIR/pretrain.json and DIR/evaluation.json (held-out "
-        "caption scores). The defaults take about 75 minutes on 2 idle CPU cores (VAE 15 min, U-Net ~2 s a step).",
+        "caption scores). The defaults (the shipped model's recipe) take about 100 minutes on 2 idle CPU cores "
+        "(VAE 11-15 min, U-Net 3,600 steps at ~1.4 s a step).",
     )
     p.add_argument("--output", metavar="DIR", required=True, help="Folder for the run (resumed if it exists).")
     p.add_argument("--seed", type=_seed, default=defaults.seed, help=f"Seed. Default {defaults.seed}.")
@@ -251,7 +252,8 @@ def _add_pretrain_parser(sub) -> None:
     p.add_argument("--object-loss-weight", type=_non_negative_float, default=defaults.object_loss_weight,
                    dest="object_loss_weight", metavar="W",
                    help="Extra loss weight on the object's latent positions (1 + W there, 1 elsewhere), so its "
-                   f"shape is learnt before the backgrounds' speckles. Default {defaults.object_loss_weight}.")
+                   "shape is learnt before the backgrounds' speckles; 0 is a plain MSE. "
+                   f"Default {defaults.object_loss_weight}.")
     p.add_argument("--unet-layers-per-block", type=_positive_int, default=defaults.unet_layers_per_block,
                    dest="unet_layers_per_block", metavar="N",
                    help="ResNet + transformer layers in each U-Net down block (deeper U-Net at both resolutions). "
