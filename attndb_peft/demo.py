@@ -6,7 +6,8 @@ captioned scenes and really composes (contexts, styles, colours), so its picture
 
 1. writes the shipped world base model as a diffusers folder, and the "user photos" of a world concept (an object
    with a two-colour pattern that the base model never saw);
-2. trains the three AttnDreamBooth stages on them, and a Textual-Inversion-only run of the same length;
+2. trains the three AttnDreamBooth stages on them, and a Textual-Inversion-only run of the same length (in a
+   second process when the machine has a core to spare);
 3. loads both adapters back with `pipe.load_attndb`, draws the same prompts (new contexts, a style, a colour) with
    the same seeds, scores every picture with the world's pixel scorers, and writes a side-by-side grid, per-token
    attention figures and `scores.json`.
@@ -158,10 +159,14 @@ def _train_logged(config, log_file: str) -> None:
     from .trainer import Trainer
 
     torch.set_num_threads(1)
+    streams = sys.stdout, sys.stderr
     with open(log_file, "w", encoding="utf-8") as log:
         sys.stdout = sys.stderr = log
-        logging.basicConfig(stream=log, level=logging.INFO, format="%(message)s", force=True)
-        Trainer(config).run()
+        try:
+            logging.basicConfig(stream=log, level=logging.INFO, format="%(message)s", force=True)
+            Trainer(config).run()
+        finally:
+            sys.stdout, sys.stderr = streams
 
 
 def _prepare(output: Path) -> None:
