@@ -332,26 +332,23 @@ def _run_world(output: Path, steps, seed, inference_steps, concept_seed, num_ima
     )
     # The two runs are independent and each uses one thread (see `run_demo`): with a core to spare, Textual
     # Inversion trains beside AttnDB in a second process (about a minute less on 2 cores), logging to a file.
-    background = _spare_cores() > 0
-    if background:
+    stages = "/".join(str(s.steps) for s in config.stages)
+    if _spare_cores() > 0:
         ti_log = output / _TI_LOG
-        logger.info("Training Textual Inversion alone for %d steps (the same length) in a second process; log: %s",
-                    ti_config.stage1.steps, ti_log)
-        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        ti_run = pool.submit(_train_logged, ti_config, str(ti_log))
-    try:
-        logger.info("Training AttnDreamBooth (stages %s steps)", "/".join(str(s.steps) for s in config.stages))
-        result = Trainer(config).run()
-        if background:
+        logger.info("Training AttnDreamBooth (stages %s steps), and beside it Textual Inversion alone for %d steps "
+                    "(the same length) in a second process; its log: %s", stages, ti_config.stage1.steps, ti_log)
+        # leaving the block waits for the second process, also when the AttnDB run raises
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            ti_run = pool.submit(_train_logged, ti_config, str(ti_log))
+            result = Trainer(config).run()
             logger.info("Waiting for the Textual Inversion run (log: %s)", ti_log)
             ti_run.result()  # re-raises the run's error here
-            shutil.move(ti_log, ti_adapter / "train.log")
-        else:
-            logger.info("Training Textual Inversion alone for %d steps (the same length)", ti_config.stage1.steps)
-            Trainer(ti_config).run()
-    finally:
-        if background:
-            pool.shutdown(cancel_futures=True)
+        shutil.move(ti_log, ti_adapter / "train.log")
+    else:
+        logger.info("Training AttnDreamBooth (stages %s steps)", stages)
+        result = Trainer(config).run()
+        logger.info("Training Textual Inversion alone for %d steps (the same length)", ti_config.stage1.steps)
+        Trainer(ti_config).run()
 
     compare.mkdir(parents=True)
     records, scores = [], {}
