@@ -6,6 +6,7 @@ pipelines (new names only; no existing diffusers method is changed).
 """
 
 from .config import AttnDBConfig, StageConfig
+from .errors import AttnDBError, RunError, UsageError
 from .hub import push_to_hub
 from .loading import _register_pipeline_methods, load_attndb, unload_attndb
 from .regularizer import attention_regularizer
@@ -15,12 +16,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttnDBConfig",
+    "AttnDBError",
+    "RunError",
     "StageConfig",
     "__version__",
     "attention_regularizer",
     "load_attndb",
     "push_to_hub",
     "train",
+    "UsageError",
     "unload_attndb",
 ]
 

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UsageError
+
 __all__ = [
     "DEFAULT_BASE_MODEL",
     "KNOWN_BASE_MODELS",
@@ -38,7 +40,7 @@ SD15_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
-class BaseModelError(ValueError):
+class BaseModelError(UsageError):
     """`--model` cannot be used. The message is one line: the argument, what is wrong and what to do."""
 
 

@@ -32,6 +32,8 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import load_file, save_file
 
+from .errors import RunError
+
 __all__ = [
     "CHECKPOINT_DIR",
     "CheckpointError",
@@ -56,7 +58,7 @@ SHARD_SIZE = "1GB"
 _NAME = re.compile(r"^stage([123])-step(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunError):
     """A checkpoint cannot be read or does not belong to this run."""
 
 

@@ -16,6 +16,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from .errors import AttnDBError
 from .world.cli import add_world_parser
 
 __all__ = ["build_parser", "main"]
@@ -717,17 +718,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _usage_errors() -> tuple[type[BaseException], ...]:
-    from .base_model import BaseModelError
-    from .config import ConfigError
-    from .data import DataError
-    from .inference import UsageError
-    from .loading import AdapterError
-    from .trainer import InputError
-
-    return (AdapterError, BaseModelError, ConfigError, DataError, InputError, UsageError)
-
-
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s" if not verbose else "%(levelname)s %(name)s: %(message)s")
@@ -757,7 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"attndb {args.command}: interrupted{kept}.", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as exc:
-        code = EXIT_USAGE if isinstance(exc, _usage_errors()) else EXIT_FAILURE
+        code = exc.exit_code if isinstance(exc, AttnDBError) else EXIT_FAILURE  # the class says which
         if verbose:
             logger.exception("attndb %s failed", args.command)
         # Usage messages say what is wrong and how to fix it (one line per problem found). A failure's message is

@@ -17,8 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import UsageError
+
 __all__ = [
     "DEFAULT_VALIDATION_PROMPTS",
+    "RESUME_DEFAULTS",
+    "RESUME_KEYS",
     "TOKEN_INITS",
     "AttnDBConfig",
     "ConfigError",
@@ -36,7 +40,37 @@ DEFAULT_VALIDATION_PROMPTS = (
 )
 
 
-class ConfigError(ValueError):
+#: Settings a checkpoint must share with the run that resumes it (others, e.g. logging, may change).
+RESUME_KEYS = (
+    "model",
+    "model_config",
+    "revision",
+    "variant",
+    "category",
+    "token",
+    "resolution",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "stage1",
+    "stage2",
+    "stage3",
+    "stage3_mode",
+    "token_init",
+    "stage3_train_token",
+    "regularizer",
+    "flip",
+    "random_crops",
+    "masked_loss",
+    "masks",
+    "max_grad_norm",
+    "mixed_precision",
+)
+#: Values of resume settings that checkpoints written before the setting existed did not record.
+RESUME_DEFAULTS = {"gradient_accumulation_steps": 1, "model_config": None, "masked_loss": False, "masks": None}
+
+
+class ConfigError(UsageError):
     """A setting is invalid. The message names the setting, the value received and the fix."""
 
 

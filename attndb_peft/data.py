@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import UsageError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DataError",
@@ -51,7 +53,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", "
 ALPHA_BACKGROUND = (255, 255, 255)
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """The instance images cannot be used. The message lists every problem found."""
 
 

@@ -31,10 +31,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .adapter_format import CONFIG_NAME, EMBEDDING_NAME, FORMAT_VERSION, KOHYA_NAME, LORA_NAME, MODEL_CARD_NAME
 from .base_model import known_base_model
 from .config import AttnDBConfig
 from .families import SD, ModelFamily
-from .loading import EMBEDDING_NAME, FORMAT_VERSION, LORA_NAME, adapter_name_for_token, looks_like_repo_id
+from .loading import adapter_name_for_token, looks_like_repo_id
 from .stages import LoraFactors, combined_lora_config
 
 __all__ = [
@@ -54,11 +55,6 @@ __all__ = [
     "render_model_card",
 ]
 
-# EMBEDDING_NAME, LORA_NAME and FORMAT_VERSION live in loading.py (the lower module: it reads them, this writes
-# them) and are re-exported here.
-KOHYA_NAME = "attndb_kohya.safetensors"
-CONFIG_NAME = "attndb_config.json"
-MODEL_CARD_NAME = "README.md"
 #: Stands for the adapter's location in the model card's snippets; `push_to_hub` replaces it with the repo id.
 REPO_PLACEHOLDER = "REPO_OR_FOLDER"
 

@@ -16,7 +16,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .export import CONFIG_NAME, EMBEDDING_NAME, KOHYA_NAME, LORA_NAME, MODEL_CARD_NAME, REPO_PLACEHOLDER
+from .adapter_format import ADAPTER_FILES, CONFIG_NAME, EMBEDDING_NAME, KOHYA_NAME, LORA_NAME, MODEL_CARD_NAME
+from .errors import RunError
+from .export import REPO_PLACEHOLDER
 from .loading import AdapterError
 
 __all__ = ["ALLOW_PATTERNS", "IGNORE_PATTERNS", "PushError", "check_repo_id", "files_to_push", "push_to_hub"]
@@ -37,10 +39,10 @@ ALLOW_PATTERNS = [
 ]
 #: Never uploaded, even if a pattern above matched (belt and braces for checkpoints and pickles).
 IGNORE_PATTERNS = ["checkpoints/*", ".export-tmp/*", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl"]
-_REQUIRED = (EMBEDDING_NAME, LORA_NAME, KOHYA_NAME, CONFIG_NAME, MODEL_CARD_NAME)
+_REQUIRED = ADAPTER_FILES
 
 
-class PushError(RuntimeError):
+class PushError(RunError):
     """The Hub refused the push or could not be reached. The local adapter folder is unchanged."""
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .attention import AttentionStore, capture_cross_attention
+from .errors import UsageError
 
 __all__ = [
     "AdapterInfo",
@@ -55,9 +56,6 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
-class UsageError(ValueError):
-    """Bad input to generate / inspect / evaluate / demo (CLI exit code 2). The message names the argument, the
-    value received and the fix."""
 
 
 @dataclass

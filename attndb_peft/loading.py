@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapter_format import EMBEDDING_NAME, FORMAT_VERSION, LORA_NAME
+from .errors import UsageError
 from .families import ModelFamily, family_of_pipeline
 
 __all__ = [
@@ -49,11 +51,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The adapter files this module reads (export.py writes them and re-exports these names).
-EMBEDDING_NAME = "attndb_embedding.safetensors"
-LORA_NAME = "pytorch_lora_weights.safetensors"
-#: Version of the adapter folder layout; `load_attndb` refuses folders from a newer major version.
-FORMAT_VERSION = "1.0"
 
 #: Hub arguments `load_attndb` passes to `huggingface_hub.hf_hub_download`. The Hub access token is `hf_token`
 #: (diffusers' name in `load_textual_inversion`), because `token` names the concept's token.
@@ -67,7 +64,7 @@ _LORA_KEY = re.compile(r"^unet\.(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$
 _REGISTRY_ATTR = "_attndb_concepts"
 
 
-class AdapterError(ValueError):
+class AdapterError(UsageError):
     """An adapter folder, file or argument is wrong, or the adapter does not fit the pipeline. Raised before the
     pipeline is changed (or after undoing a partial load), so the pipeline is exactly as it was."""
 

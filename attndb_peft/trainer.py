@@ -29,9 +29,10 @@ import torch
 
 from . import base_model
 from . import checkpoints as ckpt
+from .adapter_format import ADAPTER_FILES
 from .attention import AttentionStore, capture_cross_attention
 from .base_model import BaseModelError, check_base_model
-from .config import AttnDBConfig
+from .config import RESUME_DEFAULTS, RESUME_KEYS, AttnDBConfig
 from .data import (
     LatentCache,
     batch_indices,
@@ -44,6 +45,7 @@ from .data import (
     scan_image_folder,
     scan_masks,
 )
+from .errors import RunError, UsageError
 from .families import SD, Conditioning, family_of_model, family_of_pipeline, family_of_unet_config, native_resolution
 from .regularizer import attention_regularizer, diffusion_loss, diffusion_target, masked_diffusion_loss
 from .reporting import check_report_to, format_run_summary, tracker_config, trackers_for, write_validation_samples
@@ -79,34 +81,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Settings a checkpoint must share with the run that resumes it (others, e.g. logging, may change).
-_RESUME_KEYS = (
-    "model",
-    "model_config",
-    "revision",
-    "variant",
-    "category",
-    "token",
-    "resolution",
-    "batch_size",
-    "gradient_accumulation_steps",
-    "seed",
-    "stage1",
-    "stage2",
-    "stage3",
-    "stage3_mode",
-    "token_init",
-    "stage3_train_token",
-    "regularizer",
-    "flip",
-    "random_crops",
-    "masked_loss",
-    "masks",
-    "max_grad_norm",
-    "mixed_precision",
-)
-# Values of resume settings that checkpoints written before the setting existed did not record.
-_SETTING_DEFAULTS = {"gradient_accumulation_steps": 1, "model_config": None, "masked_loss": False, "masks": None}
 #: How long a process waits in a collective (e.g. a barrier) before the run is aborted. NCCL's default, 10
 #: minutes, is shorter than what the main process may spend alone: writing a stage-3 full checkpoint (~10 GiB)
 #: or the full fine-tune's export while the other processes wait in `wait_for_everyone`.
@@ -115,24 +89,18 @@ PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
 SKIPPED_STEPS_WARNING = 0.1
 _SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Files of a finished run inside the output folder (removed by --overwrite).
-OUTPUT_FILES = (
-    "attndb_embedding.safetensors",
-    "pytorch_lora_weights.safetensors",
-    "attndb_kohya.safetensors",
-    "attndb_config.json",
-    "README.md",
-)
+OUTPUT_FILES = ADAPTER_FILES
 
 
-class InputError(ValueError):
+class InputError(UsageError):
     """Bad input or usage found before training starts (CLI exit code 2). Nothing has been written."""
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunError):
     """The loss or gradients became non-finite (CLI exit code 1). The last good checkpoint is kept."""
 
 
-class OutOfMemory(RuntimeError):
+class OutOfMemory(RunError):
     """The GPU ran out of memory (CLI exit code 1); the message lists the settings that reduce memory."""
 
 
@@ -1022,7 +990,7 @@ class Trainer:
                     "step": step,
                     "num_processes": acc.num_processes,
                     "lr_scheduler": self.lr_scheduler.state_dict(),
-                    "settings": {k: settings[k] for k in _RESUME_KEYS},
+                    "settings": {k: settings[k] for k in RESUME_KEYS},
                     "config": settings,  # everything, for `attndb export --checkpoint`
                 },
             )
@@ -1034,11 +1002,11 @@ class Trainer:
         state = ckpt.read_json(path / "state.json")
         settings = self.config.to_dict()
         # settings added after a checkpoint was written count as their defaults there
-        written = {**_SETTING_DEFAULTS, **state["settings"]}
+        written = {**RESUME_DEFAULTS, **state["settings"]}
         # More (or fewer) stage-3 steps extend a run: the rest of stage 3 must match, and the checkpoint must not
         # lie beyond the new end of stage 3 (pick an earlier step with `attndb export --checkpoint` instead).
         written["stage3"] = {**written["stage3"], "steps": settings["stage3"]["steps"]}
-        changed = [k for k in _RESUME_KEYS if written.get(k) != settings[k]]
+        changed = [k for k in RESUME_KEYS if written.get(k) != settings[k]]
         if changed:
             raise InputError(
                 f"--resume: {path} was written with different settings ({', '.join(changed)}); use the same "

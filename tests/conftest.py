@@ -107,6 +107,43 @@ def fresh_pipeline(model):
     return pipe
 
 
+#: Pixels of differently built models agree to this: CPU matmuls sum in an order that depends on the tensors'
+#: memory alignment, which differs between a model that had layers injected and removed and a fresh one (seen:
+#: 1.25e-06). What is exact (weights, buffers, vocabularies) is compared exactly with `assert_same_models`.
+PIXEL_ATOL = 1e-5
+
+
+def assert_same_pixels(got, want, atol=PIXEL_ATOL):
+    """Images of two pipelines agree to `atol` (differently built models: see `PIXEL_ATOL`)."""
+    difference = float(abs(got - want).max())
+    assert difference <= atol, f"images differ by {difference:.3g} (> {atol:g})"
+
+
+def model_state(pipe) -> dict:
+    """Every parameter and buffer of the pipeline's models (copied) and every tokenizer's vocabulary."""
+    state = {}
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            state[name] = {k: v.detach().clone() for k, v in component.state_dict().items()}
+        elif hasattr(component, "get_vocab"):
+            state[name] = dict(component.get_vocab())
+    return state
+
+
+def assert_same_models(got, want):
+    """Two pipelines (or `model_state` snapshots) hold bit-identical weights and buffers and equal vocabularies."""
+    got = got if isinstance(got, dict) else model_state(got)
+    want = want if isinstance(want, dict) else model_state(want)
+    assert got.keys() == want.keys()
+    for name, values in want.items():
+        assert got[name].keys() == values.keys(), name
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                assert got[name][key].dtype == value.dtype and torch.equal(got[name][key], value), f"{name}.{key}"
+            else:
+                assert got[name][key] == value, f"{name}: {key}"
+
+
 def generate(pipe, prompt, seed=0, steps=3):
     """Images of `prompt` as a numpy array, from a fixed seed at the tiny resolution."""
     with torch.no_grad():

@@ -7,7 +7,7 @@ import importlib
 import shutil
 
 import pytest
-from conftest import generate
+from conftest import assert_same_models, assert_same_pixels, generate
 
 from attndb_peft.base_model import DEFAULT_BASE_MODEL, SD15_BASE_MODEL, BaseModelError, check_base_model
 from attndb_peft.cli import main
@@ -113,6 +113,7 @@ def test_the_new_default_id_loads_offline_from_the_hub_cache(tiny_model, monkeyp
     check_base_model(DEFAULT_BASE_MODEL)
     pipe, _ = load_pipeline(DEFAULT_BASE_MODEL, device="cpu")
     local, _ = load_pipeline(str(tiny_model), device="cpu")
-    assert abs(generate(pipe, "a photo of a dog") - generate(local, "a photo of a dog")).max() == 0
+    assert_same_models(pipe, local)
+    assert_same_pixels(generate(pipe, "a photo of a dog"), generate(local, "a photo of a dog"))
     with pytest.raises(UsageError, match=f"^--model {MOVED_SD21}: not in the local Hub cache"):
         load_pipeline(MOVED_SD21, device="cpu")

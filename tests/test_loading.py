@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import fresh_pipeline, generate, make_config
+from conftest import assert_same_models, assert_same_pixels, fresh_pipeline, generate, make_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -128,7 +128,7 @@ def test_load_attndb_gives_the_stock_diffusers_images(adapter, tiny_model):
     assert pipe.get_active_adapters() == ["attndb-dog"] and loaded_concepts(pipe) == {"attndb-dog": token}
     prompt = f"a photo of a {token} dog on the beach"
     got = generate(pipe, prompt)
-    assert abs(got - generate(stock, prompt)).max() == 0
+    assert_same_pixels(got, generate(stock, prompt))
     assert abs(got - generate(fresh_pipeline(tiny_model), prompt)).max() > 1e-3  # it did change something
 
     # weight= is the LoRA strength, as set_adapters would set it
@@ -137,7 +137,7 @@ def test_load_attndb_gives_the_stock_diffusers_images(adapter, tiny_model):
     stock.set_adapters(["concept"], [0.5])
     half_pipe = fresh_pipeline(tiny_model)
     half_pipe.load_attndb(adapter, weight=0.5)
-    assert abs(generate(half_pipe, prompt) - generate(stock, prompt)).max() == 0
+    assert_same_pixels(generate(half_pipe, prompt), generate(stock, prompt))
 
 
 def _lay_out_hub_cache(cache, repo_id, folder, sha):
@@ -174,7 +174,8 @@ def test_hub_repo_id_resolves_offline_from_the_cache(adapter, tiny_model, tmp_pa
 
     pipe = fresh_pipeline(tiny_model)
     assert pipe.load_attndb("attndb-test/dog", cache_dir=cache, hf_token="hf_dummy") == token
-    assert abs(generate(pipe, prompt) - generate(reference, prompt)).max() == 0
+    assert_same_models(pipe, reference)
+    assert_same_pixels(generate(pipe, prompt), generate(reference, prompt))
     assert [c[1] for c in calls] == [EMBEDDING_NAME, LORA_NAME]  # only what is needed
     assert all(c[2]["cache_dir"] == cache and c[2]["token"] == "hf_dummy" for c in calls)
 
@@ -183,7 +184,8 @@ def test_hub_repo_id_resolves_offline_from_the_cache(adapter, tiny_model, tmp_pa
     pinned = fresh_pipeline(tiny_model)
     pinned.load_attndb("attndb-test/dog", revision=sha, local_files_only=True)
     assert calls[-1][2]["revision"] == sha and calls[-1][2]["local_files_only"] is True
-    assert abs(generate(pinned, prompt) - generate(reference, prompt)).max() == 0
+    assert_same_models(pinned, reference)
+    assert_same_pixels(generate(pinned, prompt), generate(reference, prompt))
 
     before = _state(pinned)
     with pytest.raises(AdapterError, match="not in the local Hub cache"):
@@ -217,7 +219,7 @@ def test_foreign_lora_stays_active_and_weights_mix(adapter, style_lora, tiny_mod
     assert pipe.unload_attndb("attndb-dog") == token
     assert pipe.get_active_adapters() == ["style"]
     _assert_same_state(base_state, _state(pipe))
-    assert abs(generate(pipe, PLAIN) - style_only).max() == 0  # exactly the style-only images again
+    assert_same_pixels(generate(pipe, PLAIN), style_only)  # the style-only images again
 
 
 def test_per_block_weights_of_active_adapters_are_kept(adapter, style_lora, tiny_model):
@@ -251,7 +253,7 @@ def test_two_concepts_trained_with_the_same_token_coexist_and_unload_independent
     only_b = fresh_pipeline(tiny_model)
     only_b.load_attndb(second_adapter, token="<dog-b>", weight=0.7)
     prompt = "a photo of a <dog-b> dog"
-    assert abs(generate(pipe, prompt) - generate(only_b, prompt)).max() == 0
+    assert_same_pixels(generate(pipe, prompt), generate(only_b, prompt))
     assert abs(generate(pipe, "a photo of a <dog-a> dog and a <dog-b> dog") - both).max() > 1e-4
 
     assert pipe.unload_attndb() == "<dog-b>"  # the only one left: no name needed
@@ -260,7 +262,7 @@ def test_two_concepts_trained_with_the_same_token_coexist_and_unload_independent
     assert [type(m) for m in pipe.unet.modules()] == [type(m) for m in base.unet.modules()]  # no empty LoRA layers
     for key in ("vocab", "vocab_size", "embeddings", "concepts"):
         _assert_same_state({key: base_state[key]}, {key: state[key]})
-    assert abs(generate(pipe, PLAIN) - generate(base, PLAIN)).max() == 0
+    assert_same_pixels(generate(pipe, PLAIN), generate(base, PLAIN))
 
 
 def test_unload_after_the_user_deleted_the_lora(adapter, tiny_model):
