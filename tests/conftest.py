@@ -120,11 +120,14 @@ def assert_same_pixels(got, want, atol=PIXEL_ATOL):
 
 
 def model_state(pipe) -> dict:
-    """Every parameter and buffer of the pipeline's models (copied) and every tokenizer's vocabulary."""
+    """Every parameter and buffer of the pipeline's models (copied) and every tokenizer's vocabulary. A layer
+    that PEFT still wraps after its last adapter on it was deleted holds its weight as `base_layer.weight`: the
+    key is named as unwrapped."""
     state = {}
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module):
-            state[name] = {k: v.detach().clone() for k, v in component.state_dict().items()}
+            weights = component.state_dict().items()
+            state[name] = {k.replace(".base_layer.", "."): v.detach().clone() for k, v in weights}
         elif hasattr(component, "get_vocab"):
             state[name] = dict(component.get_vocab())
     return state
