@@ -184,7 +184,7 @@ def workspace(tmp_path_factory):
     return folder, tiny
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # about 15-30 s on 2 shared cores: 14 tiny or world runs
 def test_offline_blocks_run(workspace, monkeypatch):
     """Every unmarked command block runs, in file order, in one folder (later blocks use earlier outputs)."""
     folder, tiny = workspace
