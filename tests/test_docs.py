@@ -271,6 +271,15 @@ def test_relative_links_resolve(path):
         if not file or file == "docs/design.md":  # the design page is written after the refactor
             continue
         assert (path.parent / file).exists(), f"{path.name}: broken link {target}"
+        if "#" in target and file.endswith(".md"):
+            assert target.split("#")[1] in anchors(path.parent / file), f"{path.name}: no heading for {target}"
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+    headings = re.findall(r"^#+\s+(.+?)\s*$", text, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
 
 
 def test_model_card_names_the_files_the_readme_names():
