@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import re
 import shlex
 from dataclasses import dataclass
@@ -16,7 +17,12 @@ from pathlib import Path
 import pytest
 
 from attndb_peft.cli import build_parser, main
-from attndb_peft.testing import make_instance_images, save_tiny_pipeline
+from attndb_peft.testing import (
+    make_instance_images,
+    save_tiny_pipeline,
+    save_tiny_sdxl_pipeline,
+    save_tiny_single_file,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -152,17 +158,18 @@ def _set(argv: list[str], flag: str, value: str | None) -> list[str]:
     return argv + ([flag] if value is None else [flag, value])
 
 
-def offline_argv(argv: list[str], tiny: Path) -> list[str]:
-    """A doc command made to run in seconds: Hub ids -> the tiny model, a few steps, no samples."""
+def offline_argv(argv: list[str], tiny: Path, tiny_sdxl: Path | None = None) -> list[str]:
+    """A doc command made to run in seconds: Hub ids -> the tiny model of their family, a few steps, no samples."""
     argv = [a for a in argv if a not in ELLIPSIS]
     for i, arg in enumerate(argv[:-1]):
         if arg in {"--model", "--model-config"} and HUB_ID.match(argv[i + 1]) and not Path(argv[i + 1]).exists():
-            argv[i + 1] = str(tiny)
+            argv[i + 1] = str(tiny_sdxl if tiny_sdxl is not None and "-xl-" in argv[i + 1] else tiny)
     argv = [re.sub(r"stage3-step\d+", "stage3-step2", a) for a in argv]
     command = argv[0]
     if command == "train":
         argv = _set(argv, "--steps", "2,2,2")
         argv = _set(argv, "--batch-size", "2")
+        argv = _set(argv, "--gradient-accumulation-steps", "1")  # (SDXL's default is 4)
         if "--checkpointing-steps" in argv:
             argv = _set(argv, "--checkpointing-steps", "1")
         argv = [a for a in argv if a != "--validation-prompts"] + ["--validation-prompts"]  # no samples
@@ -177,30 +184,35 @@ def offline_argv(argv: list[str], tiny: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A folder with what the docs' commands expect: a tiny model standing in for every Hub id, and ./my_dog."""
+    """A folder with what the docs' commands expect: tiny models standing in for every Hub id (SD and SDXL), a
+    single-file checkpoint of the tiny SD model (`./my-finetune.safetensors`) and the photos in ./my_dog."""
     folder = tmp_path_factory.mktemp("docs")
     tiny = save_tiny_pipeline(folder / "tiny-model")
+    tiny_sdxl = save_tiny_sdxl_pipeline(folder / "tiny-sdxl-model")
+    save_tiny_single_file(folder / "my-finetune.safetensors")
     make_instance_images(folder / "my_dog", num_images=4, size=48)
-    return folder, tiny
+    return folder, tiny, tiny_sdxl
 
 
 @pytest.mark.slow  # about 15-30 s on 2 shared cores: 14 tiny or world runs
 def test_offline_blocks_run(workspace, monkeypatch):
     """Every unmarked command block runs, in file order, in one folder (later blocks use earlier outputs)."""
-    folder, tiny = workspace
+    folder, tiny, tiny_sdxl = workspace
     monkeypatch.chdir(folder)
     ran = 0
     for block in SHELL_BLOCKS:
         if block.not_run is not None:
             continue
         for command in commands(block):
-            argv = offline_argv(command[1:], tiny)
+            argv = offline_argv(command[1:], tiny, tiny_sdxl)
             code = main(argv)
             assert code == 0, f"{block.where}: `attndb {' '.join(argv)}` exited {code}"
             ran += 1
     assert ran >= 10
     # what the commands promise to write
     assert (folder / "my-dog" / "attndb_kohya.safetensors").is_file()
+    assert json.loads((folder / "my-dog-xl" / "attndb_config.json").read_text())["family"] == "sdxl"
+    assert (folder / "my-dog-ft" / "attndb_embedding.safetensors").is_file()
     assert (folder / "my-dog-step300" / "pytorch_lora_weights.safetensors").is_file()
     assert (folder / "scores.json").is_file()
 
@@ -228,7 +240,7 @@ def test_offline_python_block_runs(workspace, monkeypatch):
     """The README's stock-diffusers snippet loads a real adapter folder (written here) into the tiny pipeline."""
     from diffusers import StableDiffusionPipeline
 
-    folder, tiny = workspace
+    folder, tiny, _ = workspace
     monkeypatch.chdir(folder)
     if not (folder / "my-dog" / "attndb_config.json").is_file():
         assert (
