@@ -67,29 +67,32 @@ def _volatile(key: str) -> bool:
     return any(word in key.lower() for word in VOLATILE_KEYS)
 
 
-def _strip(value, key: str = ""):
-    """`value` less its volatile keys, with JSON held in strings (safetensors metadata) parsed too, and PEFT's
-    `target_modules` (a set, written in Python's per-process hash order) sorted."""
+def _strip(value, workdir: str, key: str = ""):
+    """`value` less its volatile keys, with JSON held in strings (safetensors metadata) parsed too, the work
+    folder's path written as `<workdir>`, and PEFT's `target_modules` (a set, written in Python's per-process
+    hash order) sorted."""
     if isinstance(value, str) and value[:1] in "{[":
         try:
             value = json.loads(value)
         except ValueError:
-            return value
+            pass
+    if isinstance(value, str):
+        return value.replace(workdir, "<workdir>")
     if isinstance(value, dict):
-        return {k: _strip(v, k) for k, v in value.items() if not _volatile(k)}
+        return {k: _strip(v, workdir, k) for k, v in value.items() if not _volatile(k)}
     if isinstance(value, list):
-        items = [_strip(v) for v in value]
+        items = [_strip(v, workdir) for v in value]
         return sorted(items) if key.endswith("target_modules") and all(isinstance(i, str) for i in items) else items
     return value
 
 
-def _safetensors_digest(raw: bytes) -> str:
+def _safetensors_digest(raw: bytes, workdir: str) -> str:
     """A safetensors file's tensors (name, dtype, shape, bytes) in name order and its header metadata less the
     volatile keys: the writer's key order follows Python's per-process string hashing, so the bytes may not."""
     size = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + size])
     data = raw[8 + size :]
-    digest = hashlib.sha256(json.dumps(_strip(header.pop("__metadata__", {})), sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(_strip(header.pop("__metadata__", {}), workdir), sort_keys=True).encode())
     for name in sorted(header):
         begin, end = header[name]["data_offsets"]
         digest.update(json.dumps([name, header[name]["dtype"], header[name]["shape"]]).encode())
@@ -97,22 +100,23 @@ def _safetensors_digest(raw: bytes) -> str:
     return digest.hexdigest()
 
 
-def _digest(path: Path) -> str:
+def _digest(path: Path, workdir: str) -> str:
     if path.suffix == ".json":
-        data = json.dumps(_strip(json.loads(path.read_text())), sort_keys=True).encode()
+        data = json.dumps(_strip(json.loads(path.read_text()), workdir), sort_keys=True).encode()
         return hashlib.sha256(data).hexdigest()
     if path.suffix == ".safetensors":
-        return _safetensors_digest(path.read_bytes())
+        return _safetensors_digest(path.read_bytes(), workdir)
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def hash_folder(folder: Path) -> dict[str, str]:
-    """`{relative path: sha256}` of every file under `folder` except `SKIPPED` ones."""
+def hash_folder(folder: Path, workdir: Path) -> dict[str, str]:
+    """`{relative path: sha256}` of every file under `folder` except `SKIPPED` ones; the path `workdir` is hashed
+    as `<workdir>` wherever a file records it, so recordings made in different folders compare."""
     hashes = {}
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
         if path.is_file() and not any(part in SKIPPED for part in rel.parts):
-            hashes[rel.as_posix()] = _digest(path)
+            hashes[rel.as_posix()] = _digest(path, str(workdir))
     return hashes
 
 
@@ -160,7 +164,7 @@ def record(root: Path, world: bool = True) -> dict[str, dict[str, str]]:
             validation_images=1,
         )
         runs["world-demo"] = train(config)
-    return {name: hash_folder(folder) for name, folder in runs.items()}
+    return {name: hash_folder(folder, root) for name, folder in runs.items()}
 
 
 def compare(recorded: dict, now: dict) -> list[str]:
@@ -185,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "--workdir",
         type=Path,
         default=Path(tempfile.gettempdir()) / "attndb-record-hashes",
-        help="Where the runs write (emptied first). The runs record their paths, so keep it the same between "
-        "recordings. Default: %(default)s.",
+        help="Where the runs write (emptied first; its path is hashed as <workdir>). Default: %(default)s.",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
