@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 from collections import Counter
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +30,26 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .adapter_format import CONFIG_NAME, EMBEDDING_NAME, FORMAT_VERSION, KOHYA_NAME, LORA_NAME, MODEL_CARD_NAME
+from .adapter_format import (
+    ALPHAS_KEY,
+    CONFIG_NAME,
+    EMBEDDING_NAME,
+    FORMAT_VERSION,
+    KOHYA_NAME,
+    LORA_NAME,
+    MODEL_CARD_NAME,
+    adapter_name_for_token,
+    header_metadata,
+    looks_like_repo_id,
+    package_versions,
+)
 from .base_model import known_base_model
 from .config import AttnDBConfig
 from .families import SD, ModelFamily
-from .loading import adapter_name_for_token, looks_like_repo_id
 from .stages import LoraFactors, combined_lora_config
 
+# The file names, FORMAT_VERSION and package_versions are the adapter contract's (adapter_format.py), re-exported
+# for callers that import them from the writer.
 __all__ = [
     "CONFIG_NAME",
     "EMBEDDING_NAME",
@@ -63,17 +75,6 @@ REPO_PLACEHOLDER = "REPO_OR_FOLDER"
 _FAMILIES = {768: ("sd_v1", "creativeml-openrail-m"), 1024: ("sd_v2", "openrail++")}
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of the packages that shape the adapter (for reproduction)."""
-    versions = {}
-    for name in ("attndb_peft", "torch", "diffusers", "peft", "transformers", "accelerate", "safetensors"):
-        try:
-            versions[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            versions[name] = "unknown"
-    return versions
 
 
 def base_model_family(
@@ -138,16 +139,15 @@ def kohya_state_dict(
 
 def _common_metadata(config: AttnDBConfig, lora: dict[str, LoraFactors]) -> dict[str, str]:
     ranks = sorted({f.rank for f in lora.values()})
-    return {
-        "attndb_format_version": FORMAT_VERSION,
-        "attndb_version": package_versions()["attndb_peft"],
-        "attndb_token": config.token,
-        "attndb_category": config.category,
-        "attndb_base_model": config.model,
-        "attndb_stage3_mode": config.stage3_mode,
-        "attndb_ranks": json.dumps(ranks),
-        "attndb_alphas": json.dumps(ranks),  # alpha = rank everywhere: the scale is folded into lora_up
-    }
+    return header_metadata(
+        token=config.token,
+        category=config.category,
+        base_model=config.model,
+        stage3_mode=config.stage3_mode,
+        ranks=ranks,
+        alphas=ranks,  # alpha = rank everywhere: the scale is folded into lora_up
+        version=package_versions()["attndb_peft"],
+    )
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -238,6 +238,10 @@ def render_model_card(
         versions=package_versions(),
         sdxl=family.is_sdxl,
         embedding_keys=list(family.embedding_keys or ()),
+        embedding_name=EMBEDDING_NAME,
+        lora_name=LORA_NAME,
+        kohya_name=KOHYA_NAME,
+        config_name=CONFIG_NAME,
     )
     return str(card)
 
@@ -305,7 +309,7 @@ def export_adapter(
     # The keys sd-scripts writes for a LoRA; A1111/ComfyUI show them, none of them changes how it loads.
     kohya_meta = {
         **metadata,
-        "attndb_alphas": json.dumps([alpha]),
+        ALPHAS_KEY: json.dumps([alpha]),  # the kohya copy has one alpha for every module
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(alpha),
         "ss_network_alpha": str(alpha),

@@ -23,7 +23,7 @@ def test_expand_prompt():
     )
     assert expand_prompt("a photo of a {}", None, "dog") == "a photo of a dog"  # text alignment's prompt
     assert expand_prompt("no placeholder", None, None) == "no placeholder"
-    with pytest.raises(UsageError, match="--adapter"):
+    with pytest.raises(UsageError, match="`adapter`"):
         expand_prompt("a {}", None, None)
 
 
