@@ -1,13 +1,12 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
-"""The adapter folder writer.
+"""The adapter folder writer. The file names and header keys are defined in `adapter_format.py`, which every
+reader uses too; this module fills the files from a run's settings, embedding and combined LoRA:
 
-| file | content |
-|---|---|
-| `attndb_embedding.safetensors` | `{token: tensor[hidden]}`, loads with `pipe.load_textual_inversion(file)` |
-| `pytorch_lora_weights.safetensors` | stages 2+3 as one LoRA in diffusers/PEFT keys (diffusers' own writer) |
-| `attndb_kohya.safetensors` | the same LoRA in kohya keys (`lora_unet_*.lora_down/lora_up/alpha`) for A1111/ComfyUI |
-| `attndb_config.json` | token, category, base model, every setting, ranks, package versions |
-| `README.md` | model card rendered from `model_card_template.md` |
+- the embedding in diffusers' textual-inversion layout, loadable with `pipe.load_textual_inversion(file)`;
+- stages 2+3 as one LoRA in diffusers/PEFT keys, written by diffusers' own `save_lora_weights`;
+- the same LoRA in kohya keys (`lora_unet_*.lora_down/lora_up/alpha`) for A1111/ComfyUI;
+- `attndb_config.json` with token, category, base model, every setting, ranks and package versions;
+- the model card, rendered from `model_card_template.md`.
 
 SDXL adapters differ in two files (families.py): the embedding is `{"clip_l": [1, 768], "clip_g": [1, 1280]}`
 (one `load_textual_inversion` call per text encoder) and the kohya copy names modules by their LDM blocks.
