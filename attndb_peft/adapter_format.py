@@ -55,6 +55,7 @@ __all__ = [
     "AdapterInfo",
     "adapter_name_for_token",
     "check_format_version",
+    "config_record",
     "first_line",
     "header_metadata",
     "locate_adapter_files",
@@ -63,6 +64,7 @@ __all__ = [
     "read_adapter",
     "read_adapter_config",
     "read_safetensors",
+    "write_config",
 ]
 
 # ---------------------------------------------------------------------------------------------- file names
@@ -178,6 +180,55 @@ def header_metadata(
         RANKS_KEY: json.dumps(ranks),
         ALPHAS_KEY: json.dumps(alphas),
     }
+
+
+def config_record(
+    *,
+    token: str,
+    category: str,
+    base_model: str,
+    instance_prompt: str,
+    embedding_dims: list[int],
+    lora_modules: int,
+    ranks: list[int],
+    report: dict[str, Any],
+    settings: dict[str, Any],
+    family: str | None = None,
+) -> dict[str, Any]:
+    """The content of `attndb_config.json` (what `AdapterInfo.from_dict` reads back).
+
+    Args:
+        token (`str`), category (`str`), base_model (`str`), instance_prompt (`str`): the concept and its run.
+        embedding_dims (`list[int]`): the embedding's width per text encoder.
+        lora_modules (`int`): how many U-Net modules the LoRA has.
+        ranks (`list[int]`): its ranks (alpha = rank: the scale is folded into `lora_B`).
+        report (`dict`): extra facts of the run (e.g. SVD energy kept).
+        settings (`dict`): the run's `AttnDBConfig.to_dict()`.
+        family (`str`, *optional*): the base model's family; `None` for SD 1.x/2.x, whose folders keep the keys
+            they had before SDXL (no `family`, no `embedding_dims`).
+    """
+    record = {
+        "format_version": FORMAT_VERSION,
+        "token": token,
+        "category": category,
+        "base_model": base_model,
+        "instance_prompt": instance_prompt,
+        "embedding_dim": embedding_dims[0],
+        "lora": {"modules": lora_modules, "ranks": ranks, "alpha": "rank (scale folded into lora_B)"},
+        "files": {"embedding": EMBEDDING_NAME, "lora": LORA_NAME, "kohya": KOHYA_NAME},
+        "report": report,
+        "settings": settings,
+        "versions": package_versions(),
+    }
+    if family is not None:
+        record["family"] = family
+        record["embedding_dims"] = embedding_dims
+    return record
+
+
+def write_config(path: Path, record: dict[str, Any]) -> None:
+    """Write `attndb_config.json` (sorted keys: the same run gives the same bytes)."""
+    path.write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def check_format_version(version: str | None, label: str) -> None:

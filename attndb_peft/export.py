@@ -38,9 +38,11 @@ from .adapter_format import (
     LORA_NAME,
     MODEL_CARD_NAME,
     adapter_name_for_token,
+    config_record,
     header_metadata,
     looks_like_repo_id,
     package_versions,
+    write_config,
 )
 from .base_model import known_base_model
 from .config import AttnDBConfig
@@ -322,23 +324,19 @@ def export_adapter(
         kohya_meta["ss_v2"] = str(kohya_family == "sd_v2")
     _save(kohya_state_dict(lora, dtype, family, unet_config), tmp / KOHYA_NAME, kohya_meta)
 
-    run_info = {
-        "format_version": FORMAT_VERSION,
-        "token": config.token,
-        "category": config.category,
-        "base_model": config.model,
-        "instance_prompt": config.prompt,
-        "embedding_dim": width,
-        "lora": {"modules": len(lora), "ranks": ranks, "alpha": "rank (scale folded into lora_B)"},
-        "files": {"embedding": EMBEDDING_NAME, "lora": LORA_NAME, "kohya": KOHYA_NAME},
-        "report": report,
-        "settings": config.to_dict(),
-        "versions": package_versions(),
-    }
-    if family is not SD:  # SD folders keep their original keys
-        run_info["family"] = family.name
-        run_info["embedding_dims"] = [int(e.shape[-1]) for e in embeddings]
-    (tmp / CONFIG_NAME).write_text(json.dumps(run_info, indent=2, sort_keys=True), encoding="utf-8")
+    run_info = config_record(
+        token=config.token,
+        category=config.category,
+        base_model=config.model,
+        instance_prompt=config.prompt,
+        embedding_dims=[int(e.shape[-1]) for e in embeddings],
+        lora_modules=len(lora),
+        ranks=ranks,
+        report=report,
+        settings=config.to_dict(),
+        family=None if family is SD else family.name,
+    )
+    write_config(tmp / CONFIG_NAME, run_info)
     card = render_model_card(config, lora, report, samples or [], embedding_dim=width, family=family)
     (tmp / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
 
