@@ -263,6 +263,16 @@ class AdapterFiles:
     embedding: Path
     lora: Path
 
+    @property
+    def embedding_label(self) -> str:
+        """How messages name the embedding file."""
+        return f"{EMBEDDING_NAME} of {self.source}"
+
+    @property
+    def lora_label(self) -> str:
+        """How messages name the LoRA file."""
+        return f"{LORA_NAME} of {self.source}"
+
 
 def locate_adapter_files(path_or_repo_id: str | os.PathLike, hub_kwargs: dict[str, Any]) -> AdapterFiles:
     """Find `LOADED_FILES` in a local adapter folder, or fetch them (and nothing else) from a Hub repo.
@@ -425,15 +435,18 @@ class AdapterContent:
 
     @property
     def source(self) -> str:
+        """What the user passed (folder or repo id), for messages."""
         return self.files.source
 
     @property
     def embedding_label(self) -> str:
-        return f"{EMBEDDING_NAME} of {self.source}"
+        """How messages name the embedding file."""
+        return self.files.embedding_label
 
     @property
     def lora_label(self) -> str:
-        return f"{LORA_NAME} of {self.source}"
+        """How messages name the LoRA file."""
+        return self.files.lora_label
 
     @property
     def token(self) -> str | None:
@@ -458,8 +471,8 @@ def read_adapter(path_or_repo_id: str | os.PathLike, hub_kwargs: dict[str, Any])
         AdapterError: see `locate_adapter_files`, `read_safetensors` and `check_format_version`.
     """
     files = locate_adapter_files(path_or_repo_id, hub_kwargs)
-    embedding, embedding_header = read_safetensors(files.embedding, f"{EMBEDDING_NAME} of {files.source}")
-    lora, lora_header = read_safetensors(files.lora, f"{LORA_NAME} of {files.source}")
+    embedding, embedding_header = read_safetensors(files.embedding, files.embedding_label)
+    lora, lora_header = read_safetensors(files.lora, files.lora_label)
     content = AdapterContent(files, embedding, embedding_header, lora, lora_header)
     for label, header in ((content.embedding_label, embedding_header), (content.lora_label, lora_header)):
         check_format_version(header.get(FORMAT_VERSION_KEY), label)

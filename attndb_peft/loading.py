@@ -14,6 +14,10 @@ unload and the undo cover both pairs (what differs by family comes from families
 
 Every check runs before the pipeline is touched, so a refused adapter leaves the tokenizer, the embedding matrix
 and the LoRA adapters as they were; if a diffusers call still fails midway, what was added is removed again.
+
+This module holds the checks of an adapter against a pipeline and the order of the diffusers calls. Finding and
+reading the folder's files is the adapter contract's (`adapter_format.py`); recording, restoring and undoing the
+pipeline's LoRA state is `pipeline_state.py`'s.
 """
 
 from __future__ import annotations
