@@ -66,6 +66,7 @@ def concept_registry(pipe) -> dict[str, Concept]:
 
 
 def _lora_components(pipe) -> Iterator[tuple[str, nn.Module]]:
+    """The pipeline's models that can hold LoRA layers, by component name."""
     for name in getattr(pipe, "_lora_loadable_modules", ("unet", "text_encoder")):
         model = getattr(pipe, name, None)
         if isinstance(model, nn.Module):
@@ -78,6 +79,7 @@ def all_adapter_names(pipe) -> set[str]:
 
 
 def _tuner_layers(pipe) -> Iterator[tuple[str, str, nn.Module]]:
+    """Every PEFT layer of those models: `(component, module name, layer)`."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for component, model in _lora_components(pipe):
@@ -117,6 +119,7 @@ def restore(pipe, state: LoraState) -> None:
 
 
 def _restore_scalings(pipe, state: LoraState) -> None:
+    """Put back each recorded per-layer scaling whose layer and adapter still exist."""
     for (component, name, adapter), scale in state.scaling.items():
         try:
             module = getattr(pipe, component).get_submodule(name)
