@@ -18,14 +18,35 @@ striped-ball image set, three stages, export, reload, samples; its pictures are 
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .adapter_format import MODEL_CARD_NAME
+from .config import DEFAULT_VALIDATION_PROMPTS, AttnDBConfig
+from .errors import UsageError, arg
+from .families import FAMILIES
+from .inference import expand_prompt, generate_images, inspect_prompt
+from .testing import TINY_RESOLUTION, make_instance_images, save_tiny_pipeline, save_tiny_sdxl_pipeline
+from .trainer import Trainer
+from .visualize import image_grid, labelled_cells, load_font
+from .world import scenes as W
+from .world.evaluation import WORLD_GUIDANCE, WORLD_INFERENCE_STEPS, generate
+from .world.model import load_world_pipeline, textual_inversion_config, world_config, write_base
+from .world.scenes import concept_folder
+from .world.scorers import score_image, summarize
 
 __all__ = ["DEMO_STEPS", "WORLD_DEMO_CONCEPT", "WORLD_DEMO_PROMPTS", "DemoResult", "run_demo"]
 
@@ -51,8 +72,6 @@ DEMO_LEARNING_RATES = (5e-2, 1e-2, 1e-2)
 _MARKER = ".attndb-demo"
 _TI_LOG = "ti-adapter.log"  # the background Textual Inversion run's log, moved to ti-adapter/train.log at its end
 _PARTS = ("base-model", "instance-images", "adapter", "reloaded", "ti-adapter", "compare", _TI_LOG)
-
-
 
 
 @dataclass
@@ -97,7 +116,7 @@ class DemoResult:
                 f"  base model (tiny random SD, built in code)   {self.base_model}",
                 f"  instance images (procedural)                 {self.instance_images}",
                 f"  adapter (load with pipe.load_attndb)         {self.adapter}",
-                f"  model card                                   {self.adapter / 'README.md'}",
+                f"  model card                                   {self.adapter / MODEL_CARD_NAME}",
                 f"  samples + attention maps after each stage    {self.adapter / 'samples'}",
                 f"  reloaded adapter: sample grid                {self.samples}",
                 f"  reloaded adapter: per-token attention maps   {self.attention}",
@@ -126,10 +145,6 @@ def _short_scores(record: dict) -> str:
 
 def _stack(blocks: list, title: str):
     """Blocks (PIL images) one under the other under a title line."""
-    from PIL import Image, ImageDraw
-
-    from .visualize import load_font
-
     font = load_font(13)
     width = max(b.width for b in blocks)
     canvas = Image.new("RGB", (width, 22 + sum(b.height for b in blocks)), "white")
@@ -152,12 +167,6 @@ def _spare_cores() -> int:
 
 def _train_logged(config, log_file: str) -> None:
     """`Trainer(config).run()` in a spawned process, on one thread, its progress and log lines going to `log_file`."""
-    import sys
-
-    import torch
-
-    from .trainer import Trainer
-
     torch.set_num_threads(1)
     streams = sys.stdout, sys.stderr
     with open(log_file, "w", encoding="utf-8") as log:
@@ -171,14 +180,13 @@ def _train_logged(config, log_file: str) -> None:
 
 def _prepare(output: Path) -> None:
     """Use an empty or new folder, or replace an earlier demo's output; refuse anything else."""
-    from .inference import UsageError
-
     if output.exists() and not output.is_dir():
-        raise UsageError(f"--output {output}: exists and is not a folder; choose another path.")
+        raise UsageError(f"{arg('output')} {output}: exists and is not a folder; choose another path.")
     if output.is_dir() and any(output.iterdir()):
         if not (output / _MARKER).is_file():
             raise UsageError(
-                f"--output {output}: folder is not empty and holds no earlier demo; choose a new or empty folder."
+                f"{arg('output')} {output}: folder is not empty and holds no earlier demo; choose a new or empty "
+                "folder."
             )
         for part in _PARTS:
             if (output / part).is_dir():
@@ -215,16 +223,13 @@ def run_demo(
     Returns:
         `DemoResult`: the paths written (and the world demo's scores).
     """
-    import torch
-
-    from .families import FAMILIES
-    from .inference import UsageError
-
     started = time.perf_counter()
     if family not in FAMILIES:
-        raise UsageError(f"--family {family!r}: choose one of {', '.join(FAMILIES)}.")
+        raise UsageError(f"{arg('family')} {family!r}: choose one of {', '.join(FAMILIES)}.")
     if family != "sd" and not random_weights:
-        raise UsageError(f"--family {family} runs with --random-weights (the toy world's base model is SD-shaped).")
+        raise UsageError(
+            f"{arg('family')} {family} runs with {arg('random_weights')} (the toy world's base model is SD-shaped)."
+        )
     output = Path(output)
     _prepare(output)
     # The small models' operations are far too small to split across threads: on a busy 2-core machine, torch's
@@ -240,14 +245,6 @@ def run_demo(
 
 
 def _run_random(output: Path, steps, seed: int, inference_steps: int, started: float, family) -> DemoResult:
-    import diffusers
-
-    from .config import DEFAULT_VALIDATION_PROMPTS, AttnDBConfig
-    from .inference import expand_prompt, generate_images, inspect_prompt
-    from .testing import TINY_RESOLUTION, make_instance_images, save_tiny_pipeline, save_tiny_sdxl_pipeline
-    from .trainer import Trainer
-    from .visualize import image_grid
-
     base_model = output / "base-model"
     images = output / "instance-images"
     adapter = output / "adapter"
@@ -297,20 +294,6 @@ def _run_random(output: Path, steps, seed: int, inference_steps: int, started: f
 
 
 def _run_world(output: Path, steps, seed, inference_steps, concept_seed, num_images, started) -> DemoResult:
-    import json
-
-    import numpy as np
-    from PIL import Image
-
-    from .inference import inspect_prompt
-    from .trainer import Trainer
-    from .visualize import labelled_cells
-    from .world import scenes as W
-    from .world.evaluation import WORLD_GUIDANCE, WORLD_INFERENCE_STEPS, generate
-    from .world.model import load_world_pipeline, textual_inversion_config, world_config, write_base
-    from .world.scenes import concept_folder
-    from .world.scorers import score_image, summarize
-
     inference_steps = inference_steps or WORLD_INFERENCE_STEPS
     base_model, images, adapter = output / "base-model", output / "instance-images", output / "adapter"
     ti_adapter, compare = output / "ti-adapter", output / "compare"

@@ -26,7 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .inference import AdapterInfo, UsageError, _first_line, expand_prompt, generate_images, resolve_device
+from .adapter_format import AdapterInfo, first_line, package_versions
+from .data import load_image, scan_image_folder
+from .errors import UsageError, arg
+from .inference import expand_prompt, generate_images, resolve_device
+from .visualize import image_grid
 
 __all__ = [
     "DEFAULT_CLIP_MODEL",
@@ -93,7 +97,7 @@ def read_prompts_file(path: str | os.PathLike) -> list[tuple[str, str]]:
     `group: prompt` puts the prompt in a group (else group `custom`). Returns `(group, prompt)` pairs."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"--prompts {path}: no such file; give a text file with one prompt per line.")
+        raise UsageError(f"{arg('prompts')} {path}: no such file; give a text file with one prompt per line.")
     prompts = []
     for line in path.read_text(encoding="utf-8").splitlines():
         line = line.strip()
@@ -105,17 +109,15 @@ def read_prompts_file(path: str | os.PathLike) -> list[tuple[str, str]]:
         else:
             prompts.append(("custom", line))
     if not prompts:
-        raise UsageError(f"--prompts {path}: no prompts in the file; write one prompt per line.")
+        raise UsageError(f"{arg('prompts')} {path}: no prompts in the file; write one prompt per line.")
     return prompts
 
 
 def load_reference_images(folder: str | os.PathLike) -> list:
     """The instance images of `folder` (same discovery and decoding as training), as RGB PIL images."""
-    from .data import load_image, scan_image_folder
-
     report = scan_image_folder(folder, 0)
     if report.problems or not report.images:
-        problems = report.problems or [f"--images {folder}: no images found (png, jpg, webp, ...)."]
+        problems = report.problems or [f"{arg('images')} {folder}: no images found (png, jpg, webp, ...)."]
         raise UsageError(" ".join(problems))
     return [load_image(p) for p in report.images]
 
@@ -151,7 +153,9 @@ class ClipEmbedder:
             self.model = CLIPModel.from_pretrained(model).to(self.device).eval()
             self.processor = CLIPProcessor.from_pretrained(model)
         except Exception as exc:
-            raise UsageError(f"--clip {model}: cannot load a CLIP model and processor ({_first_line(exc)}).") from None
+            raise UsageError(
+                f"{arg('clip')} {model}: cannot load a CLIP model and processor ({first_line(exc)})."
+            ) from None
 
     @torch.no_grad()
     def images(self, images: Sequence, batch_size: int = 16) -> torch.Tensor:
@@ -198,7 +202,7 @@ class DinoEmbedder:
             self.processor = AutoImageProcessor.from_pretrained(model)
         except Exception as exc:
             raise UsageError(
-                f"--dino {model}: cannot load a ViT model and image processor ({_first_line(exc)})."
+                f"{arg('dino')} {model}: cannot load a ViT model and image processor ({first_line(exc)})."
             ) from None
 
     @torch.no_grad()
@@ -246,9 +250,6 @@ def evaluate_concept(
         and per prompt results, settings).
     """
     from tqdm.auto import tqdm
-
-    from .export import package_versions
-    from .visualize import image_grid
 
     prompts = list(prompts or evaluation_prompts())
     output_dir = Path(output_dir)

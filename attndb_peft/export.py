@@ -1,13 +1,12 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
-"""The adapter folder writer.
+"""The adapter folder writer. The file names and header keys are defined in `adapter_format.py`, which every
+reader uses too; this module fills the files from a run's settings, embedding and combined LoRA:
 
-| file | content |
-|---|---|
-| `attndb_embedding.safetensors` | `{token: tensor[hidden]}`, loads with `pipe.load_textual_inversion(file)` |
-| `pytorch_lora_weights.safetensors` | stages 2+3 as one LoRA in diffusers/PEFT keys (diffusers' own writer) |
-| `attndb_kohya.safetensors` | the same LoRA in kohya keys (`lora_unet_*.lora_down/lora_up/alpha`) for A1111/ComfyUI |
-| `attndb_config.json` | token, category, base model, every setting, ranks, package versions |
-| `README.md` | model card rendered from `model_card_template.md` |
+- the embedding in diffusers' textual-inversion layout, loadable with `pipe.load_textual_inversion(file)`;
+- stages 2+3 as one LoRA in diffusers/PEFT keys, written by diffusers' own `save_lora_weights`;
+- the same LoRA in kohya keys (`lora_unet_*.lora_down/lora_up/alpha`) for A1111/ComfyUI;
+- `attndb_config.json` with token, category, base model, every setting, ranks and package versions;
+- the model card, rendered from `model_card_template.md`.
 
 SDXL adapters differ in two files (families.py): the embedding is `{"clip_l": [1, 768], "clip_g": [1, 1280]}`
 (one `load_textual_inversion` call per text encoder) and the kohya copy names modules by their LDM blocks.
@@ -23,7 +22,6 @@ import os
 import re
 import shutil
 from collections import Counter
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +29,28 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .adapter_format import CONFIG_NAME, EMBEDDING_NAME, FORMAT_VERSION, KOHYA_NAME, LORA_NAME, MODEL_CARD_NAME
+from .adapter_format import (
+    ALPHAS_KEY,
+    CONFIG_NAME,
+    EMBEDDING_NAME,
+    FORMAT_VERSION,
+    KOHYA_NAME,
+    LORA_NAME,
+    MODEL_CARD_NAME,
+    adapter_name_for_token,
+    config_record,
+    header_metadata,
+    looks_like_repo_id,
+    package_versions,
+    write_config,
+)
 from .base_model import known_base_model
 from .config import AttnDBConfig
 from .families import SD, ModelFamily
-from .loading import adapter_name_for_token, looks_like_repo_id
 from .stages import LoraFactors, combined_lora_config
 
+# The file names, FORMAT_VERSION and package_versions are the adapter contract's (adapter_format.py), re-exported
+# for callers that import them from the writer.
 __all__ = [
     "CONFIG_NAME",
     "EMBEDDING_NAME",
@@ -63,17 +76,6 @@ REPO_PLACEHOLDER = "REPO_OR_FOLDER"
 _FAMILIES = {768: ("sd_v1", "creativeml-openrail-m"), 1024: ("sd_v2", "openrail++")}
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of the packages that shape the adapter (for reproduction)."""
-    versions = {}
-    for name in ("attndb_peft", "torch", "diffusers", "peft", "transformers", "accelerate", "safetensors"):
-        try:
-            versions[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            versions[name] = "unknown"
-    return versions
 
 
 def base_model_family(
@@ -138,16 +140,15 @@ def kohya_state_dict(
 
 def _common_metadata(config: AttnDBConfig, lora: dict[str, LoraFactors]) -> dict[str, str]:
     ranks = sorted({f.rank for f in lora.values()})
-    return {
-        "attndb_format_version": FORMAT_VERSION,
-        "attndb_version": package_versions()["attndb_peft"],
-        "attndb_token": config.token,
-        "attndb_category": config.category,
-        "attndb_base_model": config.model,
-        "attndb_stage3_mode": config.stage3_mode,
-        "attndb_ranks": json.dumps(ranks),
-        "attndb_alphas": json.dumps(ranks),  # alpha = rank everywhere: the scale is folded into lora_up
-    }
+    return header_metadata(
+        token=config.token,
+        category=config.category,
+        base_model=config.model,
+        stage3_mode=config.stage3_mode,
+        ranks=ranks,
+        alphas=ranks,  # alpha = rank everywhere: the scale is folded into lora_up
+        version=package_versions()["attndb_peft"],
+    )
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -238,6 +239,10 @@ def render_model_card(
         versions=package_versions(),
         sdxl=family.is_sdxl,
         embedding_keys=list(family.embedding_keys or ()),
+        embedding_name=EMBEDDING_NAME,
+        lora_name=LORA_NAME,
+        kohya_name=KOHYA_NAME,
+        config_name=CONFIG_NAME,
     )
     return str(card)
 
@@ -305,7 +310,7 @@ def export_adapter(
     # The keys sd-scripts writes for a LoRA; A1111/ComfyUI show them, none of them changes how it loads.
     kohya_meta = {
         **metadata,
-        "attndb_alphas": json.dumps([alpha]),
+        ALPHAS_KEY: json.dumps([alpha]),  # the kohya copy has one alpha for every module
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(alpha),
         "ss_network_alpha": str(alpha),
@@ -319,23 +324,19 @@ def export_adapter(
         kohya_meta["ss_v2"] = str(kohya_family == "sd_v2")
     _save(kohya_state_dict(lora, dtype, family, unet_config), tmp / KOHYA_NAME, kohya_meta)
 
-    run_info = {
-        "format_version": FORMAT_VERSION,
-        "token": config.token,
-        "category": config.category,
-        "base_model": config.model,
-        "instance_prompt": config.prompt,
-        "embedding_dim": width,
-        "lora": {"modules": len(lora), "ranks": ranks, "alpha": "rank (scale folded into lora_B)"},
-        "files": {"embedding": EMBEDDING_NAME, "lora": LORA_NAME, "kohya": KOHYA_NAME},
-        "report": report,
-        "settings": config.to_dict(),
-        "versions": package_versions(),
-    }
-    if family is not SD:  # SD folders keep their original keys
-        run_info["family"] = family.name
-        run_info["embedding_dims"] = [int(e.shape[-1]) for e in embeddings]
-    (tmp / CONFIG_NAME).write_text(json.dumps(run_info, indent=2, sort_keys=True), encoding="utf-8")
+    run_info = config_record(
+        token=config.token,
+        category=config.category,
+        base_model=config.model,
+        instance_prompt=config.prompt,
+        embedding_dims=[int(e.shape[-1]) for e in embeddings],
+        lora_modules=len(lora),
+        ranks=ranks,
+        report=report,
+        settings=config.to_dict(),
+        family=None if family is SD else family.name,
+    )
+    write_config(tmp / CONFIG_NAME, run_info)
     card = render_model_card(config, lora, report, samples or [], embedding_dim=width, family=family)
     (tmp / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
 

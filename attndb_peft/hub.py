@@ -9,17 +9,15 @@ the local folder is never modified, whether the push succeeds or fails.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from .adapter_format import ADAPTER_FILES, CONFIG_NAME, EMBEDDING_NAME, KOHYA_NAME, LORA_NAME, MODEL_CARD_NAME
+from .adapter_format import ADAPTER_FILES, MODEL_CARD_NAME, AdapterError, read_adapter_config
 from .errors import RunError
 from .export import REPO_PLACEHOLDER
-from .loading import AdapterError
 
 __all__ = ["ALLOW_PATTERNS", "IGNORE_PATTERNS", "PushError", "check_repo_id", "files_to_push", "push_to_hub"]
 
@@ -27,11 +25,7 @@ logger = logging.getLogger(__name__)
 
 #: What a push uploads: the adapter files, the model card and the sample images.
 ALLOW_PATTERNS = [
-    EMBEDDING_NAME,
-    LORA_NAME,
-    KOHYA_NAME,
-    CONFIG_NAME,
-    MODEL_CARD_NAME,
+    *ADAPTER_FILES,
     "samples/*.png",
     "samples/*.jpg",
     "samples/*.jpeg",
@@ -39,7 +33,6 @@ ALLOW_PATTERNS = [
 ]
 #: Never uploaded, even if a pattern above matched (belt and braces for checkpoints and pickles).
 IGNORE_PATTERNS = ["checkpoints/*", ".export-tmp/*", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl"]
-_REQUIRED = ADAPTER_FILES
 
 
 class PushError(RunError):
@@ -100,7 +93,7 @@ def push_to_hub(
     folder = Path(output_dir)
     if not folder.is_dir():
         raise AdapterError(f"output_dir={str(folder)!r} is not a folder; pass the folder `attndb train` wrote.")
-    missing = [name for name in _REQUIRED if not (folder / name).is_file()]
+    missing = [name for name in ADAPTER_FILES if not (folder / name).is_file()]
     if missing:
         raise AdapterError(
             f"{folder} is missing {', '.join(missing)}: it is not a finished adapter folder (was training "
@@ -148,9 +141,10 @@ def _stage(folder: Path, staging: Path, repo_id: str) -> None:
 
 
 def _token_of(folder: Path) -> str | None:
+    """The concept's token for the default commit message; `None` when the config can't tell."""
     try:
-        return json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("token")
-    except (OSError, ValueError, AttributeError):
+        return read_adapter_config(folder).token
+    except (AdapterError, OSError):
         return None
 
 

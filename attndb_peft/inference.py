@@ -18,16 +18,20 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .adapter_format import AdapterInfo, first_line, package_versions, read_adapter_config
 from .attention import AttentionStore, capture_cross_attention
-from .errors import UsageError
+from .errors import UsageError, arg
+from .visualize import attention_figure
 
+# AdapterInfo and read_adapter_config are the adapter contract's (adapter_format.py), UsageError the error family's
+# (errors.py): re-exported here, next to the commands that use them.
 __all__ = [
     "AdapterInfo",
     "TokenAttention",
@@ -50,23 +54,8 @@ logger = logging.getLogger(__name__)
 PLACEHOLDER = "{}"
 
 
-def _first_line(exc: BaseException) -> str:
-    """`Type: first line of the message`: library messages can run for many lines; the CLI prints one."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
-
-
-@dataclass
-class AdapterInfo:
-    """The concept an adapter adds: its token and category (from `attndb_config.json`) and where it came from."""
-
-    source: str
-    token: str
-    category: str
-    base_model: str | None = None
-    config: dict[str, Any] = field(default_factory=dict, repr=False)
+# The name load_pipeline's messages use for `first_line`.
+_first_line = first_line
 
 
 def expand_prompt(prompt: str, token: str | None, category: str | None) -> str:
@@ -79,55 +68,11 @@ def expand_prompt(prompt: str, token: str | None, category: str | None) -> str:
     if PLACEHOLDER not in prompt:
         return prompt
     if not category:
-        raise UsageError(f"--prompt {prompt!r} uses '{{}}' but no --adapter was given to fill it in; pass --adapter.")
-    return prompt.replace(PLACEHOLDER, f"{token} {category}" if token else category)
-
-
-def read_adapter_config(path_or_repo_id: str | os.PathLike, token: str | None = None, **hub_kwargs) -> AdapterInfo:
-    """Read `attndb_config.json` of an adapter folder or Hub repo (the file `attndb train` writes).
-
-    Args:
-        path_or_repo_id: a local adapter folder or a Hub repo id.
-        token (`str`, *optional*): Hub access token for private repos.
-        hub_kwargs: passed to `huggingface_hub.hf_hub_download` (e.g. `revision`, `cache_dir`).
-
-    Raises:
-        UsageError: no such folder / repo, or it has no `attndb_config.json`.
-    """
-    from .export import CONFIG_NAME
-    from .loading import looks_like_repo_id
-
-    source = str(path_or_repo_id)
-    path = Path(source)
-    if path.is_dir():
-        file = path / CONFIG_NAME
-        if not file.is_file():
-            raise UsageError(
-                f"--adapter {source}: folder has no {CONFIG_NAME}; give a folder written by attndb train."
-            )
-    elif path.exists():
-        raise UsageError(f"--adapter {source}: is a file; give the adapter folder (the output of attndb train).")
-    elif not looks_like_repo_id(source):
         raise UsageError(
-            f"--adapter {source}: no such folder, and not a Hub repo id ('user/name'); give the folder written by "
-            "attndb train --output, or the Hub repo it was pushed to."
+            f"{arg('prompt')} {prompt!r} uses '{{}}' but no {arg('adapter')} was given to fill it in; pass "
+            f"{arg('adapter')}."
         )
-    else:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            file = Path(hf_hub_download(source, CONFIG_NAME, token=token, **hub_kwargs))
-        except Exception as exc:  # offline, gated, missing repo or file: say what was tried
-            raise UsageError(
-                f"--adapter {source}: not a local folder, and fetching {CONFIG_NAME} from the Hub failed "
-                f"({_first_line(exc)}); "
-                "give an existing adapter folder or a Hub repo id."
-            ) from None
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-        return AdapterInfo(source, config["token"], config["category"], config.get("base_model"), config)
-    except (ValueError, KeyError) as exc:
-        raise UsageError(f"--adapter {source}: {CONFIG_NAME} is not a valid attndb config ({exc}).") from None
+    return prompt.replace(PLACEHOLDER, f"{token} {category}" if token else category)
 
 
 def resolve_device(device: str | None = None) -> torch.device:
@@ -306,8 +251,6 @@ def write_generation(
 ) -> list[Path]:
     """Generate every prompt's images into `output_dir` as PNGs and write `generate.json` with the settings and
     each file's prompt and seed. Returns the PNG paths."""
-    from .export import package_versions
-
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     records, paths = [], []
@@ -412,7 +355,7 @@ def token_attention_maps(
     """
     token_ids, labels = prompt_tokens(pipe.tokenizer, prompt)
     if not token_ids:
-        raise UsageError(f"--prompt {prompt!r} has no tokens; give a prompt with words.")
+        raise UsageError(f"{arg('prompt')} {prompt!r} has no tokens; give a prompt with words.")
     height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
     latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
@@ -459,11 +402,9 @@ def inspect_prompt(
     Returns:
         `TokenAttention`: the image, labels and maps.
     """
-    from .visualize import attention_figure
-
     output = Path(output)
     if output.suffix.lower() != ".png":
-        raise UsageError(f"--output {output}: the figure is a PNG; give a path ending in .png.")
+        raise UsageError(f"{arg('output')} {output}: the figure is a PNG; give a path ending in .png.")
     output.parent.mkdir(parents=True, exist_ok=True)
     result = token_attention_maps(pipe, prompt, seed, steps, guidance, height, width)
     attention_figure(result.image, result.maps, result.labels, title=prompt).save(output)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from attndb_peft import AttnDBConfig, train
+from attndb_peft.adapter_format import LORA_NAME
 from attndb_peft.testing import TINY_RESOLUTION, make_instance_images, save_tiny_pipeline
 
 
@@ -28,7 +29,7 @@ def tiny_model(workdir: Path) -> str:
 def tiny_concept(workdir: Path, model: str, name: str, seed: int = 0, token: str | None = None) -> Path:
     """Train a tiny concept from procedurally generated "photos" (a few steps per stage); returns its folder."""
     output = workdir / name
-    if (output / "pytorch_lora_weights.safetensors").is_file():
+    if (output / LORA_NAME).is_file():
         return output
     images = make_instance_images(workdir / f"{name}-photos", num_images=4, size=48, seed=seed)[0].parent
     config = AttnDBConfig(

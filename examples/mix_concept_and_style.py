@@ -18,6 +18,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+# the offline tiny mode's helpers, next to this script (its folder is on sys.path when it runs)
+from _tiny import generation_kwargs, load_pipeline, tiny_concept, tiny_model
+
 import attndb_peft  # noqa: F401  (adds pipe.load_attndb / pipe.unload_attndb)
 
 
@@ -48,8 +51,6 @@ def main() -> None:
     parser.add_argument("--prompt", default="a photo of a {} in the snow", help="'{}' becomes 'TOKEN CATEGORY'.")
     parser.add_argument("--output", default="attndb-mix-example")
     args = parser.parse_args()
-
-    from _tiny import generation_kwargs, load_pipeline, tiny_concept, tiny_model
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)

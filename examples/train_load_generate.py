@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+# the offline tiny mode's helpers, next to this script (its folder is on sys.path when it runs)
+from _tiny import generation_kwargs, load_pipeline, tiny_concept, tiny_model
+
 import attndb_peft  # noqa: F401  (adds pipe.load_attndb / pipe.unload_attndb)
 from attndb_peft import AttnDBConfig, train
 
@@ -26,8 +29,6 @@ def main() -> None:
     parser.add_argument("--output", default="attndb-example", help="Where the adapter and the images go.")
     parser.add_argument("--prompt", default="a photo of a {} on the beach", help="'{}' becomes 'TOKEN CATEGORY'.")
     args = parser.parse_args()
-
-    from _tiny import generation_kwargs, load_pipeline, tiny_concept, tiny_model
 
     output = Path(args.output)
     tiny = args.model is None

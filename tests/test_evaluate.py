@@ -100,10 +100,10 @@ def test_similarities_are_mean_normalized_dot_products():
 
 
 def test_embedders_refuse_missing_models_in_one_line(tmp_path):
-    with pytest.raises(UsageError, match="--clip") as info:
+    with pytest.raises(UsageError, match="`clip`") as info:
         ClipEmbedder(str(tmp_path / "nope"))
     assert "\n" not in str(info.value)
-    with pytest.raises(UsageError, match="--dino"):
+    with pytest.raises(UsageError, match="`dino`"):
         DinoEmbedder(str(tmp_path / "nope"))
     with pytest.raises(UsageError, match="--images"):
         load_reference_images(tmp_path / "no-images")

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from conftest import assert_same_pixels, fresh_pipeline, generate, make_config
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from attndb_peft import adapter_format
 from attndb_peft.export import (
     CONFIG_NAME,
     EMBEDDING_NAME,
@@ -151,6 +154,23 @@ def test_sd_embedding_is_one_dimensional_and_old_files_load_the_same(trained, ti
 
 
 # ---------------------------------------------------------------------------------------------- metadata
+def test_the_adapter_contract_is_spelled_out_in_adapter_format_only():
+    """File names and header keys are written as literals only in adapter_format.py; the writer and the readers
+    use its names, so the two sides can't drift apart."""
+    contract = set(adapter_format.ADAPTER_FILES) | {
+        value for name, value in vars(adapter_format).items() if name.endswith("_KEY")
+    }
+    package = Path(adapter_format.__file__).parent
+    found = [
+        f"{path.relative_to(package)}:{node.lineno} {node.value!r}"
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "adapter_format.py"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Constant) and node.value in contract
+    ]
+    assert not found
+
+
 def test_every_file_carries_the_attndb_metadata(trained):
     out = trained.output_dir
     config = trained.config

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from attndb_peft.adapter_format import CONFIG_NAME
 from attndb_peft.cli import main
-from attndb_peft.inference import UsageError, expand_prompt, load_pipeline, prompt_tokens
+from attndb_peft.inference import UsageError, expand_prompt, load_pipeline, prompt_tokens, read_adapter_config
 
 
 def _png(path):
@@ -23,8 +24,22 @@ def test_expand_prompt():
     )
     assert expand_prompt("a photo of a {}", None, "dog") == "a photo of a dog"  # text alignment's prompt
     assert expand_prompt("no placeholder", None, None) == "no placeholder"
-    with pytest.raises(UsageError, match="--adapter"):
+    with pytest.raises(UsageError, match="`adapter`"):
         expand_prompt("a {}", None, None)
+
+
+def test_read_adapter_config_accepts_old_files_and_names_the_argument(tmp_path):
+    """An `attndb_config.json` needs only `token` and `category`: folders from before SDXL have no `family`."""
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / CONFIG_NAME).write_text(json.dumps({"token": "<v>", "category": "dog"}))
+    info = read_adapter_config(folder)
+    assert (info.token, info.category, info.base_model, info.family, info.settings) == ("<v>", "dog", None, "sd", {})
+    (folder / CONFIG_NAME).write_text(json.dumps({"token": "<v>"}))
+    with pytest.raises(UsageError, match=r"^`adapter` .*not a valid attndb config \('category'\)"):
+        read_adapter_config(folder)
+    with pytest.raises(UsageError, match=r"^`adapter` .*no such folder"):
+        read_adapter_config(tmp_path / "missing")
 
 
 def test_generate_writes_the_images_and_settings_reproducibly(trained, tmp_path, capsys):

@@ -193,6 +193,19 @@ def test_hub_repo_id_resolves_offline_from_the_cache(adapter, tiny_model, tmp_pa
     _assert_same_state(before, _state(pinned))
 
 
+def test_a_folder_without_attndb_header_keys_still_loads(adapter, tiny_model, tmp_path):
+    """Files without the `attndb_*` header keys (hand-made, or written before a key existed) load like the
+    originals: an SD embedding names its token by its tensor key, and no format version means no version check."""
+    folder = _copy(adapter, tmp_path)
+    for name in (EMBEDDING_NAME, LORA_NAME):
+        _rewrite(folder / name, lambda t, m: [m.pop(k) for k in list(m) if k.startswith("attndb_")])
+    reference = fresh_pipeline(tiny_model)
+    token = reference.load_attndb(adapter)
+    pipe = fresh_pipeline(tiny_model)
+    assert pipe.load_attndb(folder) == token
+    assert_same_models(pipe, reference)
+
+
 # ---------------------------------------------------------------------------------------------- mixing
 def test_foreign_lora_stays_active_and_weights_mix(adapter, style_lora, tiny_model):
     pipe = _with_style(tiny_model, style_lora, 0.6)
