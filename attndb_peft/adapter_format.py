@@ -72,7 +72,7 @@ __all__ = [
 EMBEDDING_NAME = "attndb_embedding.safetensors"
 #: The U-Net LoRA in diffusers/PEFT layout (`pipe.load_lora_weights`).
 LORA_NAME = "pytorch_lora_weights.safetensors"
-#: The same LoRA and embedding in kohya's layout (ComfyUI, A1111, InvokeAI).
+#: The same LoRA in kohya's layout (ComfyUI, A1111, InvokeAI; the token embedding stays in `EMBEDDING_NAME`).
 KOHYA_NAME = "attndb_kohya.safetensors"
 #: The run's settings and what the loader needs to know (token, category, family).
 CONFIG_NAME = "attndb_config.json"
