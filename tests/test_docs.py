@@ -291,9 +291,19 @@ def anchors(path: Path) -> set[str]:
     return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
 
 
-def test_model_card_names_the_files_the_readme_names():
-    """The model card (another page a user reads) gives the same loading facts as the README."""
-    card = (ROOT / "attndb_peft" / "model_card_template.md").read_text(encoding="utf-8")
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_model_card_names_the_files_the_readme_names(family, tmp_path):
+    """A rendered model card (another page a user reads) gives the same loading facts as the README, and its
+    Python snippets compile; the SDXL card's stock-diffusers snippet pools at end-of-text."""
+    import torch
+
+    from attndb_peft.config import AttnDBConfig
+    from attndb_peft.export import LoraFactors, render_model_card
+    from attndb_peft.families import FAMILIES
+
+    config = AttnDBConfig(model="someone/base", images=str(tmp_path), category="dog", output=str(tmp_path / "o"))
+    lora = {"down_blocks.0.attentions.0.proj_in": LoraFactors(torch.zeros(4, 8), torch.zeros(8, 4))}
+    card = render_model_card(config, lora, {}, [], embedding_dim=1024, family=FAMILIES[family])
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for fact in (
         "load_attndb(",
@@ -303,5 +313,11 @@ def test_model_card_names_the_files_the_readme_names():
         "models/Lora/",
         "models/loras/",
         "embedding:",
+        "InvokeAI",
     ):
         assert fact in card and fact in readme, fact
+    blocks = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    assert len(blocks) == 3
+    for block in blocks:
+        compile(block, "model card", "exec")
+    assert ("eos_token_id" in blocks[2]) == (family == "sdxl")
