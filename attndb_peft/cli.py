@@ -455,12 +455,31 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
         disable_progress_bars()
 
 
+class _ShowFlags(logging.Filter):
+    """Rewrites the package's log records (warnings such as "`resolution` 48 ...") to name the flags of the
+    command that ran, as `main` does for error messages."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        super().__init__()
+        self.parser = parser
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("attndb_peft"):
+            record.msg, record.args = show_flags(record.getMessage(), self.parser), None
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `attndb` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse exits with code 2 on usage errors
     verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
     _setup_logging(verbose, quiet)
+    ran = parser_that_ran(parser, args)
+    # on the handlers, not the loggers: a logger's filter misses its children's records (attndb_peft.trainer)
+    handlers, show = list(logging.getLogger().handlers), _ShowFlags(ran)
+    for handler in handlers:
+        handler.addFilter(show)
     try:
         return args.handler(args)
     except KeyboardInterrupt:
@@ -471,11 +490,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exc.exit_code if isinstance(exc, AttnDBError) else EXIT_FAILURE  # the class says which
         if verbose:
             logger.exception("attndb %s failed", args.command)
+        # Library messages name settings as Python spells them (`token`); the CLI shows the flag that sets them.
         # Usage messages say what is wrong and how to fix it (one line per problem found). A failure's message is
         # cut to its first line -- library messages such as CUDA out-of-memory go on for lines -- and --verbose
         # shows the rest with the traceback.
-        # Library messages name settings as Python spells them (`token`); show the flag of the command that ran.
-        text = show_flags(str(exc).strip(), parser_that_ran(parser, args))
+        text = show_flags(str(exc).strip(), ran)
         if code == EXIT_USAGE:
             message = text
         else:
@@ -484,6 +503,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 message += " (run again with --verbose for the traceback)"
         print(f"attndb {args.command}: error: {message}", file=sys.stderr)
         return code
+    finally:
+        for handler in handlers:
+            handler.removeFilter(show)
 
 
 if __name__ == "__main__":

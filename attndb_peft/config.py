@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .errors import UsageError, arg
 
 __all__ = [
     "DEFAULT_VALIDATION_PROMPTS",
@@ -118,27 +118,30 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         if self.steps < 0:
-            raise ConfigError(f"steps must be >= 0, got {self.steps}.")
+            raise ConfigError(f"{arg('steps')} must be >= 0, got {self.steps}.")
         if self.learning_rate is not None and not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}.")
+            raise ConfigError(f"{arg('learning_rate')} must be > 0, got {self.learning_rate}.")
         if self.lambda_mu < 0 or self.lambda_var < 0:
-            raise ConfigError(f"lambda_mu and lambda_var must be >= 0, got {self.lambda_mu} and {self.lambda_var}.")
+            raise ConfigError(
+                f"{arg('lambda_mu')} and {arg('lambda_var')} must be >= 0, "
+                f"got {self.lambda_mu} and {self.lambda_var}."
+            )
         if self.rank is not None and self.rank < 1:
-            raise ConfigError(f"rank must be >= 1, got {self.rank}.")
+            raise ConfigError(f"{arg('rank')} must be >= 1, got {self.rank}.")
         if self.lr_warmup_steps < 0:
-            raise ConfigError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}.")
+            raise ConfigError(f"{arg('lr_warmup_steps')} must be >= 0, got {self.lr_warmup_steps}.")
         if self.alpha is not None and not self.alpha > 0:
-            raise ConfigError(f"alpha must be > 0 or None (alpha = rank), got {self.alpha}.")
+            raise ConfigError(f"{arg('alpha')} must be > 0 or None (alpha = rank), got {self.alpha}.")
         from diffusers.optimization import SchedulerType
 
         names = [t.value for t in SchedulerType]
         if self.lr_scheduler not in names:
-            raise ConfigError(f"lr_scheduler must be one of {', '.join(names)}; got {self.lr_scheduler!r}.")
+            raise ConfigError(f"{arg('lr_scheduler')} must be one of {', '.join(names)}; got {self.lr_scheduler!r}.")
 
     @property
     def lora_alpha(self) -> float:
         if self.rank is None:
-            raise ConfigError("rank is None (the family's default) until the base model is known; call "
+            raise ConfigError(f"{arg('rank')} is None (the family's default) until the base model is known; call "
                               "AttnDBConfig.for_model(...) first.")
         return float(self.rank if self.alpha is None else self.alpha)
 
@@ -407,65 +410,79 @@ class AttnDBConfig:
             )
         for name in ("model", "images", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
-                raise ConfigError(f"{name} is required (got {getattr(self, name)!r}).")
+                raise ConfigError(f"{arg(name)} is required (got {getattr(self, name)!r}).")
         if not isinstance(self.category, str):
-            raise ConfigError(f"category must be a string such as 'dog', got {self.category!r}.")
+            raise ConfigError(f"{arg('category')} must be a string such as 'dog', got {self.category!r}.")
         # An empty category is reported by trainer.check_inputs together with every other input problem.
         self.category = " ".join(self.category.split())
         if self.token is None:
             self.token = default_token(self.category)
         elif not self.token.strip() or any(ch.isspace() for ch in self.token):
-            raise ConfigError(f"token must be one word without spaces, got {self.token!r}; e.g. --token '<sks-dog>'.")
+            raise ConfigError(
+                f"{arg('token')} must be one word without spaces, "
+                f"got {self.token!r}; e.g. {arg('token')} '<sks-dog>'."
+            )
         if self.masks is not None:
             if not isinstance(self.masks, str) or not self.masks.strip():
-                raise ConfigError(f"masks must be a folder path or None, got {self.masks!r}.")
+                raise ConfigError(f"{arg('masks')} must be a folder path or None, got {self.masks!r}.")
             self.masked_loss = True  # a masks folder is only read for the masked loss
         if not isinstance(self.masked_loss, bool):
-            raise ConfigError(f"masked_loss must be true or false, got {self.masked_loss!r}.")
+            raise ConfigError(f"{arg('masked_loss')} must be true or false, got {self.masked_loss!r}.")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise ConfigError(f"resolution must be a positive multiple of 8, got {self.resolution}.")
+            raise ConfigError(f"{arg('resolution')} must be a positive multiple of 8, got {self.resolution}.")
         if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}.")
+            raise ConfigError(f"{arg('batch_size')} must be >= 1, got {self.batch_size}.")
         if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps < 1:
-            raise ConfigError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}.")
+            raise ConfigError(
+                f"{arg('gradient_accumulation_steps')} must be >= 1, "
+                f"got {self.gradient_accumulation_steps}."
+            )
         if self.stage3_mode not in STAGE3_LEARNING_RATES:
-            raise ConfigError(f"stage3_mode must be 'lora' or 'full', got {self.stage3_mode!r}.")
+            raise ConfigError(f"{arg('stage3_mode')} must be 'lora' or 'full', got {self.stage3_mode!r}.")
         for name in ("stage1", "stage2"):
             if getattr(self, name).learning_rate is None:
-                raise ConfigError(f"{name}.learning_rate is required.")
+                raise ConfigError(f"{name}: {arg('learning_rate')} is required.")
         if self.stage3.learning_rate is None:
             self.stage3 = dataclasses.replace(self.stage3, learning_rate=STAGE3_LEARNING_RATES[self.stage3_mode])
         if self.token_init not in TOKEN_INITS:
-            raise ConfigError(f"token_init must be one of {TOKEN_INITS}, got {self.token_init!r}.")
+            raise ConfigError(f"{arg('token_init')} must be one of {TOKEN_INITS}, got {self.token_init!r}.")
         if self.regularizer not in _REGULARIZERS:
-            raise ConfigError(f"regularizer must be 'per_layer' or 'pooled', got {self.regularizer!r}.")
+            raise ConfigError(f"{arg('regularizer')} must be 'per_layer' or 'pooled', got {self.regularizer!r}.")
         if self.mixed_precision not in _MIXED_PRECISION:
-            raise ConfigError(f"mixed_precision must be one of {_MIXED_PRECISION}, got {self.mixed_precision!r}.")
+            raise ConfigError(
+                f"{arg('mixed_precision')} must be one of {_MIXED_PRECISION}, "
+                f"got {self.mixed_precision!r}."
+            )
         if self.save_dtype not in _SAVE_DTYPES:
-            raise ConfigError(f"save_dtype must be one of {_SAVE_DTYPES}, got {self.save_dtype!r}.")
+            raise ConfigError(f"{arg('save_dtype')} must be one of {_SAVE_DTYPES}, got {self.save_dtype!r}.")
         for name in ("full_export_rank", "log_every"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
+                raise ConfigError(f"{arg(name)} must be >= 1, got {getattr(self, name)}.")
         for name in ("random_crops", "checkpointing_steps", "validation_steps", "validation_inference_steps"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
+                raise ConfigError(f"{arg(name)} must be >= 0, got {getattr(self, name)}.")
         if self.validation_images < 1:
-            raise ConfigError(f"validation_images must be >= 1, got {self.validation_images}.")
+            raise ConfigError(f"{arg('validation_images')} must be >= 1, got {self.validation_images}.")
         if self.report_to is not None and self.report_to not in _REPORT_TO:
-            raise ConfigError(f"report_to must be one of {_REPORT_TO} or None, got {self.report_to!r}.")
+            raise ConfigError(f"{arg('report_to')} must be one of {_REPORT_TO} or None, got {self.report_to!r}.")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            raise ConfigError(f"checkpoints_total_limit must be >= 1 or None, got {self.checkpoints_total_limit}.")
-        if self.compile and self.gradient_checkpointing:
-            # Measured (tests/test_device_paths.py, issue 14): the checkpointed blocks recompile per call signature
-            # and use up dynamo's recompile limit within the first forward; the rest of the run is eager.
             raise ConfigError(
-                "compile and gradient_checkpointing cannot be combined: under gradient checkpointing torch.compile "
-                "recompiles the U-Net's blocks until it gives up and the run trains uncompiled. Drop --compile for "
-                "the low-memory setting, or drop --gradient-checkpointing to compile."
+                f"{arg('checkpoints_total_limit')} must be >= 1 or None, "
+                f"got {self.checkpoints_total_limit}."
+            )
+        if self.compile and self.gradient_checkpointing:
+            # Measured (tests/test_device_paths.py): the checkpointed blocks recompile per call signature and use up
+            # dynamo's recompile limit within the first forward; the rest of the run is eager.
+            raise ConfigError(
+                f"{arg('compile')} and {arg('gradient_checkpointing')} cannot be combined: under gradient "
+                "checkpointing torch.compile recompiles the U-Net's blocks until it gives up and the run trains "
+                f"uncompiled. Drop {arg('compile')} for the low-memory setting, or drop "
+                f"{arg('gradient_checkpointing')} to compile."
             )
         if self.resume and self.overwrite:
             raise ConfigError(
-                "resume and overwrite exclude each other: resume continues a run, overwrite restarts it."
+                f"{arg('resume')} and {arg('overwrite')} exclude each other: resume continues a run, overwrite "
+                "restarts it."
             )
 
     # -- construction -------------------------------------------------------------------------------------
@@ -571,7 +588,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     `attndb_config.json` gives the settings of the run that wrote it (so it reproduces that run)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file.")
+        raise ConfigError(f"{arg('config')} {path}: no such file.")
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
@@ -582,11 +599,11 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
             data = json.loads(text)
     except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
         raise ConfigError(
-            f"--config {path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {exc}"
+            f"{arg('config')} {path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {exc}"
         ) from None
     if not isinstance(data, dict):
         raise ConfigError(
-            f"--config {path}: expected a mapping of settings at the top level, got {type(data).__name__}."
+            f"{arg('config')} {path}: expected a mapping of settings at the top level, got {type(data).__name__}."
         )
     if "format_version" in data and isinstance(data.get("settings"), dict):
         # an adapter's attndb_config.json: its "settings" are the run's AttnDBConfig
