@@ -74,41 +74,57 @@ def _add_train_parser(sub) -> None:
 
 
 def _add_generation_args(p: argparse.ArgumentParser, steps: int, adapter_required: bool = False) -> None:
-    """Flags shared by generate, inspect and evaluate: base model, adapter and sampling settings."""
-    p.add_argument(
+    """Flags shared by generate, inspect and evaluate: base model, adapter and sampling settings, in two help
+    sections."""
+    model = p.add_argument_group("model and adapter")
+    model.add_argument(
         "--model",
         metavar="MODEL",
         help="Base model: Hub id, local diffusers folder, or single .safetensors file (with --model-config). "
         "Default: the base model named in the adapter's attndb_config.json.",
     )
-    p.add_argument(
+    model.add_argument(
         "--model-config",
         dest="model_config",
+        metavar="MODEL",
         help="With a single-file --model: a diffusers folder or Hub id of the same architecture.",
     )
-    p.add_argument(
+    model.add_argument(
         "--adapter",
         metavar="PATH_OR_REPO",
         required=adapter_required,
         help="Adapter folder written by attndb train, or a Hub repo id; loaded with load_attndb. Its token and "
         "category fill '{}' in prompts.",
     )
-    p.add_argument(
-        "--lora-scale", type=float, default=1.0, dest="lora_scale", help="Weight of the adapter's LoRA. Default 1."
+    model.add_argument(
+        "--lora-scale", type=float, default=1.0, dest="lora_scale", metavar="X",
+        help="Weight of the adapter's LoRA. Default 1.",
     )
-    p.add_argument("--seed", type=int, default=0, help="Seed of the first image; image i uses seed+i. Default 0.")
-    p.add_argument("--steps", type=positive_int, default=steps, help=f"Denoising steps. Default {steps}.")
-    p.add_argument("--guidance", type=float, default=7.5, help="Classifier-free guidance scale. Default 7.5.")
-    p.add_argument(
-        "--height", type=multiple_of_8, help="Image height in pixels (multiple of 8); default the model's."
+    model.add_argument(
+        "--device", help="Torch device, e.g. cuda, cuda:1, cpu. Default: CUDA if available, else CPU."
     )
-    p.add_argument("--width", type=multiple_of_8, help="Image width in pixels (multiple of 8); default the model's.")
-    p.add_argument("--device", help="Torch device, e.g. cuda, cuda:1, cpu. Default: CUDA if available, else CPU.")
-    p.add_argument(
+    model.add_argument(
         "--dtype",
         choices=("auto", "fp32", "fp16", "bf16"),
         default="auto",
         help="Weights dtype. Default auto: fp16 on CUDA, fp32 elsewhere.",
+    )
+    sampling = p.add_argument_group("sampling")
+    sampling.add_argument(
+        "--seed", type=int, default=0, metavar="N", help="Seed of the first image; image i uses seed+i. Default 0."
+    )
+    sampling.add_argument(
+        "--steps", type=positive_int, default=steps, metavar="N", help=f"Denoising steps. Default {steps}."
+    )
+    sampling.add_argument(
+        "--guidance", type=float, default=7.5, metavar="X", help="Classifier-free guidance scale. Default 7.5."
+    )
+    sampling.add_argument(
+        "--height", type=multiple_of_8, metavar="PX", help="Image height in pixels (multiple of 8); default the "
+        "model's."
+    )
+    sampling.add_argument(
+        "--width", type=multiple_of_8, metavar="PX", help="Image width in pixels (multiple of 8); default the model's."
     )
 
 
@@ -126,9 +142,10 @@ def _add_generate_parser(sub) -> None:
         help="Prompt, e.g. 'a photo of a {} on the beach' ({} -> TOKEN CATEGORY); repeat for several prompts.",
     )
     p.add_argument(
-        "--num-images", type=positive_int, default=1, dest="num_images", help="Images per prompt. Default 1."
+        "--num-images", type=positive_int, default=1, dest="num_images", metavar="N",
+        help="Images per prompt. Default 1.",
     )
-    p.add_argument("--negative-prompt", dest="negative_prompt", help="Negative prompt (optional).")
+    p.add_argument("--negative-prompt", dest="negative_prompt", metavar="PROMPT", help="Negative prompt (optional).")
     p.add_argument(
         "--output", metavar="DIR", required=True, help="Folder for the PNGs and generate.json (created if missing)."
     )
@@ -183,7 +200,8 @@ def _add_evaluate_parser(sub) -> None:
         "--dino", metavar="MODEL", help="DINO ViT model for DINO identity, e.g. facebook/dino-vits16 (optional)."
     )
     p.add_argument(
-        "--num-images", type=positive_int, default=4, dest="num_images", help="Images per prompt. Default 4."
+        "--num-images", type=positive_int, default=4, dest="num_images", metavar="N",
+        help="Images per prompt. Default 4.",
     )
     p.add_argument(
         "--output",
@@ -432,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="AttnDreamBooth personalization for Stable Diffusion, shipped as PEFT/LoRA adapters. "
         "Start with 'attndb demo' (offline, tiny model); 'attndb COMMAND --help' describes each command.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
     _add_train_parser(sub)
     _add_generate_parser(sub)
     _add_inspect_parser(sub)

@@ -1,10 +1,23 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
 """Run configuration: one `AttnDBConfig` per training run, with one `StageConfig` per stage.
 
-The dataclasses carry their help text in `field(metadata={"help": ...})` (like peft's configs) so the CLI,
-the docs and `attndb_config.json` describe the same settings. Validation that needs no files or models
-happens in `__post_init__`; checks against the disk (images, output folder) live in `data.py` and
-`trainer.py`.
+Each setting is typed once, as a dataclass field made by `setting`; its metadata describes it everywhere it
+appears. The `attndb train` flags are generated from it (`cli_args.add_config_arguments`, the way transformers'
+`HfArgumentParser` reads dataclasses), `RESUME_KEYS` / `RESUME_DEFAULTS` are read off it, and
+`attndb_config.json` records the fields. The metadata keys:
+
+- `help`: the description (CLI help, docs). The CLI appends the default unless the text says "Default:".
+- `group`: the `attndb train --help` section: model, data, stages, memory, output or logging.
+- `flag`: the option string where it is not `--field-name` (`stage3_mode` -> `--stage3`); None for a setting
+  without a flag (config files and Python only). A boolean's flag comes with its `--no-` form.
+- `choices`, `metavar`: as in argparse; `default_text`: how the help shows a default its value says little about.
+- `stages` (`StageConfig` only): the stages one per-stage flag covers (`--ranks 16,64`: stages 2 and 3).
+- `resume`: the setting must match between a checkpoint and the run that resumes it (`RESUME_KEYS`).
+- `resume_default`: the value a checkpoint written before the setting existed implies (`RESUME_DEFAULTS`).
+
+Validation that needs no files or models happens in `__post_init__`; checks against the disk (images, output
+folder) live in `data.py` and `trainer.py`. Messages name settings with `errors.arg` (`` `resolution` ``); the
+CLI shows the flag instead.
 """
 
 from __future__ import annotations
@@ -58,9 +71,24 @@ def setting(
     resume_default: Any = dataclasses.MISSING,
     stages: tuple[int, ...] | None = None,
 ) -> Any:
-    """A dataclass field whose metadata describes the setting everywhere it appears (see the module docstring
-    for the keys). Keys left at their "not given" value are not stored, so `field.metadata` lists only what was
-    said about the setting."""
+    """A dataclass field for one setting, described by its metadata (the keys are in the module docstring).
+
+    Args:
+        help (`str`): what the setting does.
+        group (`str`, *optional*): the `attndb train --help` section (`cli_args.TRAIN_GROUPS`).
+        default, default_factory: as in `dataclasses.field`; neither makes the setting required.
+        flag (`str` or `None`, *optional*): the option string where it is not `--field-name`; None: no flag.
+        choices (`tuple[str, ...]`, *optional*): the accepted values, for the CLI.
+        metavar (`str`, *optional*): the value's name in the help.
+        default_text (`str`, *optional*): how the help shows the default.
+        resume (`bool`, defaults to `False`): whether a resumed run must match the checkpoint's value.
+        resume_default (*optional*): the value implied when a checkpoint did not record the setting.
+        stages (`tuple[int, ...]`, *optional*): for `StageConfig` fields, the stages the flag covers.
+
+    Returns:
+        `dataclasses.Field`: keys left at their "not given" value are not stored, so `field.metadata` holds only
+        what was said about the setting.
+    """
     given = {
         "help": help,
         "group": group,
@@ -198,12 +226,8 @@ class AttnDBConfig:
         resume=True,
     )
     images: str = setting("Folder with the 3-20 instance photos.", group="data", metavar="DIR")
-    category: str = setting(
-        "The subject's category word(s), e.g. 'dog' or 'teddy bear'.", group="data", resume=True
-    )
-    output: str = setting(
-        "Output folder for the adapter, samples and checkpoints.", group="output", metavar="DIR"
-    )
+    category: str = setting("The subject's category word(s), e.g. 'dog' or 'teddy bear'.", group="data", resume=True)
+    output: str = setting("Output folder for the adapter, samples and checkpoints.", group="output", metavar="DIR")
     # -- model ------------------------------------------------------------------------------------------------
     token: str | None = setting(
         "The new token (must not exist in the tokenizer). Default: <attndb-CATEGORY>.",
@@ -251,13 +275,9 @@ class AttnDBConfig:
     )
     # -- stages -----------------------------------------------------------------------------------------------
     # The stages have no flag of their own: StageConfig's fields give the per-stage flags (--steps, --ranks, ...).
-    stage1: StageConfig = setting(
-        "Stage 1: token embedding.", default_factory=_stage1, flag=None, resume=True
-    )
+    stage1: StageConfig = setting("Stage 1: token embedding.", default_factory=_stage1, flag=None, resume=True)
     stage2: StageConfig = setting("Stage 2: attn2 LoRA.", default_factory=_stage2, flag=None, resume=True)
-    stage3: StageConfig = setting(
-        "Stage 3: U-Net LoRA or full.", default_factory=_stage3, flag=None, resume=True
-    )
+    stage3: StageConfig = setting("Stage 3: U-Net LoRA or full.", default_factory=_stage3, flag=None, resume=True)
     stage3_mode: str = setting(
         "Stage 3 trains a LoRA (rank stage3.rank) on every linear layer of the U-Net's transformer blocks ('lora') "
         "or the full U-Net ('full').",
@@ -295,9 +315,7 @@ class AttnDBConfig:
         choices=_REGULARIZERS,
         resume=True,
     )
-    flip: bool = setting(
-        "Random horizontal flips (flipped views are cached).", default=True, group="data", resume=True
-    )
+    flip: bool = setting("Random horizontal flips (views cached).", default=True, group="data", resume=True)
     random_crops: int = setting(
         "Extra random-crop views cached per image (0: center crop only).", default=0, group="data", resume=True
     )
@@ -319,9 +337,7 @@ class AttnDBConfig:
         resume=True,
         resume_default=None,
     )
-    max_grad_norm: float = setting(
-        "Gradient clipping norm (0 disables).", default=1.0, group="stages", resume=True
-    )
+    max_grad_norm: float = setting("Gradient clipping norm (0 disables).", default=1.0, group="stages", resume=True)
     # -- memory and speed -------------------------------------------------------------------------------------
     mixed_precision: str = setting(
         "auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 on older GPUs, no on CPU.",
@@ -359,9 +375,7 @@ class AttnDBConfig:
         "Keep at most this many checkpoints (oldest pruned first; none: all).", default=None, group="output"
     )
     resume: bool = setting("Continue from the newest complete checkpoint in output.", default=False, group="output")
-    overwrite: bool = setting(
-        "Allow a non-empty output folder (its files are replaced).", default=False, group="output"
-    )
+    overwrite: bool = setting("Allow a non-empty output folder (its files replaced).", default=False, group="output")
     push_to_hub: str | None = setting(
         "Hub repo id to push the adapter to when done.", default=None, group="output", metavar="REPO"
     )
@@ -393,9 +407,7 @@ class AttnDBConfig:
         group="logging",
         choices=_REPORT_TO,
     )
-    allow_tf32: bool = setting(
-        "Allow TF32 matmuls on Ampere+ GPUs.", default=True, group="memory", flag="--tf32"
-    )
+    allow_tf32: bool = setting("Allow TF32 matmuls on Ampere+ GPUs.", default=True, group="memory", flag="--tf32")
 
     def __post_init__(self) -> None:
         for name in ("stage1", "stage2", "stage3"):

@@ -314,7 +314,7 @@ def add_world_parser(subparsers) -> argparse.ArgumentParser:
         "writes its pretrained base model ('attndb world pretrain' retrains it), 'attndb world concept' draws a "
         "personal concept's user photos, 'attndb world score' scores what 'attndb generate' made of it.",
     )
-    sub = p.add_subparsers(dest="world_command", metavar="SUBCOMMAND", required=True)
+    sub = p.add_subparsers(title="commands", dest="world_command", metavar="SUBCOMMAND", required=True)
     _add_pretrain_parser(sub)
     _add_base_parser(sub)
     _add_concept_parser(sub)
