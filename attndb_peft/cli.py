@@ -2,10 +2,15 @@
 """`attndb` command line: argparse -> `AttnDBConfig` / function calls. No logic of its own.
 
 Subcommands: `train`, `generate`, `inspect`, `evaluate`, `push`, `export`, `demo`, `world` (its subcommands live
-in `world/cli.py`). In prompts, `{}` expands to `TOKEN CATEGORY` (read from the adapter's `attndb_config.json`).
+in `world/cli.py`). The `train` flags are generated from `AttnDBConfig`'s fields (`cli_args.add_config_arguments`).
+In prompts, `{}` expands to `TOKEN CATEGORY` (read from the adapter's `attndb_config.json`).
+
+Imports run one way: this module imports `world/cli.py` (to register `world`) and `cli_args.py` (the argument
+helpers both share); neither imports this one.
 
 Exit codes: 0 done, 2 bad input or usage (nothing written), 1 failure during the run. Errors are one line on
-stderr; `--verbose` adds the traceback.
+stderr; `--verbose` adds the traceback. Library messages name settings as Python spells them (`` `token` ``);
+`main` shows them, and the package's log records, with the flag of the command that ran (`--token`).
 """
 
 from __future__ import annotations

@@ -308,3 +308,19 @@ def test_cli_modules_import_one_way_and_at_the_top():
                 assert not local, f"{name}:{node.name} imports {[n.module for n in local]}"
             if isinstance(node, ast.ImportFrom) and name != "cli.py":
                 assert not (node.level > 0 and node.module == "cli"), name
+
+
+def test_warnings_logged_during_a_command_name_its_flags(monkeypatch, caplog):
+    import logging
+
+    def warns(args):
+        logging.getLogger("attndb_peft.data").warning("%s %s: smaller than `resolution`", "`concept_seed`", 3)
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_demo", warns)
+    with caplog.at_level("WARNING", logger="attndb_peft"):
+        assert main(["demo", "--quiet"]) == 0
+    # demo has --concept-seed but no --resolution: only the flags of the command that ran are shown
+    assert "--concept-seed 3: smaller than `resolution`" in caplog.text
+    logging.getLogger("attndb_peft.data").warning("`concept_seed` outside the CLI")
+    assert "`concept_seed` outside the CLI" in caplog.text  # the filter is gone once main returns
