@@ -52,8 +52,8 @@ TRAIN_GROUPS = {
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """argparse's formatter, with the default appended to every option whose help does not state it already
-    (a flag's default is part of what it does)."""
+    """argparse's formatter, with the default appended to every option that takes a value and whose help does
+    not state it already (a flag's default is part of what it does)."""
 
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=32)
@@ -61,7 +61,9 @@ class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if default in (None, False, argparse.SUPPRESS) or "default" in text.lower() or not action.option_strings:
+        if default in (None, argparse.SUPPRESS) or "default" in text.lower() or not action.option_strings:
+            return text
+        if action.nargs == 0:  # a switch: its "default" is the value it flips, which would only mislead
             return text
         return f"{text} Default: %(default)s."
 

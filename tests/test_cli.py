@@ -265,8 +265,8 @@ def test_train_flags_come_from_the_fields():
 def test_help_shows_every_default(command):
     parser = _command_parser(command)
     for action in parser._actions:
-        if not action.option_strings or isinstance(action, argparse._HelpAction):
-            continue
+        if not action.option_strings or action.nargs == 0 and not hasattr(action, "setting"):
+            continue  # positionals, and switches (--no-evaluate: "default True" would only mislead)
         text = parser._get_formatter()._expand_help(action) if action.help else ""
         if action.default not in (None, False) or hasattr(action, "setting"):  # train's: default None, shown
             assert "default" in text.lower() or "required" in text.lower(), (command, action.option_strings)

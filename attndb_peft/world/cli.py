@@ -209,14 +209,14 @@ def _add_pretrain_parser(sub) -> None:
         "(VAE 11-15 min, U-Net 3,600 steps at ~1.4 s a step).",
     )
     p.add_argument("--output", metavar="DIR", required=True, help="Folder for the run (resumed if it exists).")
-    p.add_argument("--seed", type=_seed, default=defaults.seed, help=f"Seed. Default {defaults.seed}.")
-    p.add_argument("--steps", type=positive_int, default=defaults.steps,
+    p.add_argument("--seed", type=_seed, default=defaults.seed, metavar="N", help=f"Seed. Default {defaults.seed}.")
+    p.add_argument("--steps", type=positive_int, default=defaults.steps, metavar="N",
                    help=f"U-Net/text-encoder steps. Default {defaults.steps}.")
-    p.add_argument("--threads", type=positive_int, default=defaults.threads,
+    p.add_argument("--threads", type=positive_int, default=defaults.threads, metavar="N",
                    help=f"CPU threads (results depend on it). Default {defaults.threads}.")
-    p.add_argument("--checkpoint-every", type=positive_int, default=defaults.checkpoint_every,
+    p.add_argument("--checkpoint-every", type=positive_int, default=defaults.checkpoint_every, metavar="N",
                    dest="checkpoint_every", help=f"Steps between checkpoints. Default {defaults.checkpoint_every}.")
-    p.add_argument("--stop-after", type=positive_int, default=None, dest="stop_after",
+    p.add_argument("--stop-after", type=positive_int, default=None, dest="stop_after", metavar="STEP",
                    help="Stop at the first checkpoint at or past this step and write DIR/pipeline from its EMA "
                    "weights (run again without it to continue).")
     p.add_argument("--no-evaluate", action="store_false", dest="evaluate",
