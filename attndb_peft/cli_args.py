@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import re
 import types
 import typing
@@ -166,9 +167,15 @@ def _flag(f: dataclasses.Field) -> str | None:
     return ("--" + f.name.replace("_", "-")) if flag == "" else flag
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    # the annotations are strings under `from __future__ import annotations`; evaluating them is per class
+    return typing.get_type_hints(cls)
+
+
 def _value_type(cls: type, f: dataclasses.Field) -> Any:
-    """The field's type without `| None` (the annotations are strings under `from __future__ import annotations`)."""
-    hint = typing.get_type_hints(cls)[f.name]
+    """The field's type without `| None`."""
+    hint = _type_hints(cls)[f.name]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
