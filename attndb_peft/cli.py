@@ -2,330 +2,134 @@
 """`attndb` command line: argparse -> `AttnDBConfig` / function calls. No logic of its own.
 
 Subcommands: `train`, `generate`, `inspect`, `evaluate`, `push`, `export`, `demo`, `world` (its subcommands live
-in `world/cli.py`). In prompts, `{}` expands to `TOKEN CATEGORY` (read from the adapter's `attndb_config.json`).
+in `world/cli.py`). The `train` flags are generated from `AttnDBConfig`'s fields (`cli_args.add_config_arguments`).
+In prompts, `{}` expands to `TOKEN CATEGORY` (read from the adapter's `attndb_config.json`).
+
+Imports run one way: this module imports `world/cli.py` (to register `world`) and `cli_args.py` (the argument
+helpers both share); neither imports this one.
 
 Exit codes: 0 done, 2 bad input or usage (nothing written), 1 failure during the run. Errors are one line on
-stderr; `--verbose` adds the traceback.
+stderr; `--verbose` adds the traceback. Library messages name settings as Python spells them (`` `token` ``);
+`main` shows them, and the package's log records, with the flag of the command that ran (`--token`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
 
-from .errors import AttnDBError
-from .world.cli import add_world_parser
+from diffusers.utils import logging as diffusers_logging
+from huggingface_hub.utils import disable_progress_bars
+from transformers.utils import logging as transformers_logging
 
-__all__ = ["build_parser", "main"]
+from . import trainer
+from .cli_args import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    Parser,
+    add_common,
+    add_config_arguments,
+    config_from_args,
+    multiple_of_8,
+    parser_that_ran,
+    positive_int,
+    show_flags,
+    three,
+)
+from .demo import DEMO_STEPS, WORLD_DEMO_CONCEPT, run_demo
+from .errors import AttnDBError, UsageError, arg
+from .evaluate import (
+    DEFAULT_CLIP_MODEL,
+    ClipEmbedder,
+    DinoEmbedder,
+    evaluate_concept,
+    load_reference_images,
+    read_prompts_file,
+)
+from .hub import check_repo_id, push_to_hub
+from .inference import expand_prompt, inspect_prompt, load_pipeline, read_adapter_config, write_generation
+from .world.cli import add_world_parser
+from .world.model import BASE_SETTINGS
+
+__all__ = ["build_parser", "config_from_args", "main"]
 
 logger = logging.getLogger("attndb_peft")
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors (argparse's default prints the whole usage block first)."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _three(kind):
-    def parse(text: str):
-        parts = [p.strip() for p in text.split(",")]
-        if len(parts) != 3:
-            raise argparse.ArgumentTypeError(f"expected three comma-separated values (stage 1,2,3), got {text!r}")
-        try:
-            return tuple(kind(p) for p in parts)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected three {kind.__name__} values like '60,100,500', got {text!r}"
-            ) from None
-
-    return parse
-
-
-def _per_stage(kind, stages: tuple[int, ...] = (1, 2, 3)):
-    """Parse one value for every stage in `stages`, or one value each (comma-separated); returns a 3-tuple with
-    None for the stages not covered."""
-    example = ",".join(["1"] * len(stages)) if kind is not str else ",".join(["constant"] * len(stages))
-
-    def parse(text: str):
-        parts = [p.strip() for p in text.split(",")]
-        if len(parts) == 1:
-            parts = parts * len(stages)
-        if len(parts) != len(stages):
-            names = ",".join(map(str, stages))
-            raise argparse.ArgumentTypeError(
-                f"expected one value, or {len(stages)} comma-separated values (stages {names}), got {text!r}"
-            )
-        try:
-            values = dict(zip(stages, (kind(p) for p in parts)))
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {kind.__name__} values like '{example}', got {text!r}"
-            ) from None
-        return tuple(values.get(stage) for stage in (1, 2, 3))
-
-    return parse
-
-
-def _show(value) -> str:
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return "none" if value is None else str(value)
-
-
-def _config_help(name: str, show_default: bool = True) -> str:
-    """The setting's help text from `AttnDBConfig`, with its default (or that it is required) appended."""
-    from .config import AttnDBConfig
-
-    for f in dataclasses.fields(AttnDBConfig):
-        if f.name == name:
-            text = f.metadata.get("help", "")
-            if not show_default or "default" in text.lower():  # the text already says it
-                return text
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                return f"{text} Required (here or in --config)."
-            return f"{text} Default: {_show(f.default)}."
-    raise KeyError(name)
-
-
-def _stage_default(field_name: str, stages: tuple[int, ...] = (1, 2, 3)) -> str:
-    from .config import AttnDBConfig
-
-    defaults = AttnDBConfig(model="m", images="i", category="c", output="o").stages
-    return "Default: " + ",".join(_show(getattr(defaults[s - 1], field_name)) for s in stages) + "."
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("-v", "--verbose", action="store_true", help="Debug logging, and tracebacks on errors.")
-    group.add_argument("-q", "--quiet", action="store_true", help="Only warnings and errors; no progress bars.")
-
 
 def _add_train_parser(sub) -> None:
-    from .families import SD, SDXL
-
     p = sub.add_parser(
         "train",
+        usage="attndb train --model MODEL --images DIR --category WORD --output DIR [options]",
         help="Train a concept with the three AttnDreamBooth stages.",
-        description="Train a concept (token embedding, attn2 LoRA, U-Net LoRA or full) and write the adapter folder.",
+        description="Train a concept (token embedding, attn2 LoRA, U-Net LoRA or full) and write the adapter folder. "
+        "Every setting can also come from --config; flags given here override it.",
     )
-    p.add_argument("--model", help=_config_help("model"))
-    p.add_argument("--model-config", dest="model_config", help=_config_help("model_config", show_default=False))
-    p.add_argument("--images", help=_config_help("images"))
-    p.add_argument("--category", help=_config_help("category"))
-    p.add_argument("--output", help=_config_help("output"))
-    p.add_argument("--token", help=_config_help("token"))
     p.add_argument(
         "--config",
+        metavar="FILE",
         help="YAML or JSON file of AttnDBConfig settings (see examples/config.yaml), or a finished run's "
-        "attndb_config.json to reproduce it; flags given here override it.",
+        "attndb_config.json to reproduce it.",
     )
-    p.add_argument("--revision", help=_config_help("revision"))
-    p.add_argument("--variant", help=_config_help("variant"))
-    p.add_argument("--resolution", type=int, help=_config_help("resolution"))
-    p.add_argument("--batch-size", type=int, dest="batch_size", help=_config_help("batch_size"))
-    p.add_argument(
-        "--gradient-accumulation-steps",
-        type=int,
-        dest="gradient_accumulation_steps",
-        help=_config_help("gradient_accumulation_steps"),
-    )
-    p.add_argument("--steps", type=_three(int), help="Steps of stages 1,2,3. Default: 60,100,500 (the paper's).")
-    p.add_argument(
-        "--learning-rates",
-        type=_three(float),
-        dest="learning_rates",
-        help="Learning rates of stages 1,2,3; default 1e-3,2e-4,2e-5 (stage 3 full: 2e-6).",
-    )
-    p.add_argument(
-        "--ranks",
-        type=_per_stage(int, (2, 3)),
-        help="LoRA rank of stages 2,3 (one value: both). Default: the model family's, "
-        f"{SD.default_lora_rank} on SD 1.x/2.x and {SDXL.default_lora_rank} on SDXL.",
-    )
-    p.add_argument(
-        "--lora-alphas",
-        type=_per_stage(float, (2, 3)),
-        dest="lora_alphas",
-        help="LoRA alpha of stages 2,3 (one value: both); the LoRA's scale is alpha/rank. Default: alpha = rank.",
-    )
-    p.add_argument(
-        "--lr-schedulers",
-        type=_per_stage(str),
-        dest="lr_schedulers",
-        help="Learning-rate schedule of stages 1,2,3 (one name: all), diffusers' get_scheduler names: constant, "
-        "constant_with_warmup, linear, cosine, ... " + _stage_default("lr_scheduler"),
-    )
-    p.add_argument(
-        "--lr-warmup-steps",
-        type=_per_stage(int),
-        dest="lr_warmup_steps",
-        help="Learning-rate warm-up steps of stages 1,2,3 (one value: all). " + _stage_default("lr_warmup_steps"),
-    )
-    p.add_argument(
-        "--lambda-mu",
-        type=_per_stage(float),
-        dest="lambda_mu",
-        help="Regularizer weight of the attention-map mean, stages 1,2,3. " + _stage_default("lambda_mu"),
-    )
-    p.add_argument(
-        "--lambda-var",
-        type=_per_stage(float),
-        dest="lambda_var",
-        help="Regularizer weight of the attention-map variance, stages 1,2,3. " + _stage_default("lambda_var"),
-    )
-    p.add_argument("--stage3", choices=("lora", "full"), dest="stage3_mode", help=_config_help("stage3_mode"))
-    p.add_argument("--full-export-rank", type=int, dest="full_export_rank", help=_config_help("full_export_rank"))
-    p.add_argument("--regularizer", choices=("per_layer", "pooled"), help=_config_help("regularizer"))
-    p.add_argument("--seed", type=int, help=_config_help("seed"))
-    p.add_argument(
-        "--mixed-precision",
-        choices=("auto", "no", "fp16", "bf16"),
-        dest="mixed_precision",
-        help=_config_help("mixed_precision"),
-    )
-    p.add_argument(
-        "--gradient-checkpointing",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        dest="gradient_checkpointing",
-        help=_config_help("gradient_checkpointing"),
-    )
-    p.add_argument(
-        "--offload-frozen",
-        action="store_true",
-        default=None,
-        dest="offload_frozen",
-        help=_config_help("offload_frozen"),
-    )
-    p.add_argument("--compile", action="store_true", default=None, help=_config_help("compile"))
-    p.add_argument(
-        "--save-dtype", choices=("fp16", "bf16", "fp32"), dest="save_dtype", help=_config_help("save_dtype")
-    )
-    p.add_argument("--random-crops", type=int, dest="random_crops", help=_config_help("random_crops"))
-    p.add_argument(
-        "--no-flip", action="store_false", default=None, dest="flip", help="Disable horizontal flips (on by default)."
-    )
-    p.add_argument(
-        "--masked-loss",
-        action="store_true",
-        default=None,
-        dest="masked_loss",
-        help=_config_help("masked_loss"),
-    )
-    p.add_argument("--masks", metavar="DIR", help=_config_help("masks"))
-    p.add_argument("--max-grad-norm", type=float, dest="max_grad_norm", help=_config_help("max_grad_norm"))
-    p.add_argument(
-        "--no-tf32",
-        action="store_false",
-        default=None,
-        dest="allow_tf32",
-        help="Disable TF32 matmuls on Ampere+ GPUs (on by default).",
-    )
-    p.add_argument(
-        "--checkpointing-steps", type=int, dest="checkpointing_steps", help=_config_help("checkpointing_steps")
-    )
-    p.add_argument(
-        "--checkpoints-total-limit",
-        type=int,
-        dest="checkpoints_total_limit",
-        help=_config_help("checkpoints_total_limit"),
-    )
-    p.add_argument("--resume", action="store_true", default=None, help=_config_help("resume"))
-    p.add_argument("--overwrite", action="store_true", default=None, help=_config_help("overwrite"))
-    p.add_argument("--push-to-hub", dest="push_to_hub", metavar="REPO", help=_config_help("push_to_hub"))
-    p.add_argument("--log-every", type=int, dest="log_every", help=_config_help("log_every"))
-    p.add_argument(
-        "--validation-prompts",
-        nargs="*",
-        metavar="PROMPT",
-        dest="validation_prompts",
-        help=_config_help("validation_prompts", show_default=False)
-        + " Give each prompt quoted; give the flag alone to disable. Default: background, style and colour changes.",
-    )
-    p.add_argument("--validation-steps", type=int, dest="validation_steps", help=_config_help("validation_steps"))
-    p.add_argument("--validation-images", type=int, dest="validation_images", help=_config_help("validation_images"))
-    p.add_argument(
-        "--validation-inference-steps",
-        type=int,
-        dest="validation_inference_steps",
-        help=_config_help("validation_inference_steps"),
-    )
-    p.add_argument(
-        "--validation-guidance-scale",
-        type=float,
-        dest="validation_guidance_scale",
-        help=_config_help("validation_guidance_scale"),
-    )
-    p.add_argument(
-        "--report-to",
-        choices=("tensorboard", "wandb"),
-        dest="report_to",
-        help=_config_help("report_to", show_default=False) + " Needs that package installed; logs go to OUT/logs.",
-    )
-    _add_common(p)
+    add_common(p)
+    add_config_arguments(p)  # one flag per AttnDBConfig/StageConfig field, from the fields' metadata
     p.set_defaults(handler=_cmd_train)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
-
-
-def _multiple_of_8(text: str) -> int:
-    value = _positive_int(text)
-    if value % 8:
-        raise argparse.ArgumentTypeError(f"expected a multiple of 8 (the VAE's downsampling), got {value}")
-    return value
-
-
 def _add_generation_args(p: argparse.ArgumentParser, steps: int, adapter_required: bool = False) -> None:
-    """Flags shared by generate, inspect and evaluate: base model, adapter and sampling settings."""
-    p.add_argument(
+    """Flags shared by generate, inspect and evaluate: base model, adapter and sampling settings, in two help
+    sections."""
+    model = p.add_argument_group("model and adapter")
+    model.add_argument(
         "--model",
         metavar="MODEL",
         help="Base model: Hub id, local diffusers folder, or single .safetensors file (with --model-config). "
         "Default: the base model named in the adapter's attndb_config.json.",
     )
-    p.add_argument(
+    model.add_argument(
         "--model-config",
         dest="model_config",
+        metavar="MODEL",
         help="With a single-file --model: a diffusers folder or Hub id of the same architecture.",
     )
-    p.add_argument(
+    model.add_argument(
         "--adapter",
         metavar="PATH_OR_REPO",
         required=adapter_required,
         help="Adapter folder written by attndb train, or a Hub repo id; loaded with load_attndb. Its token and "
         "category fill '{}' in prompts.",
     )
-    p.add_argument(
-        "--lora-scale", type=float, default=1.0, dest="lora_scale", help="Weight of the adapter's LoRA. Default 1."
+    model.add_argument(
+        "--lora-scale", type=float, default=1.0, dest="lora_scale", metavar="X",
+        help="Weight of the adapter's LoRA. Default 1.",
     )
-    p.add_argument("--seed", type=int, default=0, help="Seed of the first image; image i uses seed+i. Default 0.")
-    p.add_argument("--steps", type=_positive_int, default=steps, help=f"Denoising steps. Default {steps}.")
-    p.add_argument("--guidance", type=float, default=7.5, help="Classifier-free guidance scale. Default 7.5.")
-    p.add_argument(
-        "--height", type=_multiple_of_8, help="Image height in pixels (multiple of 8); default the model's."
+    model.add_argument(
+        "--device", help="Torch device, e.g. cuda, cuda:1, cpu. Default: CUDA if available, else CPU."
     )
-    p.add_argument("--width", type=_multiple_of_8, help="Image width in pixels (multiple of 8); default the model's.")
-    p.add_argument("--device", help="Torch device, e.g. cuda, cuda:1, cpu. Default: CUDA if available, else CPU.")
-    p.add_argument(
+    model.add_argument(
         "--dtype",
         choices=("auto", "fp32", "fp16", "bf16"),
         default="auto",
         help="Weights dtype. Default auto: fp16 on CUDA, fp32 elsewhere.",
+    )
+    sampling = p.add_argument_group("sampling")
+    sampling.add_argument(
+        "--seed", type=int, default=0, metavar="N", help="Seed of the first image; image i uses seed+i. Default 0."
+    )
+    sampling.add_argument(
+        "--steps", type=positive_int, default=steps, metavar="N", help=f"Denoising steps. Default {steps}."
+    )
+    sampling.add_argument(
+        "--guidance", type=float, default=7.5, metavar="X", help="Classifier-free guidance scale. Default 7.5."
+    )
+    sampling.add_argument(
+        "--height", type=multiple_of_8, metavar="PX", help="Image height in pixels (multiple of 8); default the "
+        "model's."
+    )
+    sampling.add_argument(
+        "--width", type=multiple_of_8, metavar="PX", help="Image width in pixels (multiple of 8); default the model's."
     )
 
 
@@ -343,14 +147,15 @@ def _add_generate_parser(sub) -> None:
         help="Prompt, e.g. 'a photo of a {} on the beach' ({} -> TOKEN CATEGORY); repeat for several prompts.",
     )
     p.add_argument(
-        "--num-images", type=_positive_int, default=1, dest="num_images", help="Images per prompt. Default 1."
+        "--num-images", type=positive_int, default=1, dest="num_images", metavar="N",
+        help="Images per prompt. Default 1.",
     )
-    p.add_argument("--negative-prompt", dest="negative_prompt", help="Negative prompt (optional).")
+    p.add_argument("--negative-prompt", dest="negative_prompt", metavar="PROMPT", help="Negative prompt (optional).")
     p.add_argument(
         "--output", metavar="DIR", required=True, help="Folder for the PNGs and generate.json (created if missing)."
     )
     _add_generation_args(p, steps=30)
-    _add_common(p)
+    add_common(p)
     p.set_defaults(handler=_cmd_generate)
 
 
@@ -369,13 +174,11 @@ def _add_inspect_parser(sub) -> None:
         "--output", metavar="PNG", required=True, help="The figure's path (.png); the JSON goes next to it."
     )
     _add_generation_args(p, steps=30)
-    _add_common(p)
+    add_common(p)
     p.set_defaults(handler=_cmd_inspect)
 
 
 def _add_evaluate_parser(sub) -> None:
-    from .evaluate import DEFAULT_CLIP_MODEL
-
     p = sub.add_parser(
         "evaluate",
         help="Score a concept: CLIP identity, CLIP text alignment (and DINO identity).",
@@ -402,7 +205,8 @@ def _add_evaluate_parser(sub) -> None:
         "--dino", metavar="MODEL", help="DINO ViT model for DINO identity, e.g. facebook/dino-vits16 (optional)."
     )
     p.add_argument(
-        "--num-images", type=_positive_int, default=4, dest="num_images", help="Images per prompt. Default 4."
+        "--num-images", type=positive_int, default=4, dest="num_images", metavar="N",
+        help="Images per prompt. Default 4.",
     )
     p.add_argument(
         "--output",
@@ -411,14 +215,11 @@ def _add_evaluate_parser(sub) -> None:
         help="Folder for metrics.json, grid.png and images/. Default ./attndb-eval.",
     )
     _add_generation_args(p, steps=30, adapter_required=True)
-    _add_common(p)
+    add_common(p)
     p.set_defaults(handler=_cmd_evaluate)
 
 
 def _add_demo_parser(sub) -> None:
-    from .demo import DEMO_STEPS, WORLD_DEMO_CONCEPT
-    from .world.model import BASE_SETTINGS
-
     world_steps = ",".join(str(BASE_SETTINGS[f"stage{i}"]["steps"]) for i in (1, 2, 3))
     p = sub.add_parser(
         "demo",
@@ -437,7 +238,7 @@ def _add_demo_parser(sub) -> None:
     )
     p.add_argument(
         "--steps",
-        type=_three(int),
+        type=three(int),
         default=None,
         help=f"Training steps of stages 1,2,3. Default {world_steps} (world), {','.join(map(str, DEMO_STEPS))} "
         "(--random-weights).",
@@ -460,53 +261,20 @@ def _add_demo_parser(sub) -> None:
         default="sd",
         help="With --random-weights: the tiny model's family, SD 2.x-like (default) or SDXL (two text encoders).",
     )
-    _add_common(p)
+    add_common(p)
     p.set_defaults(handler=_cmd_demo)
 
 
-def config_from_args(args: argparse.Namespace):
-    """Merge `--config` file values with the flags given (flags win) into an `AttnDBConfig`."""
-    from .config import AttnDBConfig, ConfigError, read_config_file
-
-    values = read_config_file(args.config) if args.config else {}
-    names = {f.name for f in dataclasses.fields(AttnDBConfig)}
-    for name, value in vars(args).items():
-        if name in names and value is not None:
-            values[name] = value
-    missing = [f"--{n}" for n in ("model", "images", "category", "output") if not values.get(n)]
-    if missing:
-        raise ConfigError(f"missing required argument(s): {', '.join(missing)} (on the command line or in --config).")
-    config = AttnDBConfig.from_dict(values, source=args.config or "arguments")
-    stage_values = {
-        "steps": args.steps,
-        "learning_rates": args.learning_rates,
-        "rank": args.ranks,
-        "alpha": args.lora_alphas,
-        "lr_scheduler": args.lr_schedulers,
-        "lr_warmup_steps": args.lr_warmup_steps,
-        "lambda_mu": args.lambda_mu,
-        "lambda_var": args.lambda_var,
-    }
-    if any(v is not None for v in stage_values.values()):
-        config = config.with_stage_values(**stage_values)
-    return config
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .trainer import Trainer
-
     config = config_from_args(args)
     if config.push_to_hub:
-        from .hub import check_repo_id
-
         check_repo_id(config.push_to_hub)  # before hours of training, not after
-    trainer = Trainer(config)
-    result = trainer.run()  # logs the run summary (time per stage, peak memory, files)
+    # trainer.Trainer is read at call time, so a caller (or a test) that replaces it is the one that runs
+    run = trainer.Trainer(config)
+    result = run.run()  # logs the run summary (time per stage, peak memory, files)
     print(result.output_dir)
-    accelerator = getattr(trainer, "accelerator", None)
+    accelerator = getattr(run, "accelerator", None)
     if config.push_to_hub and (accelerator is None or accelerator.is_main_process):
-        from .hub import push_to_hub
-
         url = push_to_hub(result.output_dir, config.push_to_hub)
         logger.info("Pushed to the Hub: %s", url)
     return EXIT_OK
@@ -534,14 +302,12 @@ def _add_export_parser(sub) -> None:
         dest="model_config",
         help="With a single-file --model: a diffusers folder or Hub id of the same architecture.",
     )
-    _add_common(p)
+    add_common(p)
     p.set_defaults(handler=_cmd_export)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .trainer import export_checkpoint
-
-    files = export_checkpoint(args.checkpoint, args.output, model=args.model, model_config=args.model_config)
+    files = trainer.export_checkpoint(args.checkpoint, args.output, model=args.model, model_config=args.model_config)
     logger.info("Wrote %d file(s) to %s", len(files), args.output)
     print(args.output)
     return EXIT_OK
@@ -559,13 +325,11 @@ def _add_push_parser(sub) -> None:
     p.add_argument("--private", action="store_true", help="Create the repo private (an existing repo keeps its own).")
     p.add_argument("--token", help="Hub token with write access (default: the one saved by `hf auth login`).")
     p.add_argument("--commit-message", dest="commit_message", help="Default: 'Upload attndb concept TOKEN'.")
-    _add_common(p)
+    add_common(p)
     p.set_defaults(handler=_cmd_push)
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from .hub import push_to_hub
-
     url = push_to_hub(
         args.output, args.repo_id, private=args.private, token=args.token, commit_message=args.commit_message
     )
@@ -585,12 +349,8 @@ def _generation_settings(args: argparse.Namespace, info) -> dict:
 
 
 def _load(args: argparse.Namespace, safety_checker: bool = True):
-    from .inference import load_pipeline
-
     model_config = args.model_config
     if model_config is None and args.model is None and args.adapter:  # the adapter's own base model
-        from .inference import read_adapter_config
-
         model_config = read_adapter_config(args.adapter).config.get("settings", {}).get("model_config")
     return load_pipeline(
         args.model,
@@ -604,14 +364,10 @@ def _load(args: argparse.Namespace, safety_checker: bool = True):
 
 
 def _expand(prompt: str, info) -> str:
-    from .inference import expand_prompt
-
     return expand_prompt(prompt, info.token if info else None, info.category if info else None)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .inference import write_generation
-
     pipe, info = _load(args)
     prompts = [_expand(p, info) for p in args.prompt]
     paths = write_generation(
@@ -633,8 +389,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .inference import inspect_prompt
-
     pipe, info = _load(args)
     result = inspect_prompt(
         pipe,
@@ -653,8 +407,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import ClipEmbedder, DinoEmbedder, evaluate_concept, load_reference_images, read_prompts_file
-
     references = load_reference_images(args.images)  # cheap input checks first, then the models
     prompts = read_prompts_file(args.prompts) if args.prompts else None
     clip = ClipEmbedder(args.clip, args.device)
@@ -683,11 +435,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-    from .inference import UsageError
-
     if args.concept_seed < 0:
-        raise UsageError(f"--concept-seed {args.concept_seed}: expected a non-negative integer.")
+        raise UsageError(f"{arg('concept_seed')} {args.concept_seed}: expected a non-negative integer.")
     result = run_demo(
         args.output,
         steps=args.steps,
@@ -701,12 +450,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    """The `attndb` parser with every subcommand; each subcommand's `handler` default runs it."""
+    parser = Parser(
         prog="attndb",
         description="AttnDreamBooth personalization for Stable Diffusion, shipped as PEFT/LoRA adapters. "
         "Start with 'attndb demo' (offline, tiny model); 'attndb COMMAND --help' describes each command.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
     _add_train_parser(sub)
     _add_generate_parser(sub)
     _add_inspect_parser(sub)
@@ -723,15 +473,24 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(message)s" if not verbose else "%(levelname)s %(name)s: %(message)s")
     logging.getLogger("attndb_peft").setLevel(level)
     if not verbose:  # "Loading pipeline components" / "Loading weights" bars tell a user nothing
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
     if quiet:  # downloads keep their bars unless asked for quiet
-        from huggingface_hub.utils import disable_progress_bars
-
         disable_progress_bars()
+
+
+class _ShowFlags(logging.Filter):
+    """Rewrites the package's log records (warnings such as "`resolution` 48 ...") to name the flags of the
+    command that ran, as `main` does for error messages."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        super().__init__()
+        self.parser = parser
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("attndb_peft"):
+            record.msg, record.args = show_flags(record.getMessage(), self.parser), None
+        return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -740,6 +499,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)  # argparse exits with code 2 on usage errors
     verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
     _setup_logging(verbose, quiet)
+    ran = parser_that_ran(parser, args)
+    # on the handlers, not the loggers: a logger's filter misses its children's records (attndb_peft.trainer)
+    handlers, show = list(logging.getLogger().handlers), _ShowFlags(ran)
+    for handler in handlers:
+        handler.addFilter(show)
     try:
         return args.handler(args)
     except KeyboardInterrupt:
@@ -750,10 +514,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exc.exit_code if isinstance(exc, AttnDBError) else EXIT_FAILURE  # the class says which
         if verbose:
             logger.exception("attndb %s failed", args.command)
+        # Library messages name settings as Python spells them (`token`); the CLI shows the flag that sets them.
         # Usage messages say what is wrong and how to fix it (one line per problem found). A failure's message is
         # cut to its first line -- library messages such as CUDA out-of-memory go on for lines -- and --verbose
         # shows the rest with the traceback.
-        text = str(exc).strip()
+        text = show_flags(str(exc).strip(), ran)
         if code == EXIT_USAGE:
             message = text
         else:
@@ -762,6 +527,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 message += " (run again with --verbose for the traceback)"
         print(f"attndb {args.command}: error: {message}", file=sys.stderr)
         return code
+    finally:
+        for handler in handlers:
+            handler.removeFilter(show)
 
 
 if __name__ == "__main__":

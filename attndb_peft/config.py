@@ -1,10 +1,23 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
 """Run configuration: one `AttnDBConfig` per training run, with one `StageConfig` per stage.
 
-The dataclasses carry their help text in `field(metadata={"help": ...})` (like peft's configs) so the CLI,
-the docs and `attndb_config.json` describe the same settings. Validation that needs no files or models
-happens in `__post_init__`; checks against the disk (images, output folder) live in `data.py` and
-`trainer.py`.
+Each setting is typed once, as a dataclass field made by `setting`; its metadata describes it everywhere it
+appears. The `attndb train` flags are generated from it (`cli_args.add_config_arguments`, the way transformers'
+`HfArgumentParser` reads dataclasses), `RESUME_KEYS` / `RESUME_DEFAULTS` are read off it, and
+`attndb_config.json` records the fields. The metadata keys:
+
+- `help`: the description (CLI help, docs). The CLI appends the default unless the text says "Default:".
+- `group`: the `attndb train --help` section: model, data, stages, memory, output or logging.
+- `flag`: the option string where it is not `--field-name` (`stage3_mode` -> `--stage3`); None for a setting
+  without a flag (config files and Python only). A boolean's flag comes with its `--no-` form.
+- `choices`, `metavar`: as in argparse; `default_text`: how the help shows a default its value says little about.
+- `stages` (`StageConfig` only): the stages one per-stage flag covers (`--ranks 16,64`: stages 2 and 3).
+- `resume`: the setting must match between a checkpoint and the run that resumes it (`RESUME_KEYS`).
+- `resume_default`: the value a checkpoint written before the setting existed implies (`RESUME_DEFAULTS`).
+
+Validation that needs no files or models happens in `__post_init__`; checks against the disk (images, output
+folder) live in `data.py` and `trainer.py`. Messages name settings with `errors.arg` (`` `resolution` ``); the
+CLI shows the flag instead.
 """
 
 from __future__ import annotations
@@ -17,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .errors import UsageError, arg
 
 __all__ = [
     "DEFAULT_VALIDATION_PROMPTS",
@@ -40,88 +53,123 @@ DEFAULT_VALIDATION_PROMPTS = (
 )
 
 
-#: Settings a checkpoint must share with the run that resumes it (others, e.g. logging, may change).
-RESUME_KEYS = (
-    "model",
-    "model_config",
-    "revision",
-    "variant",
-    "category",
-    "token",
-    "resolution",
-    "batch_size",
-    "gradient_accumulation_steps",
-    "seed",
-    "stage1",
-    "stage2",
-    "stage3",
-    "stage3_mode",
-    "token_init",
-    "stage3_train_token",
-    "regularizer",
-    "flip",
-    "random_crops",
-    "masked_loss",
-    "masks",
-    "max_grad_norm",
-    "mixed_precision",
-)
-#: Values of resume settings that checkpoints written before the setting existed did not record.
-RESUME_DEFAULTS = {"gradient_accumulation_steps": 1, "model_config": None, "masked_loss": False, "masks": None}
-
-
 class ConfigError(UsageError):
     """A setting is invalid. The message names the setting, the value received and the fix."""
 
 
+def setting(
+    help: str,
+    *,
+    group: str | None = None,
+    default: Any = dataclasses.MISSING,
+    default_factory: Any = dataclasses.MISSING,
+    flag: str | None = "",
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+    default_text: str | None = None,
+    resume: bool = False,
+    resume_default: Any = dataclasses.MISSING,
+    stages: tuple[int, ...] | None = None,
+) -> Any:
+    """A dataclass field for one setting, described by its metadata (the keys are in the module docstring).
+
+    Args:
+        help (`str`): what the setting does.
+        group (`str`, *optional*): the `attndb train --help` section (`cli_args.TRAIN_GROUPS`).
+        default, default_factory: as in `dataclasses.field`; neither makes the setting required.
+        flag (`str` or `None`, *optional*): the option string where it is not `--field-name`; None: no flag.
+        choices (`tuple[str, ...]`, *optional*): the accepted values, for the CLI.
+        metavar (`str`, *optional*): the value's name in the help.
+        default_text (`str`, *optional*): how the help shows the default.
+        resume (`bool`, defaults to `False`): whether a resumed run must match the checkpoint's value.
+        resume_default (*optional*): the value implied when a checkpoint did not record the setting.
+        stages (`tuple[int, ...]`, *optional*): for `StageConfig` fields, the stages the flag covers.
+
+    Returns:
+        `dataclasses.Field`: keys left at their "not given" value are not stored, so `field.metadata` holds only
+        what was said about the setting.
+    """
+    given = {
+        "help": help,
+        "group": group,
+        "choices": choices,
+        "metavar": metavar,
+        "default_text": default_text,
+        "resume": resume or None,
+        "stages": stages,
+    }
+    metadata = {k: v for k, v in given.items() if v is not None}
+    if flag != "":
+        metadata["flag"] = flag  # None: explicitly no command-line flag
+    if resume_default is not dataclasses.MISSING:
+        metadata["resume_default"] = resume_default  # None is a value here
+    return field(default=default, default_factory=default_factory, metadata=metadata)
+
+
 @dataclass
 class StageConfig:
-    """Settings of one training stage. LoRA fields are ignored by stage 1 (it trains one embedding vector)."""
+    """Settings of one training stage. LoRA fields are ignored by stage 1 (it trains one embedding vector).
 
-    steps: int = field(metadata={"help": "Optimizer steps of this stage (0 skips the stage)."})
-    learning_rate: float | None = field(
-        metadata={"help": "AdamW learning rate (stage 3: None picks the default of stage3_mode)."}
+    On the command line each field with a flag takes one value for every stage it covers (`stages`), or one
+    value per stage, comma-separated (`--steps 60,100,500`, `--ranks 16,64`)."""
+
+    steps: int = setting("Optimizer steps (0 skips the stage).", flag="--steps", stages=(1, 2, 3))
+    learning_rate: float | None = setting(
+        "AdamW learning rate. Stage 3's None picks the default of stage3_mode (lora 2e-5, full 2e-6).",
+        flag="--learning-rates",
+        stages=(1, 2, 3),
     )
-    lambda_mu: float = field(metadata={"help": "Weight of the attention-map mean term of the regularizer."})
-    lambda_var: float = field(metadata={"help": "Weight of the attention-map variance term of the regularizer."})
-    rank: int | None = field(
+    lambda_mu: float = setting("Regularizer weight of the attention-map mean.", stages=(1, 2, 3))
+    lambda_var: float = setting("Regularizer weight of the attention-map variance.", stages=(1, 2, 3))
+    rank: int | None = setting(
+        "LoRA rank. Default: the model family's, 32 on SD 1.x/2.x and 16 on SDXL "
+        "(`families.ModelFamily.default_lora_rank`; None until the base model is known).",
         default=32,
-        metadata={
-            "help": "LoRA rank (stages 2 and 3). None (their default): the model family's, 32 on SD 1.x/2.x and 16 "
-            "on SDXL (`families.ModelFamily.default_lora_rank`), filled in when the base model is known."
-        },
+        flag="--ranks",
+        stages=(2, 3),
     )
-    alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; None means alpha = rank (scale 1)."})
-    lr_scheduler: str = field(
+    alpha: float | None = setting(
+        "LoRA alpha; the LoRA's scale is alpha/rank. Default: None, alpha = rank (scale 1).",
+        default=None,
+        flag="--lora-alphas",
+        stages=(2, 3),
+    )
+    lr_scheduler: str = setting(
+        "Learning-rate schedule, a diffusers get_scheduler name: constant, constant_with_warmup, linear, cosine, ...",
         default="constant",
-        metadata={"help": "diffusers.optimization.get_scheduler name: constant, linear, cosine, ..."},
+        flag="--lr-schedulers",
+        stages=(1, 2, 3),
     )
-    lr_warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps of the learning rate."})
-    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay (diffusers' scripts' default)."})
+    lr_warmup_steps: int = setting("Linear warm-up steps of the learning rate.", default=0, stages=(1, 2, 3))
+    # No flag: the diffusers scripts' value has not needed tuning; config files and Python can still set it.
+    weight_decay: float = setting("AdamW weight decay (diffusers' scripts' default).", default=1e-2, flag=None)
 
     def __post_init__(self) -> None:
         if self.steps < 0:
-            raise ConfigError(f"steps must be >= 0, got {self.steps}.")
+            raise ConfigError(f"{arg('steps')} must be >= 0, got {self.steps}.")
         if self.learning_rate is not None and not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}.")
+            raise ConfigError(f"{arg('learning_rate')} must be > 0, got {self.learning_rate}.")
         if self.lambda_mu < 0 or self.lambda_var < 0:
-            raise ConfigError(f"lambda_mu and lambda_var must be >= 0, got {self.lambda_mu} and {self.lambda_var}.")
+            raise ConfigError(
+                f"{arg('lambda_mu')} and {arg('lambda_var')} must be >= 0, "
+                f"got {self.lambda_mu} and {self.lambda_var}."
+            )
         if self.rank is not None and self.rank < 1:
-            raise ConfigError(f"rank must be >= 1, got {self.rank}.")
+            raise ConfigError(f"{arg('rank')} must be >= 1, got {self.rank}.")
         if self.lr_warmup_steps < 0:
-            raise ConfigError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}.")
+            raise ConfigError(f"{arg('lr_warmup_steps')} must be >= 0, got {self.lr_warmup_steps}.")
         if self.alpha is not None and not self.alpha > 0:
-            raise ConfigError(f"alpha must be > 0 or None (alpha = rank), got {self.alpha}.")
+            raise ConfigError(f"{arg('alpha')} must be > 0 or None (alpha = rank), got {self.alpha}.")
         from diffusers.optimization import SchedulerType
 
         names = [t.value for t in SchedulerType]
         if self.lr_scheduler not in names:
-            raise ConfigError(f"lr_scheduler must be one of {', '.join(names)}; got {self.lr_scheduler!r}.")
+            raise ConfigError(f"{arg('lr_scheduler')} must be one of {', '.join(names)}; got {self.lr_scheduler!r}.")
 
     @property
     def lora_alpha(self) -> float:
         if self.rank is None:
-            raise ConfigError("rank is None (the family's default) until the base model is known; call "
+            raise ConfigError(f"{arg('rank')} is None (the family's default) until the base model is known; call "
                               "AttnDBConfig.for_model(...) first.")
         return float(self.rank if self.alpha is None else self.alpha)
 
@@ -151,6 +199,7 @@ TOKEN_INITS = ("category", "random")
 _MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 _SAVE_DTYPES = ("fp16", "bf16", "fp32")
 _REPORT_TO = ("tensorboard", "wandb")
+_REGULARIZERS = ("per_layer", "pooled")
 
 
 def default_token(category: str) -> str:
@@ -169,168 +218,196 @@ class AttnDBConfig:
     """Everything one AttnDreamBooth run needs. Load from YAML/JSON with `AttnDBConfig.from_file`; the CLI's
     flags override file values."""
 
-    model: str = field(
-        metadata={
-            "help": "Base model: a Hub id, a local diffusers Stable Diffusion folder, or a single .safetensors "
-            "checkpoint (with --model-config)."
-        }
+    # -- required ---------------------------------------------------------------------------------------------
+    model: str = setting(
+        "Base model: a Hub id, a local diffusers Stable Diffusion folder, or a single .safetensors checkpoint "
+        "(with model_config).",
+        group="model",
+        resume=True,
     )
-    images: str = field(metadata={"help": "Folder with the 3-20 instance photos."})
-    category: str = field(metadata={"help": "The subject's category word(s), e.g. 'dog' or 'teddy bear'."})
-    output: str = field(metadata={"help": "Output folder for the adapter, samples and checkpoints."})
-    token: str | None = field(
-        default=None, metadata={"help": "The new token; default <attndb-CATEGORY>. Must not exist in the tokenizer."}
-    )
-    model_config: str | None = field(
+    images: str = setting("Folder with the 3-20 instance photos.", group="data", metavar="DIR")
+    category: str = setting("The subject's category word(s), e.g. 'dog' or 'teddy bear'.", group="data", resume=True)
+    output: str = setting("Output folder for the adapter, samples and checkpoints.", group="output", metavar="DIR")
+    # -- model ------------------------------------------------------------------------------------------------
+    token: str | None = setting(
+        "The new token (must not exist in the tokenizer). Default: <attndb-CATEGORY>.",
         default=None,
-        metadata={
-            "help": "With a single-file --model (.safetensors): a diffusers folder or Hub id of the same "
-            "architecture, for the component configs, tokenizer and scheduler."
-        },
+        group="data",
+        resume=True,
     )
-    revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model."})
-    variant: str | None = field(default=None, metadata={"help": "Weights variant of the base model, e.g. fp16."})
-    resolution: int | None = field(
+    model_config: str | None = setting(
+        "With a single-file model (.safetensors): a diffusers folder or Hub id of the same architecture, for the "
+        "component configs, tokenizer and scheduler.",
         default=None,
-        metadata={
-            "help": "Training resolution in pixels (square). Default: the base model's own (its U-Net's sample_size "
-            "x the VAE's downscaling: 512 for SD 1.5 and SD 2.1-base, 768 for SD 2.1, 1024 for SDXL); the run "
-            "records the size it used."
-        },
+        group="model",
+        resume=True,
+        resume_default=None,
     )
-    batch_size: int | None = field(
+    revision: str | None = setting("Hub revision of the base model.", default=None, group="model", resume=True)
+    variant: str | None = setting(
+        "Weights variant of the base model, e.g. fp16.", default=None, group="model", resume=True
+    )
+    # -- data and batch ---------------------------------------------------------------------------------------
+    resolution: int | None = setting(
+        "Training resolution in pixels (square). Default: the base model's own (512 for SD 1.5 and SD 2.1-base, "
+        "768 for SD 2.1, 1024 for SDXL); the run records the size it used.",
         default=None,
-        metadata={
-            "help": "Images per forward/backward pass (per process); see gradient_accumulation_steps. Default: the "
-            "base model's family: 8 on SD 1.x/2.x (the paper's batch), 2 on SDXL (with 4 accumulated passes: the "
-            "same 8 images per optimizer step)."
-        },
+        group="data",
+        resume=True,
     )
-    gradient_accumulation_steps: int | None = field(
+    batch_size: int | None = setting(
+        "Images per forward/backward pass (per process). Default: the base model family's: 8 on SD 1.x/2.x (the "
+        "paper's batch), 2 on SDXL (with 4 accumulated passes: the same 8 images per optimizer step).",
         default=None,
-        metadata={
-            "help": "Forward/backward passes per optimizer step: the effective batch is batch_size x this x "
-            "processes, at the memory of batch_size (e.g. --batch-size 2 --gradient-accumulation-steps 4 trains "
-            "the paper's batch 8). Default: 1 on SD 1.x/2.x, 4 on SDXL."
-        },
+        group="stages",
+        resume=True,
     )
-    seed: int = field(default=0, metadata={"help": "Seed for data order, noise, timesteps and initialisation."})
-    stage1: StageConfig = field(default_factory=_stage1, metadata={"help": "Stage 1: token embedding."})
-    stage2: StageConfig = field(default_factory=_stage2, metadata={"help": "Stage 2: attn2 LoRA."})
-    stage3: StageConfig = field(default_factory=_stage3, metadata={"help": "Stage 3: U-Net LoRA or full."})
-    stage3_mode: str = field(
+    gradient_accumulation_steps: int | None = setting(
+        "Forward/backward passes per optimizer step: the effective batch is batch_size x this x processes, at the "
+        "memory of batch_size. Default: 1 on SD 1.x/2.x, 4 on SDXL.",
+        default=None,
+        group="stages",
+        resume=True,
+        resume_default=1,
+    )
+    seed: int = setting(
+        "Seed for data order, noise, timesteps and initialisation.", default=0, group="stages", resume=True
+    )
+    # -- stages -----------------------------------------------------------------------------------------------
+    # The stages have no flag of their own: StageConfig's fields give the per-stage flags (--steps, --ranks, ...).
+    stage1: StageConfig = setting("Stage 1: token embedding.", default_factory=_stage1, flag=None, resume=True)
+    stage2: StageConfig = setting("Stage 2: attn2 LoRA.", default_factory=_stage2, flag=None, resume=True)
+    stage3: StageConfig = setting("Stage 3: U-Net LoRA or full.", default_factory=_stage3, flag=None, resume=True)
+    stage3_mode: str = setting(
+        "Stage 3 trains a LoRA (rank stage3.rank) on every linear layer of the U-Net's transformer blocks ('lora') "
+        "or the full U-Net ('full').",
         default="lora",
-        metadata={
-            "help": "Stage 3 trains a LoRA (rank stage3.rank, see --ranks) on every linear layer of the U-Net's "
-            "transformer blocks ('lora') or the full U-Net ('full')."
-        },
+        group="stages",
+        flag="--stage3",
+        choices=tuple(STAGE3_LEARNING_RATES),
+        resume=True,
     )
-    full_export_rank: int = field(
-        default=64, metadata={"help": "With stage3_mode='full': SVD rank of the exported LoRA of the U-Net delta."}
+    full_export_rank: int = setting(
+        "With stage3_mode 'full': SVD rank of the exported LoRA of the U-Net delta.", default=64, group="output"
     )
-    token_init: str = field(
+    # token_init and stage3_train_token set up the baselines (Textual Inversion, TI+DB) that demo and the
+    # benchmarks build in Python; they have no flag so that `attndb train` always runs the method.
+    token_init: str = setting(
+        "Initial embedding of the new token: 'category' (the mean of the category's sub-token embeddings; the "
+        "method's) or 'random' (a seeded random direction at the vocabulary's mean embedding norm: a token the "
+        "model has no prior for, DreamBooth's rare token; for baselines).",
         default="category",
-        metadata={
-            "help": "Initial embedding of the new token: 'category' (the mean of the category's sub-token "
-            "embeddings; the method's) or 'random' (a seeded random direction at the vocabulary's mean embedding "
-            "norm: a token the model has no prior for, DreamBooth's rare token; for baselines)."
-        },
+        flag=None,
+        choices=TOKEN_INITS,
+        resume=True,
     )
-    stage3_train_token: bool = field(
+    stage3_train_token: bool = setting(
+        "Also train the token embedding in stage 3, jointly with the U-Net (LoRA or full), at stage 1's learning "
+        "rate and weight decay: the TI+DB baseline of the paper's comparison.",
         default=False,
-        metadata={
-            "help": "Also train the token embedding in stage 3, jointly with the U-Net (LoRA or full), at "
-            "stage 1's learning rate and weight decay: the TI+DB baseline of the paper's comparison."
-        },
+        flag=None,
+        resume=True,
     )
-    regularizer: str = field(
-        default="per_layer", metadata={"help": "Regularizer reduction: 'per_layer' (reference code) or 'pooled'."}
+    regularizer: str = setting(
+        "Regularizer reduction: 'per_layer' (reference code) or 'pooled'.",
+        default="per_layer",
+        group="stages",
+        choices=_REGULARIZERS,
+        resume=True,
     )
-    flip: bool = field(default=True, metadata={"help": "Random horizontal flips (flipped views are cached)."})
-    random_crops: int = field(
-        default=0,
-        metadata={"help": "Extra random-crop views cached per image (0: center crop only)."},
+    flip: bool = setting("Random horizontal flips (views cached).", default=True, group="data", resume=True)
+    random_crops: int = setting(
+        "Extra random-crop views cached per image (0: center crop only).", default=0, group="data", resume=True
     )
-    masked_loss: bool = field(
+    masked_loss: bool = setting(
+        "Weight the diffusion loss by a subject mask (an addition to the paper's method): from the photos' "
+        "transparency (cut-out PNGs), or from masks. The background then teaches nothing (cut-outs are otherwise "
+        "learned on white); the attention regularizer is unchanged.",
         default=False,
-        metadata={
-            "help": "Weight the diffusion loss by a subject mask (an addition to the paper's method): from the "
-            "photos' transparency (cut-out PNGs), or from masks. The background then teaches nothing (cut-outs are "
-            "otherwise learned on white); the attention regularizer is unchanged."
-        },
+        group="data",
+        resume=True,
+        resume_default=False,
     )
-    masks: str | None = field(
+    masks: str | None = setting(
+        "Folder with one mask per photo, same file name stem (dog1.jpg -> dog1.png), same size, white = subject; "
+        "implies masked_loss. Without it masked_loss uses the photos' alpha channel.",
         default=None,
-        metadata={
-            "help": "Folder with one mask per photo, same file name stem (dog1.jpg -> dog1.png), same size, white = "
-            "subject; implies masked_loss. Without it masked_loss uses the photos' alpha channel."
-        },
+        group="data",
+        metavar="DIR",
+        resume=True,
+        resume_default=None,
     )
-    mixed_precision: str = field(
+    max_grad_norm: float = setting("Gradient clipping norm (0 disables).", default=1.0, group="stages", resume=True)
+    # -- memory and speed -------------------------------------------------------------------------------------
+    mixed_precision: str = setting(
+        "auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 on older GPUs, no on CPU.",
         default="auto",
-        metadata={
-            "help": "auto (bf16 on GPUs with native bf16, compute capability >= 8.0; fp16 on older GPUs; no on "
-            "CPU), no, fp16, bf16."
-        },
+        group="memory",
+        choices=_MIXED_PRECISION,
+        resume=True,
     )
-    gradient_checkpointing: bool | None = field(
+    gradient_checkpointing: bool | None = setting(
+        "Trade compute for memory in the U-Net (low-memory setting). Default: off on SD 1.x/2.x, on on SDXL (off "
+        "when compile is on: the two do not combine).",
         default=None,
-        metadata={
-            "help": "Trade compute for memory in the U-Net (low-memory setting). Default: off on SD 1.x/2.x, on on "
-            "SDXL (off when compile is on: the two do not combine)."
-        },
+        group="memory",
     )
-    offload_frozen: bool = field(
+    offload_frozen: bool = setting(
+        "Keep the VAE (after the latents are cached) and the text encoder (after stage 1) on the CPU; stages 2-3 "
+        "move the text encoder over once to encode the prompt (low-memory setting).",
         default=False,
-        metadata={
-            "help": "Keep the VAE (after the latents are cached) and the text encoder (after stage 1) on the CPU; "
-            "stages 2-3 move the text encoder over once to encode the prompt (low-memory setting)."
-        },
+        group="memory",
     )
-    compile: bool = field(
+    compile: bool = setting(
+        "torch.compile the U-Net. Each stage compiles once (minutes), which the paper's 660 steps may not pay "
+        "back; see the README's performance section. Not with gradient_checkpointing.",
         default=False,
-        metadata={
-            "help": "torch.compile the U-Net. Each stage compiles once (minutes), which the paper's "
-            "660 steps may not pay back; see the README's performance section. Not with gradient_checkpointing."
-        },
+        group="memory",
     )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
-    save_dtype: str = field(
-        default="fp16", metadata={"help": "dtype of the exported LoRA and embedding: fp16, bf16, fp32."}
+    # -- output -----------------------------------------------------------------------------------------------
+    save_dtype: str = setting(
+        "dtype of the exported LoRA and embedding.", default="fp16", group="output", choices=_SAVE_DTYPES
     )
-    checkpointing_steps: int = field(
-        default=0, metadata={"help": "Write a resumable checkpoint every N steps of a stage (0: only at stage ends)."}
+    checkpointing_steps: int = setting(
+        "Write a resumable checkpoint every N steps of a stage (0: only at stage ends).", default=0, group="output"
     )
-    checkpoints_total_limit: int | None = field(
-        default=None, metadata={"help": "Keep at most this many checkpoints (oldest pruned first)."}
+    checkpoints_total_limit: int | None = setting(
+        "Keep at most this many checkpoints (oldest pruned first; none: all).", default=None, group="output"
     )
-    resume: bool = field(default=False, metadata={"help": "Continue from the newest complete checkpoint in output."})
-    overwrite: bool = field(
-        default=False, metadata={"help": "Allow a non-empty output folder (its files are replaced)."}
+    resume: bool = setting("Continue from the newest complete checkpoint in output.", default=False, group="output")
+    overwrite: bool = setting("Allow a non-empty output folder (its files replaced).", default=False, group="output")
+    push_to_hub: str | None = setting(
+        "Hub repo id to push the adapter to when done.", default=None, group="output", metavar="REPO"
     )
-    push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id to push the adapter to when done."})
-    log_every: int = field(
-        default=10, metadata={"help": "Read the loss back from the device every N steps (fewer host syncs)."}
+    # -- logging and samples ----------------------------------------------------------------------------------
+    log_every: int = setting(
+        "Read the loss back from the device every N steps (fewer host syncs).", default=10, group="logging"
     )
-    validation_prompts: tuple[str, ...] = field(
+    validation_prompts: tuple[str, ...] = setting(
+        "Prompts for the sample grids ('{}' expands to 'TOKEN CATEGORY'; quote each); empty (the flag alone) "
+        "disables them.",
         default=DEFAULT_VALIDATION_PROMPTS,
-        metadata={"help": "Prompts for the sample grids ('{}' expands to 'TOKEN CATEGORY'); empty disables."},
+        group="logging",
+        metavar="PROMPT",
+        default_text="background, style and colour changes",
     )
-    validation_steps: int = field(
-        default=0, metadata={"help": "Also write a sample grid every N steps (0: only at stage ends)."}
+    validation_steps: int = setting(
+        "Also write a sample grid every N steps (0: only at stage ends).", default=0, group="logging"
     )
-    validation_inference_steps: int = field(default=25, metadata={"help": "Denoising steps of sample images."})
-    validation_images: int = field(
-        default=2, metadata={"help": "Images per validation prompt (seeds seed, seed+1, ...): the grid's columns."}
+    validation_inference_steps: int = setting("Denoising steps of sample images.", default=25, group="logging")
+    validation_images: int = setting(
+        "Images per validation prompt (seeds seed, seed+1, ...): the grid's columns.", default=2, group="logging"
     )
-    validation_guidance_scale: float = field(
-        default=7.5, metadata={"help": "Classifier-free guidance scale of sample images."}
+    validation_guidance_scale: float = setting(
+        "Classifier-free guidance scale of sample images.", default=7.5, group="logging"
     )
-    report_to: str | None = field(
+    report_to: str | None = setting(
+        "Log loss, regularizer and learning rate with accelerate (needs that package; logs go to OUTPUT/logs).",
         default=None,
-        metadata={"help": "Log loss, regularizer and learning rate to 'tensorboard' or 'wandb' (accelerate)."},
+        group="logging",
+        choices=_REPORT_TO,
     )
-    allow_tf32: bool = field(default=True, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs."})
+    allow_tf32: bool = setting("Allow TF32 matmuls on Ampere+ GPUs.", default=True, group="memory", flag="--tf32")
 
     def __post_init__(self) -> None:
         for name in ("stage1", "stage2", "stage3"):
@@ -345,65 +422,79 @@ class AttnDBConfig:
             )
         for name in ("model", "images", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
-                raise ConfigError(f"{name} is required (got {getattr(self, name)!r}).")
+                raise ConfigError(f"{arg(name)} is required (got {getattr(self, name)!r}).")
         if not isinstance(self.category, str):
-            raise ConfigError(f"category must be a string such as 'dog', got {self.category!r}.")
+            raise ConfigError(f"{arg('category')} must be a string such as 'dog', got {self.category!r}.")
         # An empty category is reported by trainer.check_inputs together with every other input problem.
         self.category = " ".join(self.category.split())
         if self.token is None:
             self.token = default_token(self.category)
         elif not self.token.strip() or any(ch.isspace() for ch in self.token):
-            raise ConfigError(f"token must be one word without spaces, got {self.token!r}; e.g. --token '<sks-dog>'.")
+            raise ConfigError(
+                f"{arg('token')} must be one word without spaces, "
+                f"got {self.token!r}; e.g. {arg('token')} '<sks-dog>'."
+            )
         if self.masks is not None:
             if not isinstance(self.masks, str) or not self.masks.strip():
-                raise ConfigError(f"masks must be a folder path or None, got {self.masks!r}.")
+                raise ConfigError(f"{arg('masks')} must be a folder path or None, got {self.masks!r}.")
             self.masked_loss = True  # a masks folder is only read for the masked loss
         if not isinstance(self.masked_loss, bool):
-            raise ConfigError(f"masked_loss must be true or false, got {self.masked_loss!r}.")
+            raise ConfigError(f"{arg('masked_loss')} must be true or false, got {self.masked_loss!r}.")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise ConfigError(f"resolution must be a positive multiple of 8, got {self.resolution}.")
+            raise ConfigError(f"{arg('resolution')} must be a positive multiple of 8, got {self.resolution}.")
         if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}.")
+            raise ConfigError(f"{arg('batch_size')} must be >= 1, got {self.batch_size}.")
         if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps < 1:
-            raise ConfigError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}.")
+            raise ConfigError(
+                f"{arg('gradient_accumulation_steps')} must be >= 1, "
+                f"got {self.gradient_accumulation_steps}."
+            )
         if self.stage3_mode not in STAGE3_LEARNING_RATES:
-            raise ConfigError(f"stage3_mode must be 'lora' or 'full', got {self.stage3_mode!r}.")
+            raise ConfigError(f"{arg('stage3_mode')} must be 'lora' or 'full', got {self.stage3_mode!r}.")
         for name in ("stage1", "stage2"):
             if getattr(self, name).learning_rate is None:
-                raise ConfigError(f"{name}.learning_rate is required.")
+                raise ConfigError(f"{name}: {arg('learning_rate')} is required.")
         if self.stage3.learning_rate is None:
             self.stage3 = dataclasses.replace(self.stage3, learning_rate=STAGE3_LEARNING_RATES[self.stage3_mode])
         if self.token_init not in TOKEN_INITS:
-            raise ConfigError(f"token_init must be one of {TOKEN_INITS}, got {self.token_init!r}.")
-        if self.regularizer not in ("per_layer", "pooled"):
-            raise ConfigError(f"regularizer must be 'per_layer' or 'pooled', got {self.regularizer!r}.")
+            raise ConfigError(f"{arg('token_init')} must be one of {TOKEN_INITS}, got {self.token_init!r}.")
+        if self.regularizer not in _REGULARIZERS:
+            raise ConfigError(f"{arg('regularizer')} must be 'per_layer' or 'pooled', got {self.regularizer!r}.")
         if self.mixed_precision not in _MIXED_PRECISION:
-            raise ConfigError(f"mixed_precision must be one of {_MIXED_PRECISION}, got {self.mixed_precision!r}.")
+            raise ConfigError(
+                f"{arg('mixed_precision')} must be one of {_MIXED_PRECISION}, "
+                f"got {self.mixed_precision!r}."
+            )
         if self.save_dtype not in _SAVE_DTYPES:
-            raise ConfigError(f"save_dtype must be one of {_SAVE_DTYPES}, got {self.save_dtype!r}.")
+            raise ConfigError(f"{arg('save_dtype')} must be one of {_SAVE_DTYPES}, got {self.save_dtype!r}.")
         for name in ("full_export_rank", "log_every"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
+                raise ConfigError(f"{arg(name)} must be >= 1, got {getattr(self, name)}.")
         for name in ("random_crops", "checkpointing_steps", "validation_steps", "validation_inference_steps"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
+                raise ConfigError(f"{arg(name)} must be >= 0, got {getattr(self, name)}.")
         if self.validation_images < 1:
-            raise ConfigError(f"validation_images must be >= 1, got {self.validation_images}.")
+            raise ConfigError(f"{arg('validation_images')} must be >= 1, got {self.validation_images}.")
         if self.report_to is not None and self.report_to not in _REPORT_TO:
-            raise ConfigError(f"report_to must be one of {_REPORT_TO} or None, got {self.report_to!r}.")
+            raise ConfigError(f"{arg('report_to')} must be one of {_REPORT_TO} or None, got {self.report_to!r}.")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            raise ConfigError(f"checkpoints_total_limit must be >= 1 or None, got {self.checkpoints_total_limit}.")
-        if self.compile and self.gradient_checkpointing:
-            # Measured (tests/test_device_paths.py, issue 14): the checkpointed blocks recompile per call signature
-            # and use up dynamo's recompile limit within the first forward; the rest of the run is eager.
             raise ConfigError(
-                "compile and gradient_checkpointing cannot be combined: under gradient checkpointing torch.compile "
-                "recompiles the U-Net's blocks until it gives up and the run trains uncompiled. Drop --compile for "
-                "the low-memory setting, or drop --gradient-checkpointing to compile."
+                f"{arg('checkpoints_total_limit')} must be >= 1 or None, "
+                f"got {self.checkpoints_total_limit}."
+            )
+        if self.compile and self.gradient_checkpointing:
+            # Measured (tests/test_device_paths.py): the checkpointed blocks recompile per call signature and use up
+            # dynamo's recompile limit within the first forward; the rest of the run is eager.
+            raise ConfigError(
+                f"{arg('compile')} and {arg('gradient_checkpointing')} cannot be combined: under gradient "
+                "checkpointing torch.compile recompiles the U-Net's blocks until it gives up and the run trains "
+                f"uncompiled. Drop {arg('compile')} for the low-memory setting, or drop "
+                f"{arg('gradient_checkpointing')} to compile."
             )
         if self.resume and self.overwrite:
             raise ConfigError(
-                "resume and overwrite exclude each other: resume continues a run, overwrite restarts it."
+                f"{arg('resume')} and {arg('overwrite')} exclude each other: resume continues a run, overwrite "
+                "restarts it."
             )
 
     # -- construction -------------------------------------------------------------------------------------
@@ -509,7 +600,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     `attndb_config.json` gives the settings of the run that wrote it (so it reproduces that run)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file.")
+        raise ConfigError(f"{arg('config')} {path}: no such file.")
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
@@ -520,13 +611,26 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
             data = json.loads(text)
     except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
         raise ConfigError(
-            f"--config {path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {exc}"
+            f"{arg('config')} {path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {exc}"
         ) from None
     if not isinstance(data, dict):
         raise ConfigError(
-            f"--config {path}: expected a mapping of settings at the top level, got {type(data).__name__}."
+            f"{arg('config')} {path}: expected a mapping of settings at the top level, got {type(data).__name__}."
         )
     if "format_version" in data and isinstance(data.get("settings"), dict):
         # an adapter's attndb_config.json: its "settings" are the run's AttnDBConfig
         return dict(data["settings"])
     return data
+
+
+def _resume_settings() -> tuple[tuple[str, ...], dict[str, Any]]:
+    fields = [f for f in dataclasses.fields(AttnDBConfig) if f.metadata.get("resume")]
+    defaults = {f.name: f.metadata["resume_default"] for f in fields if "resume_default" in f.metadata}
+    return tuple(f.name for f in fields), defaults
+
+
+#: Settings a checkpoint must share with the run that resumes it (others, e.g. logging, may change): the fields
+#: with `resume` in their metadata, in field order.
+#: Values of resume settings that checkpoints written before the setting existed did not record: each field's
+#: `resume_default`.
+RESUME_KEYS, RESUME_DEFAULTS = _resume_settings()

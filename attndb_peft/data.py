@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, arg
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -122,7 +122,9 @@ def scan_image_folder(folder: str | os.PathLike, resolution: int | None) -> Imag
     report = ImageFolderReport()
     folder = Path(folder)
     if not folder.is_dir():
-        report.problems.append(f"--images {folder}: no such folder; point --images at the folder with your photos.")
+        report.problems.append(
+            f"{arg('images')} {folder}: no such folder; point {arg('images')} at the folder with your photos."
+        )
         return report
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -145,19 +147,19 @@ def scan_image_folder(folder: str | os.PathLike, resolution: int | None) -> Imag
         if shorter < resolution / 2:
             report.problems.append(
                 f"{path}: {width}x{height} is smaller than half the training resolution ({resolution}); use a "
-                f"larger photo or lower --resolution."
+                f"larger photo or lower {arg('resolution')}."
             )
             continue
         if shorter < resolution:
             report.warnings.append(
-                f"{path}: {width}x{height} is smaller than --resolution {resolution}; it will be upscaled."
+                f"{path}: {width}x{height} is smaller than {arg('resolution')} {resolution}; it will be upscaled."
             )
         report.images.append(path)
     for path in report.ignored:
         logger.info("Ignoring %s (not an image file)", path)
     if not report.images and not report.problems:
         report.problems.append(
-            f"--images {folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}); add 3-20 photos."
+            f"{arg('images')} {folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}); add 3-20 photos."
         )
     return report
 
@@ -247,8 +249,8 @@ def scan_masks(images: list[Path], masks: str | os.PathLike | None) -> MaskRepor
         folder = Path(masks)
         if not folder.is_dir():
             report.problems.append(
-                f"--masks {folder}: no such folder; point --masks at a folder with one mask per photo (same file "
-                "name stem, white = subject)."
+                f"{arg('masks')} {folder}: no such folder; point {arg('masks')} at a folder with one mask per photo "
+                "(same file name stem, white = subject)."
             )
             return report
         by_stem: dict[str, list[Path]] = {}
@@ -260,24 +262,25 @@ def scan_masks(images: list[Path], masks: str | os.PathLike | None) -> MaskRepor
             found = by_stem.get(image.stem, [])
             if stems.count(image.stem) > 1:
                 report.problems.append(
-                    f"{image}: another photo has the file stem {image.stem!r}, so --masks {folder} cannot tell "
+                    f"{image}: another photo has the file stem {image.stem!r}, so {arg('masks')} {folder} cannot tell "
                     "their masks apart; rename one of the photos (and its mask)."
                 )
             elif not found:
                 report.problems.append(
-                    f"{image}: no mask in --masks {folder} (looked for {image.stem}.*, e.g. {folder / image.stem}"
-                    ".png); add its mask (white = subject, same size as the photo) or remove the photo."
+                    f"{image}: no mask in {arg('masks')} {folder} (looked for {image.stem}.*, e.g. "
+                    f"{folder / image.stem}.png); add its mask (white = subject, same size as the photo) or remove "
+                    "the photo."
                 )
             elif len(found) > 1:
                 names = ", ".join(p.name for p in found)
                 report.problems.append(
-                    f"{image}: several masks in --masks {folder} have its stem ({names}); keep exactly one."
+                    f"{image}: several masks in {arg('masks')} {folder} have its stem ({names}); keep exactly one."
                 )
             report.sources.append(found[0] if len(found) == 1 else None)
         unused = sorted(set(by_stem) - set(stems))
         if unused:
             report.warnings.append(
-                f"--masks {folder}: mask(s) without a photo of the same stem are ignored: "
+                f"{arg('masks')} {folder}: mask(s) without a photo of the same stem are ignored: "
                 + ", ".join(by_stem[stem][0].name for stem in unused)
                 + "."
             )
@@ -290,16 +293,17 @@ def scan_masks(images: list[Path], masks: str | os.PathLike | None) -> MaskRepor
             report.sources.append(image if has_alpha else None)
         if images and all(source is None for source in report.sources):
             report.problems.append(
-                "--masked-loss: none of the photos has transparency (an alpha channel) and no --masks folder was "
-                "given; use cut-out PNGs with transparent backgrounds, give --masks DIR with one mask per photo "
-                "(same file name stem, white = subject), or drop --masked-loss."
+                f"{arg('masked_loss')}: none of the photos has transparency (an alpha channel) and no "
+                f"{arg('masks')} folder was given; use cut-out PNGs with transparent backgrounds, give "
+                f"{arg('masks')} DIR with one mask per photo (same file name stem, white = subject), or drop "
+                f"{arg('masked_loss')}."
             )
             return report
         opaque = [image.name for image, source in zip(images, report.sources) if source is None]
         if opaque:
             report.warnings.append(
-                f"--masked-loss: {', '.join(opaque)} ha{'ve' if len(opaque) > 1 else 's'} no transparency; trained "
-                "on the whole frame (give --masks DIR to mask them too)."
+                f"{arg('masked_loss')}: {', '.join(opaque)} ha{'ve' if len(opaque) > 1 else 's'} no transparency; "
+                f"trained on the whole frame (give {arg('masks')} DIR to mask them too)."
             )
     for image, source in zip(images, report.sources):
         if source is None:

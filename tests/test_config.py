@@ -112,7 +112,7 @@ def test_unknown_keys_and_bad_files(tmp_path):
 
 def test_cli_requires_the_four_inputs():
     args = build_parser().parse_args(["train", "--model", "m"])
-    with pytest.raises(ConfigError, match="--images.*--category.*--output"):
+    with pytest.raises(ConfigError, match="`images`.*`category`.*`output`"):  # main shows --images ...
         config_from_args(args)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--steps", "1,2"])
@@ -161,7 +161,7 @@ def test_stage_flags_reach_the_config_and_defaults_are_shown(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args([*base, "--ranks", "1,2,3"])
     assert "expected one value, or 2 comma-separated values (stages 2,3)" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="stage1: lr_scheduler must be one of .*got 'cosin'"):
+    with pytest.raises(ConfigError, match="stage1: `lr_scheduler` must be one of .*got 'cosin'"):
         config_from_args(build_parser().parse_args([*base, "--lr-schedulers", "cosin"]))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
@@ -202,7 +202,7 @@ def test_for_model_fills_the_family_defaults_and_keeps_what_was_set():
 
     c = AttnDBConfig(**REQUIRED)
     assert (c.resolution, c.stage2.rank, c.stage3.rank, c.stage1.rank) == (None, None, None, 32)
-    with pytest.raises(ConfigError, match="rank is None"):
+    with pytest.raises(ConfigError, match="`rank` is None"):
         c.stage2.lora_alpha  # noqa: B018  (no alpha before the family is known)
     sd, sdxl = c.for_model(SD, 512), c.for_model(SDXL, 1024)
     assert (sd.resolution, sd.stage2.rank, sd.stage3.rank, sd.stage3.lora_alpha) == (512, 32, 32, 32.0)
@@ -219,3 +219,31 @@ def test_for_model_fills_the_family_defaults_and_keeps_what_was_set():
     mine = AttnDBConfig(**REQUIRED, batch_size=1, gradient_checkpointing=False).for_model(SDXL, 1024)
     assert [getattr(mine, k) for k in setting] == [1, 4, False]
     assert AttnDBConfig(**REQUIRED, compile=True).for_model(SDXL, 1024).gradient_checkpointing is False
+
+
+def test_resume_settings_come_from_the_field_metadata():
+    """RESUME_KEYS / RESUME_DEFAULTS are read off the fields' `resume` / `resume_default` metadata; their values
+    are those the trainer has always compared and filled in."""
+    from attndb_peft.config import RESUME_DEFAULTS, RESUME_KEYS
+
+    assert set(RESUME_KEYS) == {
+        "model", "model_config", "revision", "variant", "category", "token", "resolution", "batch_size",
+        "gradient_accumulation_steps", "seed", "stage1", "stage2", "stage3", "stage3_mode", "token_init",
+        "stage3_train_token", "regularizer", "flip", "random_crops", "masked_loss", "masks", "max_grad_norm",
+        "mixed_precision",
+    }
+    assert len(RESUME_KEYS) == 23
+    assert RESUME_DEFAULTS == {"gradient_accumulation_steps": 1, "model_config": None, "masked_loss": False,
+                               "masks": None}
+    assert set(RESUME_DEFAULTS) <= set(RESUME_KEYS)
+
+
+def test_every_setting_with_a_flag_has_a_help_group():
+    from attndb_peft.cli_args import TRAIN_GROUPS
+
+    for f in dataclasses.fields(AttnDBConfig):
+        if f.metadata.get("flag", "") is not None:
+            assert f.metadata.get("group") in TRAIN_GROUPS, f.name
+    for f in dataclasses.fields(StageConfig):
+        if f.metadata.get("flag", "") is not None:
+            assert set(f.metadata["stages"]) <= {1, 2, 3}, f.name

@@ -106,13 +106,21 @@ def test_scan_reports_every_problem(tmp_path):
     assert [p.name for p in report.images] == ["good.png", "smallish.png"]
     assert any("broken.jpg" in p and "decoded" in p for p in report.problems)
     assert any("tiny.png" in p and "half" in p for p in report.problems)
-    assert any("smallish.png" in w for w in report.warnings)
+    assert any("smallish.png" in w and "`resolution` 64" in w for w in report.warnings)
     assert {p.name for p in report.ignored} == {"caption.txt", ".DS_Store"}
     assert ".jpg" in IMAGE_EXTENSIONS
     # resolution None (the base model's own, unknown when its configs cannot be read): sizes are not judged
     unsized = scan_image_folder(tmp_path, resolution=None)
     assert [p.name for p in unsized.images] == ["good.png", "smallish.png", "tiny.png"] and not unsized.warnings
     assert len(unsized.problems) == 1 and "broken.jpg" in unsized.problems[0]
+
+
+def test_folder_messages_name_the_setting(tmp_path):
+    """Python callers read the setting's name (`images`); `attndb train` shows the flag (tests/test_reliability.py)."""
+    missing = scan_image_folder(tmp_path / "nope", resolution=64).problems
+    assert missing == [f"`images` {tmp_path / 'nope'}: no such folder; point `images` at the folder with your photos."]
+    empty = scan_image_folder(tmp_path, resolution=64).problems
+    assert len(empty) == 1 and empty[0].startswith(f"`images` {tmp_path}: no images found")
 
 
 @pytest.mark.parametrize("num_processes", [1, 2])

@@ -78,7 +78,7 @@ def test_compile_with_gradient_checkpointing_is_refused(tiny_model, instance_dir
     limit (the checkpointed blocks recompile per signature), so the low-memory run with --compile ran eagerly."""
     from attndb_peft.config import ConfigError
 
-    with pytest.raises(ConfigError, match="compile and gradient_checkpointing cannot be combined.*Drop --compile"):
+    with pytest.raises(ConfigError, match="`compile` and `gradient_checkpointing` cannot be combined.*Drop `compile`"):
         make_config(tiny_model, instance_dir, tmp_path / "out", compile=True, gradient_checkpointing=True)
     make_config(tiny_model, instance_dir, tmp_path / "out", compile=True)  # each alone is fine
 

@@ -105,7 +105,7 @@ def test_embedders_refuse_missing_models_in_one_line(tmp_path):
     assert "\n" not in str(info.value)
     with pytest.raises(UsageError, match="`dino`"):
         DinoEmbedder(str(tmp_path / "nope"))
-    with pytest.raises(UsageError, match="--images"):
+    with pytest.raises(UsageError, match="`images`"):  # data.py's message; `attndb evaluate` shows --images
         load_reference_images(tmp_path / "no-images")
 
 

@@ -256,7 +256,7 @@ def test_mask_problems_name_the_file_and_the_fix(tmp_path):
     assert len(report.problems) == 3, problems
     assert "b.png: the mask is 32x32 but its photo b.jpg is 40x32" in problems and "save the mask at" in problems
     assert "c.png: the mask is all black" in problems and "mark the subject" in problems
-    assert "d.jpg: no mask in --masks" in problems and "d.png" in problems
+    assert "d.jpg: no mask in `masks`" in problems and "d.png" in problems
     assert any("typo.png" in w for w in report.warnings)
     assert "no such folder" in scan_masks([images / "a.jpg"], tmp_path / "nowhere").problems[0]
     Image.new("L", (40, 32), 255).save(masks / "a.webp")
@@ -268,7 +268,7 @@ def test_alpha_problems_and_check_inputs(tiny_model, tmp_path):
     images.mkdir()
     Image.new("RGB", (40, 40), (200, 30, 30)).save(images / "opaque.png")
     config = make_config(tiny_model, images, tmp_path / "out", masked_loss=True)
-    with pytest.raises(InputError, match="none of the photos has transparency.*--masks DIR"):
+    with pytest.raises(InputError, match="none of the photos has transparency.*`masks` DIR"):
         check_inputs(config)
     Image.new("RGBA", (40, 40), (0, 0, 0, 0)).save(images / "empty.png")
     with pytest.raises(InputError, match="empty.png: the mask is fully transparent"):

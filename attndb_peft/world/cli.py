@@ -15,21 +15,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
-from .scenes import CONCEPT_FILE, concept_folder
+import numpy as np
+import torch
+from PIL import Image
+
+from ..cli_args import add_common, positive_int
+from ..config import default_token
+from ..errors import UsageError
+from .model import PretrainConfig, pretrain, write_base
+from .scenes import CONCEPT_FILE, SIZE, Concept, concept_folder, make_concept
+from .scorers import parse_caption, score_image, summarize
 
 __all__ = ["add_world_parser", "score_folder"]
 
 logger = logging.getLogger("attndb_peft")
 
 GENERATE_FILE = "generate.json"
-
-
-def _usage_error(message: str) -> Exception:
-    from ..inference import UsageError
-
-    return UsageError(message)
 
 
 def _seed(text: str) -> int:
@@ -44,8 +48,6 @@ def _seed(text: str) -> int:
 
 # ---------------------------------------------------------------------------------------------- concept
 def _add_concept_parser(sub) -> None:
-    from ..cli import _add_common, _positive_int  # lazily: attndb_peft.cli imports this module
-
     p = sub.add_parser(
         "concept",
         help="Write a world concept's user photos and concept.json.",
@@ -56,9 +58,9 @@ def _add_concept_parser(sub) -> None:
     p.add_argument("--seed", type=_seed, required=True, help="The concept's seed (any non-negative whole number).")
     p.add_argument("--output", metavar="DIR", required=True, help="Folder for the images and concept.json.")
     p.add_argument(
-        "--num-images", type=_positive_int, default=5, dest="num_images", help="How many user photos. Default 5."
+        "--num-images", type=positive_int, default=5, dest="num_images", help="How many user photos. Default 5."
     )
-    _add_common(p)
+    add_common(p)
     p.set_defaults(handler=_cmd_concept)
 
 
@@ -72,70 +74,57 @@ def _cmd_concept(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- score
 def _read_concept(folder: str | Path):
-    from .scenes import Concept
-
     folder = Path(folder)
     if not folder.is_dir():
-        raise _usage_error(f"--concept {folder}: no such folder; write one with "
-                           f"`attndb world concept --seed S --output {folder}`.")
+        raise UsageError(f"--concept {folder}: no such folder; write one with "
+                          f"`attndb world concept --seed S --output {folder}`.")
     path = folder / CONCEPT_FILE
     if not path.is_file():
-        raise _usage_error(f"--concept {folder}: no {CONCEPT_FILE} in it; give the folder written by "
-                           "`attndb world concept`.")
+        raise UsageError(f"--concept {folder}: no {CONCEPT_FILE} in it; give the folder written by "
+                          "`attndb world concept`.")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         concept = Concept.from_dict(data)
-        from .scenes import make_concept
-
         make_concept(concept.seed)  # a valid seed
     except (ValueError, KeyError, TypeError) as exc:
-        raise _usage_error(f"--concept {path}: not a concept file ({exc}); rewrite it with "
-                           "`attndb world concept`.") from None
+        raise UsageError(f"--concept {path}: not a concept file ({exc}); rewrite it with "
+                          "`attndb world concept`.") from None
     token = data.get("token")
     if not token:
-        from ..config import default_token
-
         token = default_token(concept.category)
     return concept, token
 
 
 def _read_generation(folder: str | Path, token: str) -> list[dict]:
-    from .scorers import parse_caption
-
     folder = Path(folder)
     if not folder.is_dir():
-        raise _usage_error(f"--images {folder}: no such folder; give the --output folder of `attndb generate`.")
+        raise UsageError(f"--images {folder}: no such folder; give the --output folder of `attndb generate`.")
     path = folder / GENERATE_FILE
     if not path.is_file():
-        raise _usage_error(f"--images {folder}: no {GENERATE_FILE} in it, so not a folder written by "
-                           "`attndb generate`; give that command's --output folder.")
+        raise UsageError(f"--images {folder}: no {GENERATE_FILE} in it, so not a folder written by "
+                          "`attndb generate`; give that command's --output folder.")
     try:
         records = json.loads(path.read_text(encoding="utf-8"))["images"]
         records = [{"file": str(r["file"]), "prompt": str(r["prompt"]), "seed": r.get("seed")} for r in records]
     except (ValueError, KeyError, TypeError) as exc:
-        raise _usage_error(f"--images {path}: unreadable ({exc}); regenerate the folder with `attndb generate`.") \
+        raise UsageError(f"--images {path}: unreadable ({exc}); regenerate the folder with `attndb generate`.") \
             from None
     out = []
     for r in records:
         try:
             scene, found = parse_caption(r["prompt"], token)
         except ValueError as exc:
-            raise _usage_error(f"--images {path}: prompt {r['prompt']!r} of {r['file']} is not a world caption "
-                               f"({exc}); generate with prompts like 'a painting of a purple {token} ball on the "
-                               "beach'.") from None
+            raise UsageError(f"--images {path}: prompt {r['prompt']!r} of {r['file']} is not a world caption "
+                              f"({exc}); generate with prompts like 'a painting of a purple {token} ball on the "
+                              "beach'.") from None
         if not (folder / r["file"]).is_file():
-            raise _usage_error(f"--images {folder}: {r['file']} (listed in {GENERATE_FILE}) is missing; "
-                               "regenerate the folder with `attndb generate`.")
+            raise UsageError(f"--images {folder}: {r['file']} (listed in {GENERATE_FILE}) is missing; "
+                              "regenerate the folder with `attndb generate`.")
         out.append({**r, "scene": scene, "has_token": found is not None})
     return out
 
 
 def _load_image(path: Path):
-    import numpy as np
-    from PIL import Image
-
-    from .scenes import SIZE
-
     with Image.open(path) as image:
         image = image.convert("RGB")
         if image.size != (SIZE, SIZE):
@@ -160,10 +149,6 @@ def score_folder(concept_dir: str | Path, images_dir: str | Path) -> dict:
         `UsageError` for a missing folder, a folder without `concept.json` / `generate.json`, or a prompt that
         is not a world caption.
     """
-    from dataclasses import asdict
-
-    from .scorers import score_image, summarize
-
     concept, token = _read_concept(concept_dir)
     records = _read_generation(images_dir, token)
     scored = []
@@ -177,8 +162,6 @@ def score_folder(concept_dir: str | Path, images_dir: str | Path) -> dict:
 
 
 def _add_score_parser(sub) -> None:
-    from ..cli import _add_common
-
     p = sub.add_parser(
         "score",
         help="Score the images of `attndb generate` against their world prompts and a concept.",
@@ -190,7 +173,7 @@ def _add_score_parser(sub) -> None:
     p.add_argument("--concept", metavar="DIR", required=True, help="Folder written by `attndb world concept`.")
     p.add_argument("--images", metavar="DIR", required=True, help="Folder written by `attndb generate`.")
     p.add_argument("--output", metavar="FILE", help="Also write the JSON to FILE (optional).")
-    _add_common(p)
+    add_common(p)
     p.set_defaults(handler=_cmd_score)
 
 
@@ -212,12 +195,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------- the group
 # ---------------------------------------------------------------------------------------------- pretrain
 def _add_pretrain_parser(sub) -> None:
-    from ..cli import _add_common, _positive_int
-    from .model import PretrainConfig
-
     defaults = PretrainConfig()
     p = sub.add_parser(
         "pretrain",
@@ -230,14 +209,14 @@ def _add_pretrain_parser(sub) -> None:
         "(VAE 11-15 min, U-Net 3,600 steps at ~1.4 s a step).",
     )
     p.add_argument("--output", metavar="DIR", required=True, help="Folder for the run (resumed if it exists).")
-    p.add_argument("--seed", type=_seed, default=defaults.seed, help=f"Seed. Default {defaults.seed}.")
-    p.add_argument("--steps", type=_positive_int, default=defaults.steps,
+    p.add_argument("--seed", type=_seed, default=defaults.seed, metavar="N", help=f"Seed. Default {defaults.seed}.")
+    p.add_argument("--steps", type=positive_int, default=defaults.steps, metavar="N",
                    help=f"U-Net/text-encoder steps. Default {defaults.steps}.")
-    p.add_argument("--threads", type=_positive_int, default=defaults.threads,
+    p.add_argument("--threads", type=positive_int, default=defaults.threads, metavar="N",
                    help=f"CPU threads (results depend on it). Default {defaults.threads}.")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=defaults.checkpoint_every,
+    p.add_argument("--checkpoint-every", type=positive_int, default=defaults.checkpoint_every, metavar="N",
                    dest="checkpoint_every", help=f"Steps between checkpoints. Default {defaults.checkpoint_every}.")
-    p.add_argument("--stop-after", type=_positive_int, default=None, dest="stop_after",
+    p.add_argument("--stop-after", type=positive_int, default=None, dest="stop_after", metavar="STEP",
                    help="Stop at the first checkpoint at or past this step and write DIR/pipeline from its EMA "
                    "weights (run again without it to continue).")
     p.add_argument("--no-evaluate", action="store_false", dest="evaluate",
@@ -254,14 +233,14 @@ def _add_pretrain_parser(sub) -> None:
                    help="Extra loss weight on the object's latent positions (1 + W there, 1 elsewhere), so its "
                    "shape is learnt before the backgrounds' speckles; 0 is a plain MSE. "
                    f"Default {defaults.object_loss_weight}.")
-    p.add_argument("--unet-layers-per-block", type=_positive_int, default=defaults.unet_layers_per_block,
+    p.add_argument("--unet-layers-per-block", type=positive_int, default=defaults.unet_layers_per_block,
                    dest="unet_layers_per_block", metavar="N",
                    help="ResNet + transformer layers in each U-Net down block (deeper U-Net at both resolutions). "
                    f"Default {defaults.unet_layers_per_block}.")
     p.add_argument("--device", default="cpu", type=_torch_device,
                    help="Where to train: cpu (default) or a torch device such as cuda. The random draws stay on the "
                    "CPU, so the batches are the same anywhere; the weights differ across devices in rounding.")
-    _add_common(p)
+    add_common(p)
     p.set_defaults(handler=_cmd_pretrain)
 
 
@@ -276,8 +255,6 @@ def _non_negative_float(text: str) -> float:
 
 
 def _torch_device(text: str) -> str:
-    import torch
-
     try:
         device = torch.device(text)
     except RuntimeError:
@@ -288,8 +265,6 @@ def _torch_device(text: str) -> str:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from .model import PretrainConfig, pretrain
-
     config = PretrainConfig(
         seed=args.seed,
         steps=args.steps,
@@ -302,15 +277,13 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     try:
         final = pretrain(args.output, config, evaluate=args.evaluate, stop_after=args.stop_after, device=args.device)
     except ValueError as exc:  # another run's settings in --output
-        raise _usage_error(f"--output {exc}") from None
+        raise UsageError(f"--output {exc}") from None
     print(final)
     return 0
 
 
 # ---------------------------------------------------------------------------------------------- base
 def _add_base_parser(sub) -> None:
-    from ..cli import _add_common
-
     p = sub.add_parser(
         "base",
         help="Write the shipped world base model as a diffusers folder (with attndb.yaml).",
@@ -319,20 +292,19 @@ def _add_base_parser(sub) -> None:
         "that suit it (attndb train --config DIR/attndb.yaml --images ... --category ... --output ...).",
     )
     p.add_argument("--output", metavar="DIR", required=True, help="A new or empty folder.")
-    _add_common(p)
+    add_common(p)
     p.set_defaults(handler=_cmd_base)
 
 
 def _cmd_base(args: argparse.Namespace) -> int:
-    from .model import write_base
-
     try:
         print(write_base(args.output))
     except (FileExistsError, FileNotFoundError) as exc:
-        raise _usage_error(str(exc)) from None
+        raise UsageError(str(exc)) from None
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- the group
 def add_world_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `world` command (the toy world: concepts, scoring) with its subcommands to `subparsers`."""
     p = subparsers.add_parser(
@@ -342,7 +314,7 @@ def add_world_parser(subparsers) -> argparse.ArgumentParser:
         "writes its pretrained base model ('attndb world pretrain' retrains it), 'attndb world concept' draws a "
         "personal concept's user photos, 'attndb world score' scores what 'attndb generate' made of it.",
     )
-    sub = p.add_subparsers(dest="world_command", metavar="SUBCOMMAND", required=True)
+    sub = p.add_subparsers(title="commands", dest="world_command", metavar="SUBCOMMAND", required=True)
     _add_pretrain_parser(sub)
     _add_base_parser(sub)
     _add_concept_parser(sub)
