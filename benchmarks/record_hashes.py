@@ -67,11 +67,19 @@ def _volatile(key: str) -> bool:
     return any(word in key.lower() for word in VOLATILE_KEYS)
 
 
-def _strip(value):
+def _strip(value, key: str = ""):
+    """`value` less its volatile keys, with JSON held in strings (safetensors metadata) parsed too, and PEFT's
+    `target_modules` (a set, written in Python's per-process hash order) sorted."""
+    if isinstance(value, str) and value[:1] in "{[":
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return value
     if isinstance(value, dict):
-        return {k: _strip(v) for k, v in value.items() if not _volatile(k)}
+        return {k: _strip(v, k) for k, v in value.items() if not _volatile(k)}
     if isinstance(value, list):
-        return [_strip(v) for v in value]
+        items = [_strip(v) for v in value]
+        return sorted(items) if key.endswith("target_modules") and all(isinstance(i, str) for i in items) else items
     return value
 
 

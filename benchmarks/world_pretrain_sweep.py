@@ -31,7 +31,7 @@ import torch
 
 from attndb_peft.testing import TINY_PRETRAIN_SETTINGS
 from attndb_peft.world.evaluation import evaluate_personalization
-from attndb_peft.world.model import PretrainConfig, pretrain
+from attndb_peft.world.pretrain import PretrainConfig, pretrain
 
 #: The settings the variants differ in, at the step-1,800 recipe the sweep started from (plain MSE, jointly trained
 #: text encoder); every variant spells them out, so a name keeps its meaning when `PretrainConfig()` changes.

@@ -39,7 +39,7 @@ def test_shipped_base_model_came_from_pretrains_defaults():
     # settings say so, and its recorded held-out evaluation meets the bars
     from dataclasses import asdict
 
-    from attndb_peft.world.model import PretrainConfig
+    from attndb_peft.world.pretrain import PretrainConfig
 
     log = json.loads((SHIPPED_DIR / "pretrain.json").read_text())
     assert log["settings"] == asdict(PretrainConfig())
