@@ -63,7 +63,7 @@ class PretrainConfig:
 
     seed: int = 0
     #: 3,600 is the shipped model's: the same recipe over 1,800 steps drew held-out boxes as balls (category
-    #: 75.6 % against 95.6 %; README world item 9); the cosine schedule stretches with it.
+    #: 75.6 % against 95.6 %; README, world section); the cosine schedule stretches with it.
     steps: int = 3600
     batch_size: int = 48
     learning_rate: float = 1e-3
