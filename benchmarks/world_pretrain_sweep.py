@@ -7,17 +7,17 @@ sampler) and by what the base is for, personalization: a short attndb run on con
 context (`world.evaluation.evaluate_personalization`; the step-1,800 plain-loss model keeps the context in 14 of 15
 pictures, the frozen-encoder, object-weighted candidate in 4, the shipped model in 15). On the 2-core CPU one
 variant takes about 70-90 minutes (joint_obj4_3600 about 100); on a GPU a few minutes (an estimate, not measured
-yet), which is what this script is for: a lent device runs the sweep in one or two calls.
+yet), which is what this script is for: one GPU runs the whole sweep in a sitting.
 
-    python benchmarks/world_pretrain_sweep.py --tiny --only joint_plain --out /tmp/sweep   # CPU, seconds: the plumbing
-    python benchmarks/world_pretrain_sweep.py --device cuda --out sweep         # every variant below
+    python benchmarks/world_pretrain_sweep.py --tiny --only joint_plain --out /tmp/sweep  # CPU, seconds: the plumbing
+    python benchmarks/world_pretrain_sweep.py --device cuda --out sweep                   # every variant below
     python benchmarks/world_pretrain_sweep.py --device cuda --only joint_obj1 frozen_obj1 --out sweep
 
-On a device machine without diffusers, carry its wheel (see the device tool's README) and run from the repository
-root with `PYTHONPATH=.`. Results: `OUT/sweep.json` (settings, device, seconds and held-out/training scores per
-variant, written after each one) and each variant's run folder `OUT/NAME` (its pipeline is a base model that
-`attndb world base`-style use takes with `--model OUT/NAME/pipeline`). A finished variant is skipped when the
-script runs again, so a sweep cut off by a time limit continues where it stopped.
+Run it from the repository root (with `PYTHONPATH=.` where attndb_peft is not installed). Results:
+`OUT/sweep.json` (settings, device, seconds and held-out/training scores per variant, written after each one) and
+each variant's run folder `OUT/NAME` (its pipeline is a base model that any `--model` flag takes as
+`OUT/NAME/pipeline`). A finished variant is skipped when the script runs again, so a sweep cut off by a time limit
+continues where it stopped.
 """
 
 from __future__ import annotations
