@@ -14,13 +14,13 @@ import torch
 from attndb_peft.world import scenes as W
 from attndb_peft.world.model import (
     SHIPPED_DIR,
-    PretrainConfig,
+    WorldArchitecture,
     build_world_pipeline,
-    pretrain,
     world_config,
     world_tokenizer,
     write_base,
 )
+from attndb_peft.world.pretrain import PretrainConfig, pretrain
 
 
 def test_captions_follow_the_training_prompt_grammar():
@@ -98,6 +98,46 @@ def test_world_pipeline_architecture():
     assert sum(n.endswith("attn2") for n, _ in deeper.named_modules()) == 2 * 2 + 1 + 2 * 3
 
 
+def test_pretrain_configs_architecture_defaults_are_the_shipped_models():
+    """`PretrainConfig` takes its four architecture fields' defaults from `WorldArchitecture`, so the recipe and
+    the model definition cannot drift apart, and either builds the same pipeline."""
+    from dataclasses import asdict
+
+    arch = asdict(WorldArchitecture())
+    assert {k: getattr(PretrainConfig(), k) for k in arch} == arch
+    a = build_world_pipeline(PretrainConfig(), seed=3).unet.state_dict()
+    b = build_world_pipeline(WorldArchitecture(), seed=3).unet.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_world_modules_import_one_way_and_at_the_top():
+    """No function-local import of the package's own modules in world/* (the command-line module excepted: it is
+    imported by `attndb --help` and loads torch/diffusers only for the command that runs), and the imports run
+    scenes <- scorers, model <- evaluation <- pretrain, never back."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(W.__file__).parent
+    imports: dict[str, set[str]] = {}
+    for path in sorted(folder.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        own = set()
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            package_module = node.level > 0 or (node.module or "").startswith("attndb_peft")
+            if path.name != "cli.py":
+                assert not package_module or node in tree.body, f"{path.name}:{node.lineno}: a function-local import"
+            if node.level == 1:
+                own.update([node.module] if node.module else [a.name for a in node.names])
+        imports[path.stem] = own
+    assert imports["scenes"] == set()
+    assert imports["scorers"] == {"scenes"}
+    assert imports["model"] == {"scenes"}
+    assert imports["evaluation"] == {"scenes", "scorers", "model"}
+    assert imports["pretrain"] == {"scenes", "evaluation", "model"}
+
+
 def _tiny(**kw) -> PretrainConfig:
     from attndb_peft.testing import TINY_PRETRAIN_SETTINGS
 
@@ -137,7 +177,7 @@ def test_a_run_started_before_a_setting_existed_resumes_with_the_old_behaviour(t
     from the old behaviour (as they did for a while)."""
     from dataclasses import asdict, dataclass
 
-    from attndb_peft.world import model as M
+    from attndb_peft.world import pretrain as P
 
     @dataclass
     class OtherDefaults(PretrainConfig):
@@ -145,7 +185,7 @@ def test_a_run_started_before_a_setting_existed_resumes_with_the_old_behaviour(t
         object_loss_weight: float = 4.0
         unet_layers_per_block: int = 2
 
-    monkeypatch.setattr(M, "PretrainConfig", OtherDefaults)
+    monkeypatch.setattr(P, "PretrainConfig", OtherDefaults)
     new_settings = ("train_text_encoder", "object_loss_weight", "unet_layers_per_block")
     old = _tiny(train_text_encoder=True, object_loss_weight=0.0, unet_layers_per_block=1)
     settings = {k: v for k, v in asdict(old).items() if k not in new_settings}
@@ -162,7 +202,6 @@ def test_a_frozen_text_encoder_stays_at_its_initialisation(tmp_path, capsys):
     from safetensors.torch import load_file
 
     from attndb_peft.cli import main
-    from attndb_peft.world.model import build_world_pipeline
 
     config = _tiny(train_text_encoder=False)
     folder = pretrain(tmp_path / "frozen", config, evaluate=False)
@@ -192,7 +231,7 @@ def test_pretrain_config_rejects_bad_values():
 
 
 def test_object_masks_on_the_latent_grid_cover_each_object():
-    from attndb_peft.world.model import _training_set
+    from attndb_peft.world.pretrain import _training_set
 
     config = _tiny(num_images=8)
     pictures, ids, masks = _training_set(config, world_tokenizer())
@@ -216,7 +255,7 @@ def test_the_object_weighted_loss_is_the_weighted_mean_of_the_squared_error():
 
     from diffusers import DDPMScheduler
 
-    from attndb_peft.world.model import LatentCache, pretrain_loss
+    from attndb_peft.world.pretrain import LatentCache, pretrain_loss
 
     torch.manual_seed(0)
     n, side = 5, W.SIZE // 2

@@ -25,7 +25,8 @@ from PIL import Image
 from ..cli_args import add_common, positive_int
 from ..config import default_token
 from ..errors import UsageError
-from .model import PretrainConfig, pretrain, write_base
+from .model import write_base
+from .pretrain import PretrainConfig, pretrain
 from .scenes import CONCEPT_FILE, SIZE, Concept, concept_folder, make_concept
 from .scorers import parse_caption, score_image, summarize
 

@@ -13,12 +13,17 @@ style, category and colour the scorers find right, with 95 % intervals, and wher
 from __future__ import annotations
 
 import math
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import train
 from . import scenes as W
+from .model import load_world_pipeline, world_config, write_base
+from .scorers import score_image, summarize
 
 __all__ = [
     "WORLD_GUIDANCE",
@@ -116,8 +121,6 @@ def summarize_base(records: list[dict], scenes: list[W.Scene]) -> dict:
 
 
 def _score_set(pipe, scenes: list[W.Scene], seeds: tuple[int, ...], steps: int, guidance: float) -> dict:
-    from .scorers import score_image
-
     records = []
     prompts = [W.caption(s) for s in scenes]
     for seed in seeds:
@@ -156,13 +159,6 @@ def evaluate_personalization(
     Returns:
         `dict`: `scorers.summarize` of the pictures (context_ok, present, identity, ...), `len(CONTEXTS) * len(seeds)`.
     """
-    import tempfile
-    from pathlib import Path
-
-    from ..trainer import Trainer
-    from .model import load_world_pipeline, world_config, write_base
-    from .scorers import score_image, summarize
-
     concept = W.make_concept(concept_seed)
     with tempfile.TemporaryDirectory(prefix="attndb-personalization-") as tmp:
         tmp = Path(tmp)
@@ -172,7 +168,7 @@ def evaluate_personalization(
             model=str(folder), images=str(tmp / "photos"), category=concept.category, output=str(tmp / "out"),
             validation_prompts=(),
         ).with_stage_values(steps=steps)
-        Trainer(config).run()
+        train(config)
         pipe = load_world_pipeline(folder)
         token = pipe.load_attndb(str(tmp / "out"))
         scenes = [W.Scene(concept.category, None, ctx) for ctx in W.CONTEXTS]

@@ -23,6 +23,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from ..config import default_token, instance_prompt
 
 __all__ = [
     "CATEGORIES",
@@ -347,10 +350,6 @@ def concept_folder(seed: int, output_dir: str | Path, num_images: int = 5) -> di
         `dict`: what `concept.json` holds: `Concept.to_dict()` plus `description`, `token` (the attndb default
         token of its category), `instance_prompt` and `images`.
     """
-    from PIL import Image
-
-    from ..config import default_token, instance_prompt
-
     concept = make_concept(seed)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

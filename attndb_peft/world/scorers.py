@@ -44,6 +44,8 @@ from .scenes import (
     STYLES,
     Concept,
     Scene,
+    _background,
+    _stylize,
     make_concept,
     render,
 )
@@ -529,8 +531,6 @@ def degrade(image: np.ndarray, rng: np.random.Generator, blur: tuple[float, floa
 
 def _empty_picture(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     """The scene's background (and style) without any object."""
-    from .scenes import _background, _stylize
-
     a = _stylize(_background(scene.context, rng), np.zeros((SIZE, SIZE), bool), scene.style)
     return np.clip(np.round(a), 0, 255).astype(np.uint8)
 
