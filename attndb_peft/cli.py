@@ -454,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="attndb",
         description="AttnDreamBooth personalization for Stable Diffusion, shipped as PEFT/LoRA adapters. "
-        "Start with 'attndb demo' (offline, tiny model); 'attndb COMMAND --help' describes each command.",
+        "Start with 'attndb demo' (offline: the toy world's small base model, a few minutes on a CPU); "
+        "'attndb COMMAND --help' describes each command.",
     )
     sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
     _add_train_parser(sub)
