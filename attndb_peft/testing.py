@@ -35,7 +35,7 @@ __all__ = [
     "tiny_text_config",
 ]
 
-#: `world.model.PretrainConfig` overrides for a world pretraining run of seconds on a CPU (tiny models, 4 U-Net
+#: `world.pretrain.PretrainConfig` overrides for a world pretraining run of seconds on a CPU (tiny models, 4 U-Net
 #: steps; the scores mean nothing): the tests' runs and `benchmarks/world_pretrain_sweep.py --tiny`.
 TINY_PRETRAIN_SETTINGS = dict(
     steps=4, batch_size=4, num_images=24, vae_steps=2, vae_images=16, vae_batch_size=4, checkpoint_every=2,
