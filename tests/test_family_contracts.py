@@ -46,6 +46,7 @@ class Family:
     style_lora: Path  # a foreign LoRA for this family's U-Net
     steps: int  # denoising steps per picture
     fresh_pipeline: Callable
+    _pipes: dict = field(default_factory=dict)
     _images: dict = field(default_factory=dict)
 
     @property
@@ -58,17 +59,23 @@ class Family:
     def generate(self, pipe, prompt):
         return generate(pipe, prompt, steps=self.steps)
 
-    def image(self, kind: str, prompt: str):
-        """The pictures several contracts compare against, drawn once: of the trained in-memory model
-        (`trained`), of a fresh pipeline with the adapter loaded by stock diffusers (`stock`), of the base model
+    def pipeline(self, kind: str):
+        """A pipeline several contracts draw with, built once and never changed: the trained in-memory model
+        (`trained`), a fresh pipeline with the adapter loaded by stock diffusers (`stock`), the base model
         (`base`)."""
-        if (kind, prompt) not in self._images:
+        if kind not in self._pipes:
             if kind == "trained":
                 pipe = self.run.pipeline()
                 pipe.set_progress_bar_config(disable=True)
             else:
                 pipe = self.stock_load(self.fresh()) if kind == "stock" else self.fresh()
-            self._images[kind, prompt] = self.generate(pipe, prompt)
+            self._pipes[kind] = pipe
+        return self._pipes[kind]
+
+    def image(self, kind: str, prompt: str):
+        """`pipeline(kind)`'s pictures of `prompt`, drawn once."""
+        if (kind, prompt) not in self._images:
+            self._images[kind, prompt] = self.generate(self.pipeline(kind), prompt)
         return self._images[kind, prompt]
 
     def stock_load(self, pipe, weight_name=LORA_NAME, adapter_name="concept", pooling_fix=True):
@@ -195,13 +202,7 @@ def test_load_attndb_gives_the_stock_diffusers_pixels(family):
     assert_same_pixels(got, family.image("stock", PROMPT))
     assert_same_pixels(got, family.image("trained", PROMPT))
     assert abs(got - family.image("base", PROMPT)).max() > 1e-3  # it did change something
-
-    # weight= is the LoRA strength, as set_adapters would set it
-    half = family.fresh()
-    assert attndb_peft.load_attndb(half, family.adapter, weight=0.5) == token
-    stock = family.stock_load(family.fresh())
-    stock.set_adapters(["concept"], [0.5])
-    assert_same_pixels(family.generate(half, PROMPT), family.generate(stock, PROMPT))
+    # (weight=, the LoRA strength: in the mixing test below, with and without the foreign LoRA)
 
 
 # ---------------------------------------------------------------------------------------------- 3. kohya copy
@@ -214,64 +215,51 @@ def test_kohya_copy_loads_to_the_same_pixels(family):
 
 
 # ---------------------------------------------------------------------------------------------- 4. mixing
-def test_a_foreign_lora_stays_active_and_the_weights_mix(family):
+def test_a_foreign_lora_stays_active_the_weights_mix_and_two_concepts_coexist(family):
     pipe = family.with_style(0.6)
     style_only = family.generate(pipe, PLAIN)
     base_state = _state(pipe)
     style_models = model_state(pipe)
 
     token = attndb_peft.load_attndb(pipe, family.adapter, weight=0.8)
-    assert pipe.get_active_adapters() == ["style", "attndb-dog"]
+    assert token == TOKEN and pipe.get_active_adapters() == ["style", "attndb-dog"]
     scalings = _scalings(pipe)
     assert {k: v for k, v in scalings.items() if k[2] == "style"} == base_state["scalings"]  # weight kept
     assert {v for k, v in scalings.items() if k[2] == "attndb-dog"} == {0.8}  # alpha = rank: scaling = weight
     assert abs(family.generate(pipe, PLAIN) - style_only).max() > 1e-3
-    # the same as stock diffusers loading both
+    # weight= is the LoRA strength as set_adapters would set it: the pixels of stock diffusers loading both
     stock = family.stock_load(family.with_style(0.6))
     stock.set_adapters(["style", "concept"], [0.6, 0.8])
-    assert abs(family.generate(pipe, PROMPT) - family.generate(stock, PROMPT)).max() < 1e-6
+    mixed = family.generate(pipe, PROMPT)
+    assert abs(mixed - family.generate(stock, PROMPT)).max() < 1e-6
 
     pipe.set_adapters(["style", "attndb-dog"], [0.6, 0.0])  # concept LoRA off: the style alone
     assert abs(family.generate(pipe, PLAIN) - style_only).max() < 1e-6
     concept_only = family.fresh()
-    concept_only.load_attndb(family.adapter, weight=0.8)
+    assert attndb_peft.load_attndb(concept_only, family.adapter, weight=0.8) == token
+    alone = family.generate(concept_only, PROMPT)
     pipe.set_adapters(["style", "attndb-dog"], [0.0, 0.8])  # style off: the concept alone
-    assert abs(family.generate(pipe, PROMPT) - family.generate(concept_only, PROMPT)).max() < 1e-6
-
+    assert abs(family.generate(pipe, PROMPT) - alone).max() < 1e-6
+    stock.set_adapters(["style", "concept"], [0.0, 0.8])  # ... as stock diffusers draws it at that strength
+    assert_same_pixels(family.generate(stock, PROMPT), alone)
     pipe.set_adapters(["style", "attndb-dog"], [0.6, 0.8])
-    assert pipe.unload_attndb("attndb-dog") == token
-    assert pipe.get_active_adapters() == ["style"]
-    _assert_same_state(base_state, _state(pipe))
-    assert_same_models(pipe, style_models)
-    assert_same_pixels(family.generate(pipe, PLAIN), style_only)  # the style-only images again
 
-
-def test_two_concepts_coexist_beside_a_foreign_lora_and_unload_one_by_one(family):
-    pipe = family.with_style(0.6)
-    style_only = family.generate(pipe, PLAIN)
-    base_state = _state(pipe)
-    style_models = model_state(pipe)
-    token = pipe.load_attndb(family.adapter)
     # a second concept (the same files under another token and adapter name)
-    second = pipe.load_attndb(family.adapter, token="<dog-b>", adapter_name="dog-b")
+    second = pipe.load_attndb(family.adapter, token="<dog-b>", adapter_name="dog-b", weight=0.8)
     assert second == "<dog-b>" and loaded_concepts(pipe) == {"attndb-dog": token, "dog-b": second}
     assert pipe.get_active_adapters() == ["style", "attndb-dog", "dog-b"]
     assert all(token in t.get_vocab() and second in t.get_vocab() for t, _ in text_pairs(pipe))
-
+    # unloading one leaves the other: it draws as the first did beside the style
     assert pipe.unload_attndb("attndb-dog") == token
     assert pipe.get_active_adapters() == ["style", "dog-b"] and loaded_concepts(pipe) == {"dog-b": second}
     assert all(token not in t.get_vocab() and second in t.get_vocab() for t, _ in text_pairs(pipe))
-    # what is left draws as if the second concept alone had been loaded beside the style
-    only_b = family.with_style(0.6)
-    only_b.load_attndb(family.adapter, token="<dog-b>", adapter_name="dog-b")
-    prompt = "a photo of a <dog-b> dog"
-    assert_same_pixels(family.generate(pipe, prompt), family.generate(only_b, prompt))
+    assert_same_pixels(family.generate(pipe, PROMPT.replace(TOKEN, second)), mixed)
 
     assert pipe.unload_attndb("dog-b") == second
     assert pipe.get_active_adapters() == ["style"]
     _assert_same_state(base_state, _state(pipe))
     assert_same_models(pipe, style_models)
-    assert_same_pixels(family.generate(pipe, PLAIN), style_only)
+    assert_same_pixels(family.generate(pipe, PLAIN), style_only)  # the style-only images again
 
 
 # ---------------------------------------------------------------------------------------------- 5. unload
@@ -279,7 +267,7 @@ def test_unload_restores_the_base_model(family):
     pipe = family.fresh()
     token = pipe.load_attndb(family.adapter)
     assert pipe.unload_attndb() == token
-    fresh = family.fresh()
+    fresh = family.pipeline("base")
     for (tokenizer, encoder), (_, base_encoder) in zip(text_pairs(pipe), text_pairs(fresh), strict=True):
         assert token not in tokenizer.get_vocab()
         rows = encoder.get_input_embeddings().num_embeddings
