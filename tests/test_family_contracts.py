@@ -192,8 +192,8 @@ def test_stock_diffusers_reproduces_the_trained_model(family):
         assert abs(family.generate(unfixed, PROMPT) - family.image("trained", PROMPT)).max() > 1e-4
 
 
-# ---------------------------------------------------------------------------------------------- 2. load_attndb
-def test_load_attndb_gives_the_stock_diffusers_pixels(family):
+# ------------------------------------------------------------------------------------------- 2. load_attndb, 5. unload
+def test_load_attndb_gives_the_stock_diffusers_pixels_and_unload_restores_the_base_model(family):
     pipe = family.fresh()
     token = pipe.load_attndb(str(family.adapter))
     assert token == TOKEN
@@ -202,16 +202,34 @@ def test_load_attndb_gives_the_stock_diffusers_pixels(family):
     assert_same_pixels(got, family.image("stock", PROMPT))
     assert_same_pixels(got, family.image("trained", PROMPT))
     assert abs(got - family.image("base", PROMPT)).max() > 1e-3  # it did change something
-    # (weight=, the LoRA strength: in the mixing test below, with and without the foreign LoRA)
+    # (weight=, the LoRA strength as set_adapters sets it: in the mixing test below)
+
+    # 5. unload restores the base model: the token gone from every tokenizer, every embedding matrix back to its
+    # size, no adapter or LoRA layer left, every weight bit-identical to a fresh pipeline's, the same pixels
+    assert pipe.unload_attndb() == token
+    fresh = family.pipeline("base")
+    for (tokenizer, encoder), (_, base_encoder) in zip(text_pairs(pipe), text_pairs(fresh), strict=True):
+        assert token not in tokenizer.get_vocab()
+        rows = encoder.get_input_embeddings().num_embeddings
+        assert rows == len(tokenizer) == base_encoder.get_input_embeddings().num_embeddings
+    assert not any(pipe.get_list_adapters().values()) and pipe.get_active_adapters() == []
+    assert loaded_concepts(pipe) == {}
+    for name in ("unet", "text_encoder", "text_encoder_2"):  # no LoRA layers left behind, not even empty ones
+        if getattr(fresh, name, None) is not None:
+            got, want = getattr(pipe, name).modules(), getattr(fresh, name).modules()
+            assert [type(m) for m in got] == [type(m) for m in want], name
+    assert_same_models(pipe, fresh)
+    assert_same_pixels(family.generate(pipe, PLAIN), family.image("base", PLAIN))
 
 
 # ---------------------------------------------------------------------------------------------- 3. kohya copy
 def test_kohya_copy_loads_to_the_same_pixels(family):
     kohya = family.generate(family.stock_load(family.fresh(), weight_name=KOHYA_NAME), PROMPT)
-    assert abs(kohya - family.image("stock", PROMPT)).max() < 1e-6
+    peft = family.image("stock", PROMPT)
+    assert abs(kohya - peft).max() < 1e-6
     # ... and the LoRA is not a no-op (the stage-2 attention modules have twice the rank of the others, the case a
     # per-module kohya alpha would get wrong in diffusers)
-    assert abs(family.image("stock", PROMPT) - family.image("base", PROMPT)).max() > 1e-3
+    assert abs(peft - family.image("base", PROMPT)).max() > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------- 4. mixing
@@ -240,8 +258,6 @@ def test_a_foreign_lora_stays_active_the_weights_mix_and_two_concepts_coexist(fa
     alone = family.generate(concept_only, PROMPT)
     pipe.set_adapters(["style", "attndb-dog"], [0.0, 0.8])  # style off: the concept alone
     assert abs(family.generate(pipe, PROMPT) - alone).max() < 1e-6
-    stock.set_adapters(["style", "concept"], [0.0, 0.8])  # ... as stock diffusers draws it at that strength
-    assert_same_pixels(family.generate(stock, PROMPT), alone)
     pipe.set_adapters(["style", "attndb-dog"], [0.6, 0.8])
 
     # a second concept (the same files under another token and adapter name)
@@ -260,23 +276,3 @@ def test_a_foreign_lora_stays_active_the_weights_mix_and_two_concepts_coexist(fa
     _assert_same_state(base_state, _state(pipe))
     assert_same_models(pipe, style_models)
     assert_same_pixels(family.generate(pipe, PLAIN), style_only)  # the style-only images again
-
-
-# ---------------------------------------------------------------------------------------------- 5. unload
-def test_unload_restores_the_base_model(family):
-    pipe = family.fresh()
-    token = pipe.load_attndb(family.adapter)
-    assert pipe.unload_attndb() == token
-    fresh = family.pipeline("base")
-    for (tokenizer, encoder), (_, base_encoder) in zip(text_pairs(pipe), text_pairs(fresh), strict=True):
-        assert token not in tokenizer.get_vocab()
-        rows = encoder.get_input_embeddings().num_embeddings
-        assert rows == len(tokenizer) == base_encoder.get_input_embeddings().num_embeddings
-    assert not any(pipe.get_list_adapters().values()) and pipe.get_active_adapters() == []
-    assert loaded_concepts(pipe) == {}
-    for name in ("unet", "text_encoder", "text_encoder_2"):  # no LoRA layers left behind, not even empty ones
-        if getattr(fresh, name, None) is not None:
-            got, want = getattr(pipe, name).modules(), getattr(fresh, name).modules()
-            assert [type(m) for m in got] == [type(m) for m in want], name
-    assert_same_models(pipe, fresh)
-    assert_same_pixels(family.generate(pipe, PLAIN), family.image("base", PLAIN))
