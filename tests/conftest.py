@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -98,11 +99,57 @@ def trained(tiny_model, instance_dir, tmp_path_factory):
     return trainer
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Torch on one thread while the tiny SDXL runs: its operations are too small to gain from a second thread, and
+    on a shared 2-core machine two threads made them 10-20x slower (threads waiting on each other; measured 0.8 s vs
+    8-15 s per generation)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """The tiny SDXL pipeline built in code (two text encoders, `text_time` U-Net), written with save_pretrained."""
+    from attndb_peft.testing import save_tiny_sdxl_pipeline
+
+    return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl") / "model")
+
+
+@pytest.fixture(scope="session")
+def sdxl_run(tiny_sdxl, tmp_path_factory):
+    """All three stages on the tiny SDXL (2 images, 2 steps each, one thread); the Trainer keeps its in-memory
+    models. Shared by test_sdxl.py and test_family_contracts.py."""
+    from attndb_peft.testing import make_instance_images
+    from attndb_peft.trainer import Trainer
+
+    images = tmp_path_factory.mktemp("sdxl-images")
+    make_instance_images(images, num_images=2, size=48)
+    config = make_config(tiny_sdxl, images, tmp_path_factory.mktemp("sdxl-run") / "out", steps=(2, 2, 2), batch_size=1)
+    trainer = Trainer(config)
+    with one_thread():
+        trainer.run()
+    return trainer
+
+
 def fresh_pipeline(model):
     """A `StableDiffusionPipeline` loaded from a saved folder with `from_pretrained`, progress bar off."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(str(model))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def fresh_sdxl_pipeline(model):
+    """A `StableDiffusionXLPipeline` loaded from a saved folder with `from_pretrained`, progress bar off."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(model))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -1,8 +1,9 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
-"""SDXL end to end on the tiny SDXL pipeline built in code (two text encoders, `text_time` U-Net): family
-detection, pooling at end-of-text, training all three stages, the adapter files (clip_l/clip_g embedding, kohya
-LDM names), reloading with stock diffusers and with `load_attndb` to the in-memory model's pixels, mixing with a
-foreign SDXL LoRA, two concepts, unload."""
+"""What is particular to SDXL, on the tiny SDXL pipeline built in code (two text encoders, `text_time` U-Net) and
+the session's trained tiny SDXL run (`sdxl_run`, conftest.py): family detection, pooling at end-of-text, the
+adapter files (clip_l/clip_g embedding, kohya LDM names), Hub loading and pushing, refusals, single files, the CLI.
+What holds for every family (stock diffusers and `load_attndb` reproduce the in-memory model's pixels, the kohya
+copy loads to the same pixels, mixing with a foreign LoRA, two concepts, unload) is in test_family_contracts.py."""
 
 from __future__ import annotations
 
@@ -12,68 +13,23 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_same_models, assert_same_pixels, generate, make_config, model_state
+from conftest import fresh_sdxl_pipeline, make_config, one_thread
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import attndb_peft
 from attndb_peft.export import CONFIG_NAME, EMBEDDING_NAME, KOHYA_NAME, LORA_NAME
 from attndb_peft.families import SD, SDXL, family_of_model, family_of_pipeline, pool_at_end_of_text
-from attndb_peft.loading import AdapterError, loaded_concepts
-from attndb_peft.testing import TINY_SDXL_WIDTHS, build_tiny_sdxl_pipeline, save_tiny_sdxl_pipeline
-
-PROMPT = "a photo of a <attndb-dog> dog on the beach"
+from attndb_peft.loading import AdapterError
+from attndb_peft.testing import TINY_SDXL_WIDTHS, build_tiny_sdxl_pipeline
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """The tiny SDXL's operations are too small to gain from a second thread, and on a shared 2-core machine two
     threads made them 10-20x slower (threads waiting on each other; measured 0.8 s vs 8-15 s per generation)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl") / "model")
-
-
-@pytest.fixture(scope="module")
-def sdxl_run(tiny_sdxl, tmp_path_factory):
-    """All three stages on the tiny SDXL (2 images, 2 steps each); the Trainer keeps its in-memory models."""
-    from attndb_peft.testing import make_instance_images
-    from attndb_peft.trainer import Trainer
-
-    images = tmp_path_factory.mktemp("sdxl-images")
-    make_instance_images(images, num_images=2, size=48)
-    config = make_config(tiny_sdxl, images, tmp_path_factory.mktemp("sdxl-run") / "out", steps=(2, 2, 2), batch_size=1)
-    trainer = Trainer(config)
-    trainer.run()
-    return trainer
-
-
-def fresh_sdxl(model):
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(model))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def stock_load(pipe, adapter, weight_name=LORA_NAME, adapter_name="concept", token="<attndb-dog>"):
-    """What the README tells stock-diffusers users: end-of-text pooling, one load_textual_inversion per encoder."""
-    pool_at_end_of_text(pipe.text_encoder_2, pipe.tokenizer_2.eos_token_id)
-    embedding = load_file(str(adapter / EMBEDDING_NAME))
-    pipe.load_textual_inversion(
-        embedding["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
-    )
-    pipe.load_textual_inversion(
-        embedding["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
-    )
-    pipe.load_lora_weights(str(adapter), weight_name=weight_name, adapter_name=adapter_name)
-    return pipe
+    with one_thread():
+        yield
 
 
 # ---------------------------------------------------------------------------------------------- family
@@ -125,7 +81,7 @@ def test_sdxl_adapter_files(sdxl_run, tiny_sdxl):
         "clip_g": [1, TINY_SDXL_WIDTHS[1]],
     }
     # each vector trained away from its own encoder's category init
-    base = fresh_sdxl(tiny_sdxl)
+    base = fresh_sdxl_pipeline(tiny_sdxl)
     for key, (tokenizer, encoder) in zip(("clip_l", "clip_g"), SDXL.components(base)):
         ids = tokenizer("dog", add_special_tokens=False).input_ids
         init = encoder.get_input_embeddings().weight[ids].float().mean(0)
@@ -147,47 +103,6 @@ def test_sdxl_adapter_files(sdxl_run, tiny_sdxl):
     assert "StableDiffusionXLPipeline" in card and 'embedding["clip_g"]' in card
 
 
-def test_stock_diffusers_and_load_attndb_reproduce_the_trained_sdxl(sdxl_run, tiny_sdxl):
-    trained = sdxl_run.pipeline()
-    trained.set_progress_bar_config(disable=True)
-    expected = generate(trained, PROMPT, steps=2)
-    stock = generate(stock_load(fresh_sdxl(tiny_sdxl), sdxl_run.output_dir), PROMPT, steps=2)
-    assert abs(stock - expected).max() < 1e-5
-    pipe = fresh_sdxl(tiny_sdxl)
-    token = pipe.load_attndb(str(sdxl_run.output_dir))
-    assert token == "<attndb-dog>" and pipe.get_active_adapters() == ["attndb-dog"]
-    got = generate(pipe, PROMPT, steps=2)
-    assert abs(got - expected).max() < 1e-5
-    base = generate(fresh_sdxl(tiny_sdxl), PROMPT, steps=2)
-    assert abs(got - base).max() > 1e-3
-    # stock diffusers without the pooling fix pools at the concept token: other pictures
-    unfixed = fresh_sdxl(tiny_sdxl)
-    embedding = load_file(str(sdxl_run.output_dir / EMBEDDING_NAME))
-    unfixed.load_textual_inversion(
-        embedding["clip_l"], token=token, text_encoder=unfixed.text_encoder, tokenizer=unfixed.tokenizer
-    )
-    unfixed.load_textual_inversion(
-        embedding["clip_g"], token=token, text_encoder=unfixed.text_encoder_2, tokenizer=unfixed.tokenizer_2
-    )
-    unfixed.load_lora_weights(str(sdxl_run.output_dir), weight_name=LORA_NAME)
-    assert abs(generate(unfixed, PROMPT, steps=2) - expected).max() > 1e-4
-    # unload restores the base model: token gone from both tokenizers, same pictures
-    assert pipe.unload_attndb() == token
-    assert all(token not in t.get_vocab() for t in (pipe.tokenizer, pipe.tokenizer_2))
-    assert pipe.text_encoder_2.get_input_embeddings().num_embeddings == len(pipe.tokenizer_2)
-    plain = "a photo of a dog on the beach"
-    fresh = fresh_sdxl(tiny_sdxl)
-    assert_same_models(pipe, fresh)
-    assert_same_pixels(generate(pipe, plain, steps=2), generate(fresh, plain, steps=2))
-
-
-def test_kohya_ldm_copy_loads_to_the_same_pixels(sdxl_run, tiny_sdxl):
-    out = sdxl_run.output_dir
-    peft = generate(stock_load(fresh_sdxl(tiny_sdxl), out), PROMPT, steps=2)
-    kohya = generate(stock_load(fresh_sdxl(tiny_sdxl), out, weight_name=KOHYA_NAME), PROMPT, steps=2)
-    assert abs(kohya - peft).max() < 1e-5
-
-
 def test_hub_id_loads_from_the_cache_and_a_checkpoint_exports(sdxl_run, tiny_sdxl, tmp_path, monkeypatch):
     """A Hub repo id resolves offline from the cache; `export_checkpoint` rebuilds the SDXL adapter from the last
     stage-3 checkpoint (both token vectors restored)."""
@@ -199,7 +114,7 @@ def test_hub_id_loads_from_the_cache_and_a_checkpoint_exports(sdxl_run, tiny_sdx
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     cache = tmp_path / "hub"
     _lay_out_hub_cache(cache, "attndb-test/dog-xl", sdxl_run.output_dir, "0123456789abcdef0123456789abcdef01234567")
-    pipe = fresh_sdxl(tiny_sdxl)
+    pipe = fresh_sdxl_pipeline(tiny_sdxl)
     assert pipe.load_attndb("attndb-test/dog-xl", cache_dir=cache) == "<attndb-dog>"
     assert all("<attndb-dog>" in t.get_vocab() for t in (pipe.tokenizer, pipe.tokenizer_2))
 
@@ -228,51 +143,6 @@ def test_push_to_hub_uploads_the_sdxl_adapter_with_an_sdxl_card(sdxl_run, monkey
     assert "stable-diffusion-xl" in card  # the Hub tag
 
 
-@pytest.fixture(scope="module")
-def sdxl_style_lora(tiny_sdxl, tmp_path_factory):
-    """A foreign SDXL LoRA made with PEFT (random, non-zero B) and saved with diffusers' SDXL writer."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    unet = UNet2DConditionModel.from_pretrained(str(tiny_sdxl), subfolder="unet")
-    torch.manual_seed(3)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v", "proj_out"], init_lora_weights=False)
-    unet.add_adapter(config, adapter_name="style")
-    folder = tmp_path_factory.mktemp("sdxl-style")
-    StableDiffusionXLPipeline.save_lora_weights(
-        folder, unet_lora_layers=get_peft_model_state_dict(unet, adapter_name="style")
-    )
-    return folder
-
-
-def test_mixing_with_a_foreign_sdxl_lora_and_two_concepts(sdxl_run, tiny_sdxl, sdxl_style_lora):
-    out = sdxl_run.output_dir
-    stock = fresh_sdxl(tiny_sdxl)
-    stock.load_lora_weights(str(sdxl_style_lora), adapter_name="style")
-    stock_load(stock, out)
-    stock.set_adapters(["style", "concept"], [0.6, 1.0])
-
-    pipe = fresh_sdxl(tiny_sdxl)
-    pipe.load_lora_weights(str(sdxl_style_lora), adapter_name="style")
-    pipe.set_adapters(["style"], [0.6])
-    style_only = generate(pipe, PROMPT.replace("<attndb-dog> ", ""), steps=2)
-    style_state = model_state(pipe)
-    token = attndb_peft.load_attndb(pipe, out)
-    assert pipe.get_active_adapters() == ["style", "attndb-dog"]
-    assert abs(generate(pipe, PROMPT, steps=2) - generate(stock, PROMPT, steps=2)).max() < 1e-6
-    # a second concept (the same files under another token and adapter name)
-    second = pipe.load_attndb(out, token="<dog-b>", adapter_name="dog-b")
-    assert loaded_concepts(pipe) == {"attndb-dog": token, "dog-b": second}
-    assert all(second in t.get_vocab() for t in (pipe.tokenizer, pipe.tokenizer_2))
-    pipe.unload_attndb("attndb-dog")
-    assert pipe.get_active_adapters() == ["style", "dog-b"] and second in pipe.tokenizer_2.get_vocab()
-    pipe.unload_attndb("dog-b")
-    assert pipe.get_active_adapters() == ["style"]
-    assert_same_models(pipe, style_state)
-    assert_same_pixels(generate(pipe, PROMPT.replace("<attndb-dog> ", ""), steps=2), style_only)
-
-
 def test_load_attndb_is_registered_on_sdxl_pipelines():
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
     from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
@@ -289,7 +159,7 @@ def test_an_sd_embedding_is_refused_by_an_sdxl_pipeline_unchanged(sdxl_run, tiny
     shutil.copytree(sdxl_run.output_dir, folder, ignore=shutil.ignore_patterns("checkpoints", "samples", "logs"))
     embedding = load_file(str(folder / EMBEDDING_NAME))
     save_file({"<attndb-dog>": embedding["clip_l"].clone()}, str(folder / EMBEDDING_NAME))
-    pipe = fresh_sdxl(tiny_sdxl)
+    pipe = fresh_sdxl_pipeline(tiny_sdxl)
     sizes = [len(pipe.tokenizer), len(pipe.tokenizer_2)]
     with pytest.raises(AdapterError, match="clip_l"):
         pipe.load_attndb(folder)

@@ -1,6 +1,8 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
-"""End to end: `attndb train` on the tiny pipeline, then the exported files loaded into a fresh pipeline with
-stock diffusers loaders reproduce the trained in-memory model."""
+"""End to end: `attndb train` on the tiny pipeline: the adapter folder's files, the combined LoRA, fp16 and
+`--stage3 full` exports loaded with stock diffusers, resuming, gradient checkpointing, v-prediction, the CLI in a
+subprocess. That the exported files loaded with stock diffusers reproduce the trained in-memory model is tested for
+every family in test_family_contracts.py."""
 
 from __future__ import annotations
 
@@ -84,20 +86,6 @@ def test_output_folder_has_the_contract_files(cli_run):
     assert meta["attndb_token"] == "<attndb-dog>"
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["stage1-step3", "stage2-step3", "stage3-step3"]
-
-
-def test_stock_diffusers_reproduces_the_trained_model(cli_run, tiny_model):
-    prompt = "a photo of a <attndb-dog> dog in the jungle"
-    trained_pipe = cli_run.pipeline()
-    trained_pipe.set_progress_bar_config(disable=True)
-    expected = generate(trained_pipe, prompt)
-    loaded = _stock_load(fresh_pipeline(tiny_model), cli_run.output_dir)
-    got = generate(loaded, prompt)
-    assert abs(got - expected).max() < 1e-5
-    # ... and differs from the base model, with and without the token
-    base = fresh_pipeline(tiny_model)
-    assert abs(generate(base, prompt) - got).max() > 1e-3
-    assert abs(generate(base, "a photo of a dog") - generate(loaded, "a photo of a dog")).max() > 1e-3
 
 
 def test_combined_lora_equals_stage2_plus_stage3(cli_run, tiny_model):
