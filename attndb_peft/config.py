@@ -70,6 +70,7 @@ def setting(
     resume: bool = False,
     resume_default: Any = dataclasses.MISSING,
     stages: tuple[int, ...] | None = None,
+    minimum: int | None = None,
 ) -> Any:
     """A dataclass field for one setting, described by its metadata (the keys are in the module docstring).
 
@@ -84,6 +85,7 @@ def setting(
         resume (`bool`, defaults to `False`): whether a resumed run must match the checkpoint's value.
         resume_default (*optional*): the value implied when a checkpoint did not record the setting.
         stages (`tuple[int, ...]`, *optional*): for `StageConfig` fields, the stages the flag covers.
+        minimum (`int`, *optional*): the smallest accepted value (`AttnDBConfig.__post_init__` checks it).
 
     Returns:
         `dataclasses.Field`: keys left at their "not given" value are not stored, so `field.metadata` holds only
@@ -97,6 +99,7 @@ def setting(
         "default_text": default_text,
         "resume": resume or None,
         "stages": stages,
+        "minimum": minimum,
     }
     metadata = {k: v for k, v in given.items() if v is not None}
     if flag != "":
@@ -261,6 +264,7 @@ class AttnDBConfig:
         default=None,
         group="stages",
         resume=True,
+        minimum=1,
     )
     gradient_accumulation_steps: int | None = setting(
         "Forward/backward passes per optimizer step: the effective batch is batch_size x this x processes, at the "
@@ -269,6 +273,7 @@ class AttnDBConfig:
         group="stages",
         resume=True,
         resume_default=1,
+        minimum=1,
     )
     seed: int = setting(
         "Seed for data order, noise, timesteps and initialisation.", default=0, group="stages", resume=True
@@ -288,7 +293,8 @@ class AttnDBConfig:
         resume=True,
     )
     full_export_rank: int = setting(
-        "With stage3_mode 'full': SVD rank of the exported LoRA of the U-Net delta.", default=64, group="output"
+        "With stage3_mode 'full': SVD rank of the exported LoRA of the U-Net delta.", default=64, group="output",
+        minimum=1,
     )
     # token_init and stage3_train_token set up the baselines (Textual Inversion, TI+DB) that demo and the
     # benchmarks build in Python; they have no flag so that `attndb train` always runs the method.
@@ -317,7 +323,8 @@ class AttnDBConfig:
     )
     flip: bool = setting("Random horizontal flips (views cached).", default=True, group="data", resume=True)
     random_crops: int = setting(
-        "Extra random-crop views cached per image (0: center crop only).", default=0, group="data", resume=True
+        "Extra random-crop views cached per image (0: center crop only).", default=0, group="data", resume=True,
+        minimum=0,
     )
     masked_loss: bool = setting(
         "Weight the diffusion loss by a subject mask (an addition to the paper's method): from the photos' "
@@ -369,10 +376,12 @@ class AttnDBConfig:
         "dtype of the exported LoRA and embedding.", default="fp16", group="output", choices=_SAVE_DTYPES
     )
     checkpointing_steps: int = setting(
-        "Write a resumable checkpoint every N steps of a stage (0: only at stage ends).", default=0, group="output"
+        "Write a resumable checkpoint every N steps of a stage (0: only at stage ends).", default=0, group="output",
+        minimum=0,
     )
     checkpoints_total_limit: int | None = setting(
-        "Keep at most this many checkpoints (oldest pruned first; none: all).", default=None, group="output"
+        "Keep at most this many checkpoints (oldest pruned first; none: all).", default=None, group="output",
+        minimum=1,
     )
     resume: bool = setting("Continue from the newest complete checkpoint in output.", default=False, group="output")
     overwrite: bool = setting("Allow a non-empty output folder (its files replaced).", default=False, group="output")
@@ -381,7 +390,8 @@ class AttnDBConfig:
     )
     # -- logging and samples ----------------------------------------------------------------------------------
     log_every: int = setting(
-        "Read the loss back from the device every N steps (fewer host syncs).", default=10, group="logging"
+        "Read the loss back from the device every N steps (fewer host syncs).", default=10, group="logging",
+        minimum=1,
     )
     validation_prompts: tuple[str, ...] = setting(
         "Prompts for the sample grids ('{}' expands to 'TOKEN CATEGORY'; quote each); empty (the flag alone) "
@@ -392,11 +402,15 @@ class AttnDBConfig:
         default_text="background, style and colour changes",
     )
     validation_steps: int = setting(
-        "Also write a sample grid every N steps (0: only at stage ends).", default=0, group="logging"
+        "Also write a sample grid every N steps (0: only at stage ends).", default=0, group="logging",
+        minimum=0,
     )
-    validation_inference_steps: int = setting("Denoising steps of sample images.", default=25, group="logging")
+    validation_inference_steps: int = setting(
+        "Denoising steps of sample images.", default=25, group="logging", minimum=0
+    )
     validation_images: int = setting(
-        "Images per validation prompt (seeds seed, seed+1, ...): the grid's columns.", default=2, group="logging"
+        "Images per validation prompt (seeds seed, seed+1, ...): the grid's columns.", default=2, group="logging",
+        minimum=1,
     )
     validation_guidance_scale: float = setting(
         "Classifier-free guidance scale of sample images.", default=7.5, group="logging"
@@ -423,6 +437,14 @@ class AttnDBConfig:
         for name in ("model", "images", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ConfigError(f"{arg(name)} is required (got {getattr(self, name)!r}).")
+        for f in dataclasses.fields(self):  # the choices and bounds the CLI offers are the ones checked here
+            choices, minimum, value = f.metadata.get("choices"), f.metadata.get("minimum"), getattr(self, f.name)
+            unset = value is None and f.default is None  # None: the documented "not set" of the setting
+            or_none = " or None" if f.default is None else ""
+            if choices and value not in choices and not unset:
+                raise ConfigError(f"{arg(f.name)} must be {' or '.join(map(repr, choices))}{or_none}, got {value!r}.")
+            if minimum is not None and not unset and value < minimum:
+                raise ConfigError(f"{arg(f.name)} must be >= {minimum}{or_none}, got {value}.")
         if not isinstance(self.category, str):
             raise ConfigError(f"{arg('category')} must be a string such as 'dog', got {self.category!r}.")
         # An empty category is reported by trainer.check_inputs together with every other input problem.
@@ -442,49 +464,13 @@ class AttnDBConfig:
             raise ConfigError(f"{arg('masked_loss')} must be true or false, got {self.masked_loss!r}.")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise ConfigError(f"{arg('resolution')} must be a positive multiple of 8, got {self.resolution}.")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"{arg('batch_size')} must be >= 1, got {self.batch_size}.")
-        if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps < 1:
-            raise ConfigError(
-                f"{arg('gradient_accumulation_steps')} must be >= 1, "
-                f"got {self.gradient_accumulation_steps}."
-            )
-        if self.stage3_mode not in STAGE3_LEARNING_RATES:
-            raise ConfigError(f"{arg('stage3_mode')} must be 'lora' or 'full', got {self.stage3_mode!r}.")
         for name in ("stage1", "stage2"):
             if getattr(self, name).learning_rate is None:
                 raise ConfigError(f"{name}: {arg('learning_rate')} is required.")
         if self.stage3.learning_rate is None:
             self.stage3 = dataclasses.replace(self.stage3, learning_rate=STAGE3_LEARNING_RATES[self.stage3_mode])
-        if self.token_init not in TOKEN_INITS:
-            raise ConfigError(f"{arg('token_init')} must be one of {TOKEN_INITS}, got {self.token_init!r}.")
-        if self.regularizer not in _REGULARIZERS:
-            raise ConfigError(f"{arg('regularizer')} must be 'per_layer' or 'pooled', got {self.regularizer!r}.")
-        if self.mixed_precision not in _MIXED_PRECISION:
-            raise ConfigError(
-                f"{arg('mixed_precision')} must be one of {_MIXED_PRECISION}, "
-                f"got {self.mixed_precision!r}."
-            )
-        if self.save_dtype not in _SAVE_DTYPES:
-            raise ConfigError(f"{arg('save_dtype')} must be one of {_SAVE_DTYPES}, got {self.save_dtype!r}.")
-        for name in ("full_export_rank", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{arg(name)} must be >= 1, got {getattr(self, name)}.")
-        for name in ("random_crops", "checkpointing_steps", "validation_steps", "validation_inference_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{arg(name)} must be >= 0, got {getattr(self, name)}.")
-        if self.validation_images < 1:
-            raise ConfigError(f"{arg('validation_images')} must be >= 1, got {self.validation_images}.")
-        if self.report_to is not None and self.report_to not in _REPORT_TO:
-            raise ConfigError(f"{arg('report_to')} must be one of {_REPORT_TO} or None, got {self.report_to!r}.")
-        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            raise ConfigError(
-                f"{arg('checkpoints_total_limit')} must be >= 1 or None, "
-                f"got {self.checkpoints_total_limit}."
-            )
         if self.compile and self.gradient_checkpointing:
-            # Measured (tests/test_device_paths.py): the checkpointed blocks recompile per call signature and use up
-            # dynamo's recompile limit within the first forward; the rest of the run is eager.
+            # measured in tests/test_device_paths.py: the recompiles use up dynamo's limit within the first forward
             raise ConfigError(
                 f"{arg('compile')} and {arg('gradient_checkpointing')} cannot be combined: under gradient "
                 "checkpointing torch.compile recompiles the U-Net's blocks until it gives up and the run trains "
