@@ -277,7 +277,7 @@ def test_relative_links_resolve(path):
     text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
     for target in re.findall(r"\]\(([^)\s]+)\)", text):
         file = target.split("#")[0]
-        if not file or file == "docs/design.md":  # the design page is written after the refactor
+        if not file:
             continue
         assert (path.parent / file).exists(), f"{path.name}: broken link {target}"
         if "#" in target and file.endswith(".md"):
