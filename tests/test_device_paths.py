@@ -13,7 +13,8 @@ from conftest import make_config
 
 from attndb_peft.attention import AttentionStore, CrossAttnCaptureProcessor
 from attndb_peft.stages import lora_from_delta
-from attndb_peft.trainer import Trainer, TrainingDiverged, _resolve_mixed_precision
+from attndb_peft.trainer import Trainer, TrainingDiverged
+from attndb_peft.training.runtime import resolve_mixed_precision as _resolve_mixed_precision
 
 
 def _counting_backend(graphs: list):
@@ -66,7 +67,7 @@ def test_validation_samples_run_eagerly_under_compile(trained, tmp_path, monkeyp
     graphs: list = []
     trained.unet.compile(backend=_counting_backend(graphs))
     try:
-        written = write_validation_samples(trained, 3, 1, stage_end=False)
+        written = write_validation_samples(trained.sampling(), 3, 1, stage_end=False)
     finally:
         trained.unet._compiled_call_impl = None  # what nn.Module.compile set; the fixture is shared
     assert [p.name for p in written] == ["stage3-step1.png"]
@@ -101,7 +102,7 @@ def test_auto_precision_wants_native_bf16(monkeypatch, capability, expected):
 
 
 def test_prepare_probes_the_device_accelerate_gave_the_process(tiny_model, instance_dir, tmp_path, monkeypatch):
-    import attndb_peft.trainer as trainer_module
+    import attndb_peft.training.runtime as runtime_module
 
     asked = []
 
@@ -109,7 +110,7 @@ def test_prepare_probes_the_device_accelerate_gave_the_process(tiny_model, insta
         asked.append(device)
         return _resolve_mixed_precision(requested, device)
 
-    monkeypatch.setattr(trainer_module, "_resolve_mixed_precision", spy)
+    monkeypatch.setattr(runtime_module, "resolve_mixed_precision", spy)
     trainer = Trainer(make_config(tiny_model, instance_dir, tmp_path / "out"))
     trainer.prepare()
     assert asked == [trainer.accelerator.device]
