@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .attention import AttentionStore, capture_cross_attention
+from .base_model import BaseModelError, build_pipeline, check_base_model, load_base_models
 from .errors import UsageError
 
 __all__ = [
@@ -177,11 +178,6 @@ def load_pipeline(
     Raises:
         UsageError: the model or adapter cannot be found or loaded.
     """
-    import diffusers
-
-    from .base_model import BaseModelError, check_base_model, is_single_file, load_single_file
-    from .families import family_of_model
-
     info = read_adapter_config(adapter, token=hub_token) if adapter else None
     model = model or (info.base_model if info else None)
     if not model:
@@ -198,14 +194,8 @@ def load_pipeline(
     except BaseModelError as exc:
         raise UsageError(str(exc)) from None
     try:
-        if is_single_file(model):
-            pipe = load_single_file(model, model_config, torch_dtype)
-        else:
-            family = family_of_model(model, revision)  # SD 1.x/2.x or SDXL, from the model itself
-            no_checker = {} if safety_checker else family.no_safety_checker()
-            pipe = getattr(diffusers, family.pipeline_class).from_pretrained(
-                model, revision=revision, token=hub_token, **_dtype_argument(torch_dtype), **no_checker
-            )
+        models = load_base_models(model, revision, model_config, torch_dtype=torch_dtype, token=hub_token)
+        pipe = build_pipeline(models, safety_checker=safety_checker, token=hub_token)
     except Exception as exc:  # missing folder, bad id, no network: one line that names the argument
         raise UsageError(
             f"--model {model}: cannot load a Stable Diffusion pipeline ({_first_line(exc)}); give a "

@@ -282,7 +282,7 @@ def test_untrainable_unets_are_refused_before_anything_is_written(
 
     model = _model_with_unet_config(tiny_model, tmp_path, **changes)
     out = tmp_path / "out"
-    with pytest.raises(InputError, match=f"--model {model}: {message}"):
+    with pytest.raises(InputError, match=f"`model` {model}: {message}"):
         Trainer(make_config(model, instance_dir, out)).run()
     assert not out.exists()
 
@@ -292,7 +292,7 @@ def test_a_prompt_past_77_tokens_is_refused_before_anything_is_written(tiny_mode
 
     out = tmp_path / "out"
     config = dataclasses.replace(make_config(tiny_model, instance_dir, out), category=" ".join(["dog"] * 80))
-    with pytest.raises(InputError, match="--category .* is 87 tokens long, more than the text encoder's 77"):
+    with pytest.raises(InputError, match="`category` .* is 87 tokens long, more than the text encoder's 77"):
         Trainer(config).run()
     assert not out.exists()
 
@@ -302,7 +302,7 @@ def test_plain_letter_tokens_get_a_warning(tiny_model, instance_dir, tmp_path):
 
     config = make_config(tiny_model, instance_dir, tmp_path / "out", token="zwx")
     tokenizer = load_tokenizer(config)
-    assert any("--token 'zwx' is plain letters" in w for w in check_inputs(config, tokenizer))
+    assert any("`token` 'zwx' is plain letters" in w for w in check_inputs(config, tokenizer))
     tokenizer.add_tokens("zwx")  # what training does; then 'zwxy' holds the concept token too
     assert tokenizer.convert_tokens_to_ids("zwx") in tokenizer("a zwxy dog").input_ids
     config = make_config(tiny_model, instance_dir, tmp_path / "out")
