@@ -1,5 +1,5 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
-"""The paths a plain CPU run does not take (issue 14), exercised on the CPU: `--compile` (dynamo with a counting
+"""The paths a plain CPU run does not take, exercised on the CPU: `--compile` (dynamo with a counting
 backend), the `auto` precision choice (monkeypatched CUDA device queries), the full fine-tune's SVD export and
 fp16 attention scores."""
 
