@@ -36,15 +36,15 @@ from .base_model import BaseModelError, BaseModels, build_pipeline, check_base_m
 from .config import AttnDBConfig
 from .errors import RunError
 from .export import export_adapter
-from .families import Conditioning, native_resolution
+from .families import native_resolution
 from .hub import check_repo_id, push_to_hub
 from .reporting import SampleSource, format_run_summary, tracker_config, write_validation_samples
 from .stages import STAGE_NAMES, ConceptSplice, ConceptToken, add_concept_tokens
 from .training import resume as resume_lib
 from .training.cache import build_latent_cache
-from .training.inputs import InputError, check_inputs, load_tokenizer, resolve_model_defaults
+from .training.inputs import InputError, check_inputs, load_tokenizer, resolve_model_defaults, warn_resolution
 from .training.resume import ResumePoint
-from .training.runtime import PROCESS_GROUP_TIMEOUT, Runtime, start_runtime
+from .training.runtime import PROCESS_GROUP_TIMEOUT, Runtime, out_of_memory_message, start_runtime
 from .training.stage_kinds import Stage, make_stage
 from .training.step import (
     SKIPPED_STEPS_WARNING,
@@ -53,6 +53,8 @@ from .training.step import (
     TrainStep,
     check_finite,
     data_parallel_unet,
+    encode_prompt,
+    offload_frozen,
     view_schedule,
 )
 
@@ -183,16 +185,7 @@ class Trainer:
         try:
             return self._run()
         except torch.cuda.OutOfMemoryError as exc:
-            cfg = self.config
-            raise OutOfMemory(
-                f"CUDA ran out of memory (batch size {cfg.batch_size}, {cfg.resolution} px, gradient checkpointing "
-                f"{'on' if cfg.gradient_checkpointing else 'off'}, stage 3 {cfg.stage3_mode}). Reduce memory with "
-                "--gradient-checkpointing --offload-frozen (the low-memory setting), a smaller --batch-size (e.g. "
-                f"{max(cfg.batch_size // 2, 1)}), a lower "
-                "--resolution, or --stage3 lora instead of full. Checkpoints written so far are kept: add "
-                "--gradient-checkpointing and --resume to continue (batch size and resolution must stay the same "
-                "to resume; changing them needs --overwrite)."
-            ) from exc
+            raise OutOfMemory(out_of_memory_message(self.config)) from exc
 
     def _run(self) -> TrainResult:
         point = self.prepare()
@@ -251,7 +244,7 @@ class Trainer:
         if acc.log_with:
             acc.init_trackers("attndb", config=tracker_config(cfg))
         self.latents, self.num_images = build_latent_cache(cfg, self.family, self.vae)
-        self._offload_frozen(keep_text_encoder=True)
+        offload_frozen(self.models, self.device, cfg, keep_text_encoder=True)
         return point
 
     def _load_models(self) -> None:
@@ -267,15 +260,8 @@ class Trainer:
             model.requires_grad_(False)
             model.to(self.device)
         self.config = cfg = resolve_model_defaults(cfg, {}, models.unet, models.vae, announce=is_main)
-        native = native_resolution(models.unet.config, models.vae.config)
-        if cfg.resolution != native and is_main:
-            logger.warning(
-                "--resolution %d: %s generates at %d px (e.g. SD 2.1 at 768, SD 2.1-base at 512); training at "
-                "another size usually makes the concept worse at the model's own size. Pass --resolution %d unless "
-                "you mean it.",
-                cfg.resolution, cfg.model, native, native,
-            )
         if is_main:
+            warn_resolution(cfg, native_resolution(models.unet.config, models.vae.config))
             resume_lib.warn_full_checkpoint_disk_use(cfg, models.unet)
         if cfg.gradient_checkpointing:
             models.unet.enable_gradient_checkpointing()
@@ -390,8 +376,8 @@ class Trainer:
         stage_cfg = self.config.stages[stage - 1]
         use_regularizer = stage_cfg.lambda_mu > 0 or stage_cfg.lambda_var > 0
         encodes = self.stage.encodes_prompt
-        cached_states = None if encodes else self._encode_prompt()
-        self._offload_frozen(keep_text_encoder=encodes)
+        cached_states = None if encodes else encode_prompt(self.models, self.prompt_ids, self.runtime, self.config)
+        offload_frozen(self.models, self.device, self.config, keep_text_encoder=encodes)
         store = AttentionStore()
         splice = self.splice if encodes else nullcontext()
         capture = (
@@ -426,24 +412,6 @@ class Trainer:
         lr = self.lr_scheduler.get_last_lr()[0]
         values = {f"stage{stage}/loss": loss, f"stage{stage}/regularizer": reg, f"stage{stage}/lr": lr}
         self.accelerator.log(values, step=sum(s.steps for s in self.config.stages[: stage - 1]) + step)
-
-    def _encode_prompt(self) -> Conditioning:
-        """The prompt's U-Net conditioning, once per stage when the stage keeps the text side frozen."""
-        for encoder in self.text_encoders:
-            encoder.to(self.device)  # back from the CPU with offload_frozen; a no-op otherwise
-        with torch.no_grad(), self.accelerator.autocast():
-            cond = self.family.encode(self.text_encoders, self.prompt_ids, self.config.resolution)
-        added = None if cond.added is None else {k: v.to(self.weight_dtype) for k, v in cond.added.items()}
-        return Conditioning(cond.states.to(self.weight_dtype), added)
-
-    def _offload_frozen(self, keep_text_encoder: bool) -> None:
-        """With `offload_frozen`, move the frozen models the loop does not run to the CPU: the VAE always (the
-        latents are cached), the text encoders unless the stage encodes through them."""
-        if not self.config.offload_frozen:
-            return
-        self.vae.to("cpu")
-        for encoder in self.text_encoders:
-            encoder.to(self.device if keep_text_encoder else "cpu")
 
     # ------------------------------------------------------------------------------------ checkpoints, samples
     def save_checkpoint(self, stage: int, step: int) -> None:

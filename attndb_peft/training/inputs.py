@@ -22,7 +22,7 @@ from ..errors import UsageError, arg
 from ..families import SD, family_of_unet_config, native_resolution
 from ..reporting import check_report_to
 
-__all__ = ["InputError", "check_inputs", "load_tokenizer", "resolve_model_defaults"]
+__all__ = ["InputError", "check_inputs", "load_tokenizer", "resolve_model_defaults", "warn_resolution"]
 
 logger = logging.getLogger(__name__)
 
@@ -234,4 +234,18 @@ def _announce_defaults(config: AttnDBConfig, resolved: AttnDBConfig, family: str
             resolved.gradient_accumulation_steps,
             "on" if resolved.gradient_checkpointing else "off",
             family,
+        )
+
+
+def warn_resolution(config: AttnDBConfig, native: int) -> None:
+    """Warn when the run trains at another size than the base model's own (`native`)."""
+    if config.resolution != native:
+        logger.warning(
+            "--resolution %d: %s generates at %d px (e.g. SD 2.1 at 768, SD 2.1-base at 512); training at "
+            "another size usually makes the concept worse at the model's own size. Pass --resolution %d unless "
+            "you mean it.",
+            config.resolution,
+            config.model,
+            native,
+            native,
         )

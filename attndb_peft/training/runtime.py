@@ -12,7 +12,7 @@ import torch
 
 from ..reporting import trackers_for
 
-__all__ = ["PROCESS_GROUP_TIMEOUT", "Runtime", "resolve_mixed_precision", "start_runtime"]
+__all__ = ["PROCESS_GROUP_TIMEOUT", "Runtime", "out_of_memory_message", "resolve_mixed_precision", "start_runtime"]
 
 #: How long a process waits in a collective (e.g. a barrier) before the run is aborted. NCCL's default, 10
 #: minutes, is shorter than what the main process may spend alone: writing a stage-3 full checkpoint (~10 GiB)
@@ -86,3 +86,17 @@ def start_runtime(mixed_precision: str, output: str | Path | None = None, report
             project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(Path(output) / "logs")),
         )
     return Runtime(accelerator, precision, accelerator.device, _weight_dtype(precision))
+
+
+def out_of_memory_message(config) -> str:
+    """What a run that ran out of GPU memory says: its memory-relevant settings and what reduces memory."""
+    cfg = config
+    return (
+        f"CUDA ran out of memory (batch size {cfg.batch_size}, {cfg.resolution} px, gradient checkpointing "
+        f"{'on' if cfg.gradient_checkpointing else 'off'}, stage 3 {cfg.stage3_mode}). Reduce memory with "
+        "--gradient-checkpointing --offload-frozen (the low-memory setting), a smaller --batch-size (e.g. "
+        f"{max(cfg.batch_size // 2, 1)}), a lower "
+        "--resolution, or --stage3 lora instead of full. Checkpoints written so far are kept: add "
+        "--gradient-checkpointing and --resume to continue (batch size and resolution must stay the same "
+        "to resume; changing them needs --overwrite)."
+    )

@@ -33,6 +33,8 @@ __all__ = [
     "TrainingDiverged",
     "check_finite",
     "data_parallel_unet",
+    "encode_prompt",
+    "offload_frozen",
     "view_schedule",
 ]
 
@@ -93,6 +95,27 @@ def data_parallel_unet(unet, runtime: Runtime, wrap: bool):
         init_sync=False,
         gradient_as_bucket_view=True,
     )
+
+
+def encode_prompt(models, prompt_ids: list, runtime: Runtime, config: AttnDBConfig) -> Conditioning:
+    """The prompt's U-Net conditioning, once per stage when the stage keeps the text side frozen."""
+    for encoder in models.text_encoders:
+        encoder.to(runtime.device)  # back from the CPU with offload_frozen; a no-op otherwise
+    with torch.no_grad(), runtime.accelerator.autocast():
+        cond = models.family.encode(models.text_encoders, prompt_ids, config.resolution)
+    dtype = runtime.weight_dtype
+    added = None if cond.added is None else {k: v.to(dtype) for k, v in cond.added.items()}
+    return Conditioning(cond.states.to(dtype), added)
+
+
+def offload_frozen(models, device: torch.device, config: AttnDBConfig, keep_text_encoder: bool) -> None:
+    """With `offload_frozen`, move the frozen models the loop does not run to the CPU: the VAE always (the
+    latents are cached), the text encoders unless the stage encodes through them."""
+    if not config.offload_frozen:
+        return
+    models.vae.to("cpu")
+    for encoder in models.text_encoders:
+        encoder.to(device if keep_text_encoder else "cpu")
 
 
 @dataclass
