@@ -1,5 +1,7 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
-"""The base model: which Stable Diffusion models are known, where `--model` points, and one-line errors.
+"""The base model: which Stable Diffusion models are known, where `--model` points, one-line errors, and the one
+loader of its pieces (`load_base_models`, for training and inference alike) and of its pipeline over them
+(`build_pipeline`).
 
 `--model` may be a local diffusers folder, a Hub repo id, or a single `.safetensors` checkpoint (with
 `--model-config` naming a diffusers folder or Hub id of the same architecture). Some well-known ids have moved:

@@ -34,6 +34,7 @@ from .adapter_format import ADAPTER_FILES
 from .attention import AttentionStore, capture_cross_attention
 from .base_model import BaseModelError, BaseModels, build_pipeline, check_base_model, load_base_models
 from .config import AttnDBConfig
+from .data import LatentCache
 from .errors import RunError
 from .export import export_adapter
 from .families import native_resolution
@@ -145,7 +146,7 @@ class Trainer:
         self.concept: ConceptToken | None = None  # the token's ids (first tokenizer)
         self.splice: ConceptSplice | None = None  # the token's trainable vector(s)
         self.prompt_ids: list[torch.Tensor] = []  # the prompt in each tokenizer
-        self.latents = None  # the latent cache (`training.cache`)
+        self.latents: LatentCache | None = None  # every view's latents (`training.cache`)
         self.num_images = 0
         self.stage: Stage | None = None  # the stage built last
         self.optimizer = self.lr_scheduler = self.generator = None  # the current stage's (`make_optimizer`)
