@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .errors import UsageError, arg
+from .errors import UsageError, arg, first_line
 
 __all__ = [
     "ADAPTER_FILES",
@@ -56,7 +56,6 @@ __all__ = [
     "adapter_name_for_token",
     "check_format_version",
     "config_record",
-    "first_line",
     "header_metadata",
     "locate_adapter_files",
     "looks_like_repo_id",
@@ -128,12 +127,6 @@ def adapter_name_for_token(token: str) -> str:
     dots; other characters outside `[A-Za-z0-9_-]` become `-`). The model card's snippets use it too."""
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", token).strip("-")
     return name or "attndb"
-
-
-def first_line(exc: BaseException) -> str:
-    """`Type: first line of the message`: library messages can run for many lines; the CLI prints one."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------- writing

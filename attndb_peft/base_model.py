@@ -1,5 +1,7 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
-"""The base model: which Stable Diffusion models are known, where `--model` points, and one-line errors.
+"""The base model: which Stable Diffusion models are known, where `--model` points, one-line errors, and the one
+loader of its pieces (`load_base_models`, for training and inference alike) and of its pipeline over them
+(`build_pipeline`).
 
 `--model` may be a local diffusers folder, a Hub repo id, or a single `.safetensors` checkpoint (with
 `--model-config` naming a diffusers folder or Hub id of the same architecture). Some well-known ids have moved:
@@ -11,11 +13,16 @@ one cannot be found, the error names its replacement.
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .errors import UsageError
+import torch
+
+from .errors import UsageError, first_line
+from .families import ModelFamily, family_of_model, family_of_pipeline, family_of_unet_config
 
 __all__ = [
     "DEFAULT_BASE_MODEL",
@@ -23,11 +30,14 @@ __all__ = [
     "SD15_BASE_MODEL",
     "SDXL_BASE_MODEL",
     "BaseModelError",
+    "BaseModels",
     "KnownBaseModel",
+    "build_pipeline",
     "check_base_model",
     "config_source",
     "is_single_file",
     "known_base_model",
+    "load_base_models",
     "load_single_file",
     "load_tokenizer",
 ]
@@ -92,11 +102,6 @@ def _instead(model: str) -> str:
     return f"check the spelling, or use {_WHAT_TO_DO}"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
 def is_single_file(model: str | None) -> bool:
     """Whether `model` is a single-file checkpoint (one `.safetensors` file in the original Stable Diffusion
     layout, as A1111/ComfyUI keep them) rather than a diffusers folder or Hub id."""
@@ -114,8 +119,6 @@ def load_single_file(model: str, model_config: str, torch_dtype=None):
     for SD 1.x/2.x files, a `StableDiffusionXLPipeline` for SDXL ones (the family of `model_config`, a diffusers
     folder or Hub id of the same architecture, which also gives the component configs, tokenizers and scheduler)."""
     import diffusers
-
-    from .families import family_of_model
 
     family = family_of_model(model_config)
     kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
@@ -207,7 +210,7 @@ def check_base_model(
     except HFValidationError:
         raise BaseModelError(f"{argument} {model}: no such folder, and not a Hub repo id ('user/name').") from None
     except Exception as exc:  # network trouble and the like: still one line
-        raise BaseModelError(f"{argument} {model}: cannot reach it on the Hub ({_first_line(exc)}).") from None
+        raise BaseModelError(f"{argument} {model}: cannot reach it on the Hub ({first_line(exc)}).") from None
 
 
 def load_tokenizer(model: str, revision: str | None = None, model_config: str | None = None):
@@ -215,3 +218,146 @@ def load_tokenizer(model: str, revision: str | None = None, model_config: str | 
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(config_source(model, model_config), subfolder="tokenizer", revision=revision)
+
+
+@dataclass
+class BaseModels:
+    """The pieces of a base model that attndb trains and samples with, whatever it was loaded from.
+
+    Attributes:
+        family (`ModelFamily`): SD 1.x/2.x or SDXL (`families.py`), which names the pieces below.
+        tokenizers (`list`): the family's tokenizers in its order (SD one, SDXL two).
+        text_encoders (`list`): the matching text encoders.
+        vae (`AutoencoderKL`): the VAE.
+        unet (`UNet2DConditionModel`): the U-Net.
+        noise_scheduler (`DDPMScheduler`): the training noise schedule (the base model's scheduler config).
+        source (`str`): where configs come from (`config_source`): the inference scheduler, pipeline class.
+        revision (`str`, *optional*): the Hub revision of `source`.
+    """
+
+    family: ModelFamily
+    tokenizers: list
+    text_encoders: list
+    vae: Any
+    unet: Any
+    noise_scheduler: Any
+    source: str
+    revision: str | None = None
+
+    @property
+    def tokenizer(self):
+        """The first tokenizer under its pipeline name (SD's only one)."""
+        return self.tokenizers[0]
+
+    @property
+    def text_encoder(self):
+        """The first text encoder under its pipeline name (SD's only one)."""
+        return self.text_encoders[0]
+
+
+def load_base_models(
+    model: str,
+    revision: str | None = None,
+    model_config: str | None = None,
+    *,
+    torch_dtype: torch.dtype | None = None,
+    variant: str | None = None,
+    components: dict | None = None,
+    token: str | None = None,
+) -> BaseModels:
+    """Load a base model's pieces from a diffusers folder, a Hub id or a single `.safetensors` file, or take them
+    from `components` (models already in memory, keyed like a pipeline's `components`).
+
+    Args:
+        model (`str`): the `--model` value (with `components`, only their name).
+        revision (`str`, *optional*): the Hub revision.
+        model_config (`str`, *optional*): with a single file, the diffusers folder or Hub id of its architecture.
+        torch_dtype (`torch.dtype`, *optional*): the dtype of the text encoders, VAE and U-Net.
+        variant (`str`, *optional*): the weights' variant (e.g. `"fp16"`), for folders and Hub ids.
+        components (`dict`, *optional*): in-memory models, used as they are (cast to `torch_dtype`).
+        token (`str`, *optional*): a Hub access token.
+
+    Returns:
+        `BaseModels`: the loaded pieces, the noise scheduler built from the model's scheduler config.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    hub = {"revision": revision} if token is None else {"revision": revision, "token": token}
+    source = config_source(model, model_config)
+    if components is not None:
+        family = family_of_unet_config(components["unet"].config)
+        cast = {} if torch_dtype is None else {"dtype": torch_dtype}
+        tokenizers = [components[name] for name in family.tokenizers]
+        text_encoders = [components[name].to(**cast) for name in family.text_encoders]
+        vae = components["vae"]
+        unet = components["unet"].to(**cast)
+        vae.to(**cast)
+        scheduler = DDPMScheduler.from_config(components["scheduler"].config)
+    elif is_single_file(model):
+        pipe = load_single_file(model, model_config, torch_dtype)
+        family = family_of_pipeline(pipe)
+        tokenizers, text_encoders = (list(t) for t in zip(*family.components(pipe)))
+        vae, unet = pipe.vae, pipe.unet
+        scheduler = DDPMScheduler.from_pretrained(model_config, subfolder="scheduler", **hub)
+    else:
+        import transformers
+
+        # What the family's pipeline holds: SD one tokenizer/encoder pair, SDXL two (families.py).
+        family = family_of_model(model, revision)
+        weights = {"variant": variant, "torch_dtype": torch_dtype, **hub}
+        tokenizers = [load_tokenizer(model, revision, model_config)] + [
+            CLIPTokenizer.from_pretrained(model, subfolder=name, **hub) for name in family.tokenizers[1:]
+        ]
+        text_encoders = [
+            getattr(transformers, cls).from_pretrained(model, subfolder=name, **weights)
+            for name, cls in zip(family.text_encoders, family.text_encoder_classes)
+        ]
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **weights)
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", **weights)
+        scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", **hub)
+    return BaseModels(family, tokenizers, text_encoders, vae, unet, scheduler, source, revision)
+
+
+#: The pipeline components that only screen outputs (SD 1.x ships them); `safety_checker=True` keeps them.
+_CHECKER_COMPONENTS = ("safety_checker", "feature_extractor")
+
+
+def build_pipeline(models: BaseModels, safety_checker: bool = False, token: str | None = None):
+    """The family's pipeline (`StableDiffusionPipeline` or `StableDiffusionXLPipeline`) over `models`, with the
+    base model's own inference scheduler (the class its `model_index.json` names).
+
+    Args:
+        models (`BaseModels`): the pieces, used as they are (no copy).
+        safety_checker (`bool`): load the model's own safety checker and its image processor, when it has them;
+            by default they are left out.
+        token (`str`, *optional*): a Hub access token.
+    """
+    import diffusers
+
+    hub = {"revision": models.revision} if token is None else {"revision": models.revision, "token": token}
+    family = models.family
+    pipeline_class = getattr(diffusers, family.pipeline_class)
+    index = pipeline_class.load_config(models.source, **hub)
+    _, scheduler_class = index["scheduler"]
+    scheduler = getattr(diffusers, scheduler_class).from_pretrained(models.source, subfolder="scheduler", **hub)
+    extras = family.no_safety_checker()
+    if safety_checker and extras:
+        extras = {}
+        for name in _CHECKER_COMPONENTS:
+            library, class_name = index.get(name) or (None, None)
+            if class_name is None:
+                extras[name] = None
+                continue
+            # model_index.json names diffusers' own pipeline modules by their short name ("stable_diffusion")
+            module = library if library in ("diffusers", "transformers") else f"diffusers.pipelines.{library}"
+            extras[name] = getattr(importlib.import_module(module), class_name).from_pretrained(
+                models.source, subfolder=name, **hub
+            )
+        present = extras["safety_checker"] is not None
+        extras["requires_safety_checker"] = present and index.get("requires_safety_checker", True)
+    text = {
+        **dict(zip(family.tokenizers, models.tokenizers)),
+        **dict(zip(family.text_encoders, models.text_encoders)),
+    }
+    return pipeline_class(vae=models.vae, unet=models.unet, scheduler=scheduler, **text, **extras)

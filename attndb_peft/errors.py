@@ -15,7 +15,7 @@ both without the library knowing about flags.
 
 from __future__ import annotations
 
-__all__ = ["AttnDBError", "RunError", "UsageError", "arg"]
+__all__ = ["AttnDBError", "RunError", "UsageError", "arg", "first_line"]
 
 
 class AttnDBError(Exception):
@@ -42,3 +42,9 @@ def arg(name: str) -> str:
     """How a message names the setting or argument `name`: `` `name` `` for Python callers; the CLI replaces it
     with the option that sets it (`--name`)."""
     return f"`{name}`"
+
+
+def first_line(exc: BaseException) -> str:
+    """`Type: first line of the message`: library messages can run for many lines; a one-line error shows this."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

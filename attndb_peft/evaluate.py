@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .adapter_format import AdapterInfo, first_line, package_versions
+from .adapter_format import AdapterInfo, package_versions
 from .data import load_image, scan_image_folder
-from .errors import UsageError, arg
+from .errors import UsageError, arg, first_line
 from .inference import expand_prompt, generate_images, resolve_device
 from .visualize import image_grid
 

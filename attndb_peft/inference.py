@@ -25,9 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .adapter_format import AdapterInfo, first_line, package_versions, read_adapter_config
+from .adapter_format import AdapterInfo, package_versions, read_adapter_config
 from .attention import AttentionStore, capture_cross_attention
-from .errors import UsageError, arg
+from .base_model import BaseModelError, build_pipeline, check_base_model, load_base_models
+from .errors import UsageError, arg, first_line
+from .loading import AdapterError, load_attndb
 from .visualize import attention_figure
 
 # AdapterInfo and read_adapter_config are the adapter contract's (adapter_format.py), UsageError the error family's
@@ -55,7 +57,6 @@ PLACEHOLDER = "{}"
 
 
 # The name load_pipeline's messages use for `first_line`.
-_first_line = first_line
 
 
 def expand_prompt(prompt: str, token: str | None, category: str | None) -> str:
@@ -122,61 +123,41 @@ def load_pipeline(
     Raises:
         UsageError: the model or adapter cannot be found or loaded.
     """
-    import diffusers
-
-    from .base_model import BaseModelError, check_base_model, is_single_file, load_single_file
-    from .families import family_of_model
-
     info = read_adapter_config(adapter, token=hub_token) if adapter else None
     model = model or (info.base_model if info else None)
     if not model:
-        raise UsageError("--model is required (or give --adapter, whose attndb_config.json names its base model).")
+        raise UsageError(
+            f"{arg('model')} is required (or give {arg('adapter')}, whose attndb_config.json names its base model)."
+        )
     target = resolve_device(device)
     if dtype == "auto":
         torch_dtype = torch.float16 if target.type == "cuda" else torch.float32
     elif dtype in _DTYPES:
         torch_dtype = _DTYPES[dtype]
     else:
-        raise UsageError(f"--dtype {dtype!r}: choose auto, fp32, fp16 or bf16.")
+        raise UsageError(f"{arg('dtype')} {dtype!r}: choose auto, fp32, fp16 or bf16.")
     try:
         check_base_model(model, revision, model_config=model_config)
     except BaseModelError as exc:
         raise UsageError(str(exc)) from None
     try:
-        if is_single_file(model):
-            pipe = load_single_file(model, model_config, torch_dtype)
-        else:
-            family = family_of_model(model, revision)  # SD 1.x/2.x or SDXL, from the model itself
-            no_checker = {} if safety_checker else family.no_safety_checker()
-            pipe = getattr(diffusers, family.pipeline_class).from_pretrained(
-                model, revision=revision, token=hub_token, **_dtype_argument(torch_dtype), **no_checker
-            )
+        models = load_base_models(model, revision, model_config, torch_dtype=torch_dtype, token=hub_token)
+        pipe = build_pipeline(models, safety_checker=safety_checker, token=hub_token)
     except Exception as exc:  # missing folder, bad id, no network: one line that names the argument
         raise UsageError(
-            f"--model {model}: cannot load a Stable Diffusion pipeline ({_first_line(exc)}); give a "
+            f"{arg('model')} {model}: cannot load a Stable Diffusion pipeline ({first_line(exc)}); give a "
             "diffusers model folder or a Hub id (online, or cached for offline use)."
         ) from None
     pipe = pipe.to(target)
     pipe.set_progress_bar_config(disable=True)
     if info is not None:
-        from .loading import AdapterError, load_attndb
-
         try:
             info.token = load_attndb(
                 pipe, adapter, weight=lora_scale, **({"hf_token": hub_token} if hub_token else {})
             )
         except AdapterError as exc:
-            raise UsageError(f"--adapter {adapter}: {exc}") from None
+            raise UsageError(f"{arg('adapter')} {adapter}: {exc}") from None
     return pipe, info
-
-
-def _dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """diffusers >= 0.36 takes `dtype=` and warns on the older `torch_dtype=`; older versions know only the latter."""
-    try:
-        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (present where `dtype=` is)
-    except ImportError:
-        return {"torch_dtype": dtype}
-    return {"dtype": dtype}
 
 
 def _generators(seed: int, count: int) -> list[torch.Generator]:

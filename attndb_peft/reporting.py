@@ -17,14 +17,22 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .errors import arg
+from .inference import expand_prompt, generate_images, token_attention_maps
+from .stages import STAGE_NAMES
+from .visualize import attention_figure, image_grid
+
 __all__ = [
     "SAMPLES_DIR",
+    "SampleSource",
     "check_report_to",
     "format_run_summary",
     "peak_memory",
@@ -46,11 +54,11 @@ def check_report_to(report_to: str | None) -> str | None:
 
     available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
     if report_to not in available:
-        return f"--report-to {report_to!r}: choose one of {', '.join(available)}."
+        return f"{arg('report_to')} {report_to!r}: choose one of {', '.join(available)}."
     if not available[report_to]():
         return (
-            f"--report-to {report_to}: the {report_to} package is not installed; run pip install {report_to} "
-            f"(or pip install 'attndb_peft[{report_to}]'), or leave out --report-to."
+            f"{arg('report_to')} {report_to}: the {report_to} package is not installed; run pip install "
+            f"{report_to} (or pip install 'attndb_peft[{report_to}]'), or leave out {arg('report_to')}."
         )
     return None
 
@@ -97,7 +105,7 @@ def format_run_summary(result, stage_names: dict[int, str], device: torch.device
     """A few lines for the end of `train`: time per stage, time spent on samples, peak memory, files written."""
     out = Path(result.output_dir)
     lines = [f"Run summary ({out}):"]
-    if getattr(result, "batch", ""):
+    if result.batch:
         lines.append(f"  batch: {result.batch}")
     for stage, seconds in sorted(result.stage_seconds.items()):
         lines.append(f"  stage {stage} {stage_names.get(stage, '')}: {seconds:.1f} s")
@@ -126,28 +134,49 @@ def _eager(compiled: bool):
     return set_stance("force_eager") if compiled and set_stance is not None else nullcontext()
 
 
-def write_validation_samples(trainer, stage: int, step: int, stage_end: bool) -> list[Path]:
+@dataclass
+class SampleSource:
+    """What sampling during training reads: the run's settings and the models being trained.
+
+    Attributes:
+        config (`AttnDBConfig`): the run's settings (prompts, seeds, resolution, `compile`).
+        output_dir (`Path`): the run's output folder (pictures go to its `samples/`).
+        unet: the U-Net being trained.
+        frozen (`list`): the frozen models sampling runs (VAE and text encoders); they may sit on the CPU.
+        device (`torch.device`): where sampling runs.
+        autocast (`Callable`): the run's autocast context (`Accelerator.autocast`).
+        pipeline (`Callable`): builds the family's pipeline over the models being trained.
+        card_samples (`list`): filled after stage 3 with `(prompt, path in OUT)` for the model card.
+    """
+
+    config: Any
+    output_dir: Path
+    unet: Any
+    frozen: list
+    device: torch.device
+    autocast: Callable
+    pipeline: Callable
+    card_samples: list = field(default_factory=list)
+
+
+def write_validation_samples(source: SampleSource, stage: int, step: int, stage_end: bool) -> list[Path]:
     """Write the sample grid of the validation prompts (fixed seeds) for `stage`/`step` under `OUT/samples/`;
     at a stage end also the first prompt's attention figure, and after stage 3 one picture per prompt for the
-    model card (`trainer.result.card_samples`).
+    model card (`source.card_samples`, replaced).
 
-    Runs on the main process over the models being trained (`Trainer.pipeline()`): the U-Net is put in eval
+    Runs on the main process over the models being trained (`source.pipeline()`): the U-Net is put in eval
     mode and its attention processors (the training capture, mid-stage), train mode and the frozen models'
     devices are restored afterwards; the global RNG is forked so sampling does not change training randomness.
-    With `--compile`, sampling runs eagerly (`torch.compiler.set_stance("force_eager")`): its eval-mode, no-grad
+    With `compile`, sampling runs eagerly (`torch.compiler.set_stance("force_eager")`): its eval-mode, no-grad
     forwards at another batch size would otherwise each add a compiled graph and use up dynamo's recompile limit,
     after which the training steps would run uncompiled.
 
     Returns:
         `list[Path]`: the pictures written.
     """
-    from .inference import expand_prompt, generate_images, token_attention_maps
-    from .stages import STAGE_NAMES
-    from .visualize import attention_figure, image_grid
-
-    cfg = trainer.config
+    cfg = source.config
     prompts = [expand_prompt(p, cfg.token, cfg.category) for p in cfg.validation_prompts]
-    folder = trainer.output_dir / SAMPLES_DIR
+    folder = source.output_dir / SAMPLES_DIR
     folder.mkdir(parents=True, exist_ok=True)
     size = cfg.resolution
     settings = dict(
@@ -157,19 +186,18 @@ def write_validation_samples(trainer, stage: int, step: int, stage_end: bool) ->
         height=size,
         width=size,
     )
-    unet = trainer.unet
+    unet = source.unet
     processors, was_training = unet.attn_processors, unet.training
     # Frozen models may sit on the CPU during a stage (memory offloading); sampling needs them on the device.
-    text_encoders = getattr(trainer, "text_encoders", [trainer.text_encoder])  # SDXL has two
-    frozen = {model: next(model.parameters()).device for model in (trainer.vae, *text_encoders)}
-    devices = [trainer.device] if trainer.device.type == "cuda" else []
+    frozen = {model: next(model.parameters()).device for model in source.frozen}
+    devices = [source.device] if source.device.type == "cuda" else []
     written: list[Path] = []
     unet.eval()
     for model in frozen:
-        model.to(trainer.device)
+        model.to(source.device)
     try:
-        with torch.random.fork_rng(devices=devices), trainer.accelerator.autocast(), _eager(trainer.config.compile):
-            pipe = trainer.pipeline()
+        with torch.random.fork_rng(devices=devices), source.autocast(), _eager(cfg.compile):
+            pipe = source.pipeline()
             pipe.set_progress_bar_config(disable=True)
             rows = [generate_images(pipe, prompt, cfg.validation_images, **settings) for prompt in prompts]
             title = f"stage {stage}/3 ({STAGE_NAMES[stage]}), step {step}"
@@ -183,12 +211,12 @@ def write_validation_samples(trainer, stage: int, step: int, stage_end: bool) ->
                 attention_figure(maps.image, maps.maps, maps.labels, title=f"{title}: {prompts[0]}").save(path)
                 written.append(path)
             if stage_end and stage == 3:
-                trainer.result.card_samples = []
+                source.card_samples.clear()
                 for i, (prompt, row) in enumerate(zip(prompts, rows)):
                     path = folder / f"final-{i:02d}.png"
                     image_grid([row], row_labels=[prompt]).save(path)
                     written.append(path)
-                    trainer.result.card_samples.append((prompt, f"{SAMPLES_DIR}/{path.name}"))
+                    source.card_samples.append((prompt, f"{SAMPLES_DIR}/{path.name}"))
     finally:
         unet.set_attn_processor(processors)
         unet.train(was_training)

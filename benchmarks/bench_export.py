@@ -4,8 +4,8 @@
 The deltas are random (seeded) and shaped like SD2.1-base's 282 linear/conv weights (the U-Net is built on the
 `meta` device, so nothing is downloaded and no memory is spent on it); one delta exists at a time. Methods:
 
-- `before`: what the exporter did before issue 14: a full `torch.linalg.svd` of the `[out, in * k * k]`
-  matrix as it comes (wide for most 3x3 convs).
+- `before`: what the exporter did before it factorized in the tall orientation: a full `torch.linalg.svd` of
+  the `[out, in * k * k]` matrix as it comes (wide for most 3x3 convs).
 - `exact`: `lora_from_delta(method="exact")`, the default: the same SVD in the tall orientation.
 - `randomized`: `lora_from_delta(method="randomized")`: randomized subspace iteration.
 
@@ -52,7 +52,7 @@ def delta_shapes() -> list[tuple[str, tuple[int, ...]]]:
 
 
 def factorize_before(delta: torch.Tensor, rank: int) -> float:
-    """The export before issue 14: full SVD of the matrix in its own orientation. Returns the energy kept."""
+    """The earlier export: full SVD of the matrix in its own orientation. Returns the energy kept."""
     matrix = delta.float().reshape(delta.shape[0], -1)
     _, s, _ = torch.linalg.svd(matrix, full_matrices=False)
     return float(s[:rank].square().sum() / s.square().sum())

@@ -19,14 +19,13 @@ Paths timed (sections, `--only` picks some):
 - `floor`: a plain U-Net step, no capture, SDPA everywhere, same shapes: frozen weights in the autocast dtype
   with gradients to the encoder states only (stages 1-2 floor), and a full fine-tune (fp32 weights, bf16
   autocast, fused AdamW; stage 3 floor).
-- `reference`: the "reference-like" path of the team's reference measurement (design.md, performance table):
+- `reference`: the "reference-like" path, what the published AttnDreamBooth code does per step:
   fp32 weights with fp16 autocast and a grad scaler, a naive attention processor on every layer that keeps the
   full 77-token cross-attention maps, VAE and text encoder every step, full-weight training of attn2 (stage 2)
   and the whole U-Net (stage 3), unfused AdamW.
 - `adapter`: injects the default stage-2 and stage-3 LoRAs (random values) into the U-Net, writes the adapter
   folder with the real `export_adapter`, and times loading it into a pipeline on the CPU with
-  `attndb_peft.loading.load_attndb` (or, where that module does not exist yet, the stock
-  `load_textual_inversion` + `load_lora_weights` calls it wraps).
+  `attndb_peft.loading.load_attndb`.
 - `flops`: the FLOPs of one U-Net training step per stage (and of a forward pass), counted with torch's
   `FlopCounterMode` on the meta device, so it runs anywhere in seconds; next to the timed sections, the achieved
   TFLOP/s.
@@ -54,8 +53,34 @@ import time
 import warnings
 from pathlib import Path
 
+# before anything imports huggingface_hub, which reads it once: the random-weight models need no download
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import torch
 import torch.nn.functional as F
+
+from attndb_peft.attention import AttentionStore, CrossAttnCaptureProcessor
+from attndb_peft.config import AttnDBConfig
+from attndb_peft.export import export_adapter
+from attndb_peft.families import family_of_unet_config, native_resolution
+from attndb_peft.loading import load_attndb, unload_attndb
+from attndb_peft.stages import (
+    ADAPTER_STAGE2,
+    ADAPTER_STAGE3,
+    STAGE2_TARGET_MODULES,
+    STAGE3_TARGET_MODULES,
+    add_lora,
+    combine_loras,
+    lora_factors,
+)
+from attndb_peft.testing import (
+    build_tiny_pipeline,
+    build_tiny_sdxl_pipeline,
+    make_instance_images,
+    tiny_clip_tokenizer,
+)
+from attndb_peft.trainer import Trainer
+from attndb_peft.training.runtime import resolve_mixed_precision
 
 RECIPE_STEPS = (60, 100, 500)  # the paper's steps of stages 1, 2, 3
 
@@ -235,8 +260,6 @@ def build_components(tiny: bool, device: torch.device, seed: int = 0, family: st
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from attndb_peft.testing import build_tiny_pipeline, build_tiny_sdxl_pipeline, tiny_clip_tokenizer
-
     if family == "sdxl":
         if tiny:
             components = dict(build_tiny_sdxl_pipeline(seed=seed).components)
@@ -304,12 +327,8 @@ class Bench:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.workdir = Path(tempfile.mkdtemp(prefix="attndb-bench-"))
         self.images = self.workdir / "images"
-        from attndb_peft.testing import make_instance_images
-
         make_instance_images(self.images, num_images=4, size=args.resolution, seed=0)
-        from attndb_peft.trainer import _resolve_mixed_precision
-
-        self.mixed_precision = _resolve_mixed_precision(args.mixed_precision)
+        self.mixed_precision = resolve_mixed_precision(args.mixed_precision)
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.mixed_precision, torch.float32)
         # Enough steps in each stage's config for every block (the view schedule and LR schedule cover them).
         self.stage_steps = 2 * (args.warmup + args.steps * args.repeats) + 8
@@ -317,9 +336,6 @@ class Bench:
         self.host_syncs: dict = {}
 
     def trainer(self, **overrides):
-        from attndb_peft.config import AttnDBConfig
-        from attndb_peft.trainer import Trainer
-
         a = self.args
         config = AttnDBConfig(
             model="random-weights/" + arch_name(a),
@@ -409,8 +425,8 @@ class Bench:
 
     def run_floor(self) -> None:
         """A plain U-Net training step with nothing of the method in it: SDPA everywhere, no capture, cached
-        latents and states, same shapes. Re-implemented after the team's reference measurement (design.md,
-        performance table, "plain U-Net step"); timed in this run so ratios compare like with like."""
+        latents and states, same shapes: the lower bound of any training step on these shapes, timed in this run
+        so ratios compare like with like."""
         path = self.results.setdefault("floor", {})
         for kind in ("frozen", "full"):
             reset_peak(self.device)
@@ -472,8 +488,6 @@ class Bench:
         regularizer overhead measured through the trainer."""
         from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-        from attndb_peft.attention import AttentionStore, CrossAttnCaptureProcessor
-
         a, device = self.args, self.device
         if a.tiny:
             components = build_components(True, torch.device("cpu"))
@@ -521,8 +535,7 @@ class Bench:
         print(f"  processor: {json.dumps({k: v['ms'] for k, v in path.items() if 'ms' in v})}", flush=True)
 
     def run_reference(self) -> None:
-        """The reference-like path, re-implemented after the team's reference measurement script (design.md,
-        performance table, "reference-like"): what the published AttnDreamBooth code does per step."""
+        """The reference-like path: what the published AttnDreamBooth code does per step."""
         path = self.results.setdefault("reference", {})
         for stage in (1, 2, 3):
             reset_peak(self.device)
@@ -600,16 +613,6 @@ class Bench:
         sections timed, also the achieved TFLOP/s per stage."""
         from torch.utils.flop_counter import FlopCounterMode
 
-        from attndb_peft.config import AttnDBConfig
-        from attndb_peft.families import family_of_unet_config
-        from attndb_peft.stages import (
-            ADAPTER_STAGE2,
-            ADAPTER_STAGE3,
-            STAGE2_TARGET_MODULES,
-            STAGE3_TARGET_MODULES,
-            add_lora,
-        )
-
         a = self.args
         meta = torch.device("meta")
         components = build_components(a.tiny, meta, family=a.family)
@@ -681,19 +684,6 @@ class Bench:
         free()
 
     def _export_random_adapter(self, components: dict) -> tuple[Path, str]:
-        from attndb_peft.config import AttnDBConfig
-        from attndb_peft.export import export_adapter
-        from attndb_peft.families import family_of_unet_config, native_resolution
-        from attndb_peft.stages import (
-            ADAPTER_STAGE2,
-            ADAPTER_STAGE3,
-            STAGE2_TARGET_MODULES,
-            STAGE3_TARGET_MODULES,
-            add_lora,
-            combine_loras,
-            lora_factors,
-        )
-
         unet = components["unet"]
         family = family_of_unet_config(unet.config)
         real = (
@@ -741,38 +731,19 @@ class Bench:
         import diffusers
         from diffusers import DDIMScheduler
 
-        from attndb_peft.export import EMBEDDING_NAME, LORA_NAME
-        from attndb_peft.families import family_of_unet_config
-
         family = family_of_unet_config(components["unet"].config)
         parts = {name: components[name] for name in ("unet", "vae", *family.text_encoders, *family.tokenizers)}
         parts.update(family.no_safety_checker())
         pipe = getattr(diffusers, family.pipeline_class)(
             scheduler=DDIMScheduler.from_config(components["scheduler"].config), **parts
         )
-        try:
-            from attndb_peft.loading import load_attndb, unload_attndb
-        except ImportError:
-            load_attndb = unload_attndb = None
         times = []
         for _ in range(1 + self.args.load_repeats):
             t0 = time.perf_counter()
-            if load_attndb is not None:
-                load_attndb(pipe, str(folder))
-            else:
-                pipe.load_textual_inversion(str(folder / EMBEDDING_NAME))
-                pipe.load_lora_weights(str(folder), weight_name=LORA_NAME, adapter_name="attndb")
+            load_attndb(pipe, str(folder))
             times.append(time.perf_counter() - t0)
-            if unload_attndb is not None:
-                unload_attndb(pipe)
-            else:
-                pipe.unload_lora_weights()
-                pipe.unload_textual_inversion(token)
-        loader = (
-            "attndb_peft.loading.load_attndb"
-            if load_attndb is not None
-            else "stock: load_textual_inversion + load_lora_weights (what load_attndb wraps)"
-        )
+            unload_attndb(pipe)
+        loader = "attndb_peft.loading.load_attndb"
         self.results["load"] = {
             "loader": loader,
             "device": "cpu",
@@ -948,7 +919,6 @@ def arch_name(args: argparse.Namespace) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import diffusers
     import transformers
 

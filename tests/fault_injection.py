@@ -32,16 +32,17 @@ def main() -> None:
     assert sep == "--", "usage: fault_injection.py POINT N -- ATTNDB ARGS"
     maybe_kill = _kill_on(int(count))
 
-    from attndb_peft import checkpoints, export, trainer
+    from attndb_peft import checkpoints, export
+    from attndb_peft.training import step
 
     if point == "loss":
-        original_loss = trainer.diffusion_loss
+        original_loss = step.diffusion_loss
 
         def diffusion_loss(*args, **kwargs):
             maybe_kill()
             return original_loss(*args, **kwargs)
 
-        trainer.diffusion_loss = diffusion_loss
+        step.diffusion_loss = diffusion_loss
     elif point == "commit":
         original_commit = checkpoints.commit
 

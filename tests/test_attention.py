@@ -100,7 +100,7 @@ def test_capture_matches_under_bf16_autocast(output):
     new = _run(partial(CrossAttnCaptureProcessor, output=output), attn, hidden, context, None, autocast=True)
     assert new[1].dtype == torch.float32  # maps stay float32 under autocast, as before
     torch.testing.assert_close(new[0].float(), ref[0].float(), rtol=2e-2, atol=2e-2)
-    # The kept scores are computed in float32 from the bf16 q and k (issue 14), not rounded to bf16 like the
+    # The kept scores are computed in float32 from the bf16 q and k, not rounded to bf16 like the
     # reference's: the maps are closer to the float32 run's than the reference's are.
     exact = _run(ExplicitCaptureProcessor, attn, hidden, context, None, autocast=False)
     torch.testing.assert_close(new[1], ref[1], rtol=0, atol=1e-2)

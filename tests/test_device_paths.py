@@ -1,5 +1,5 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
-"""The paths a plain CPU run does not take (issue 14), exercised on the CPU: `--compile` (dynamo with a counting
+"""The paths a plain CPU run does not take, exercised on the CPU: `--compile` (dynamo with a counting
 backend), the `auto` precision choice (monkeypatched CUDA device queries), the full fine-tune's SVD export and
 fp16 attention scores."""
 
@@ -13,7 +13,8 @@ from conftest import make_config
 
 from attndb_peft.attention import AttentionStore, CrossAttnCaptureProcessor
 from attndb_peft.stages import lora_from_delta
-from attndb_peft.trainer import Trainer, TrainingDiverged, _resolve_mixed_precision
+from attndb_peft.trainer import Trainer, TrainingDiverged
+from attndb_peft.training.runtime import resolve_mixed_precision as _resolve_mixed_precision
 
 
 def _counting_backend(graphs: list):
@@ -66,7 +67,7 @@ def test_validation_samples_run_eagerly_under_compile(trained, tmp_path, monkeyp
     graphs: list = []
     trained.unet.compile(backend=_counting_backend(graphs))
     try:
-        written = write_validation_samples(trained, 3, 1, stage_end=False)
+        written = write_validation_samples(trained.sampling(), 3, 1, stage_end=False)
     finally:
         trained.unet._compiled_call_impl = None  # what nn.Module.compile set; the fixture is shared
     assert [p.name for p in written] == ["stage3-step1.png"]
@@ -101,7 +102,7 @@ def test_auto_precision_wants_native_bf16(monkeypatch, capability, expected):
 
 
 def test_prepare_probes_the_device_accelerate_gave_the_process(tiny_model, instance_dir, tmp_path, monkeypatch):
-    import attndb_peft.trainer as trainer_module
+    import attndb_peft.training.runtime as runtime_module
 
     asked = []
 
@@ -109,7 +110,7 @@ def test_prepare_probes_the_device_accelerate_gave_the_process(tiny_model, insta
         asked.append(device)
         return _resolve_mixed_precision(requested, device)
 
-    monkeypatch.setattr(trainer_module, "_resolve_mixed_precision", spy)
+    monkeypatch.setattr(runtime_module, "resolve_mixed_precision", spy)
     trainer = Trainer(make_config(tiny_model, instance_dir, tmp_path / "out"))
     trainer.prepare()
     assert asked == [trainer.accelerator.device]
@@ -281,7 +282,7 @@ def test_untrainable_unets_are_refused_before_anything_is_written(
 
     model = _model_with_unet_config(tiny_model, tmp_path, **changes)
     out = tmp_path / "out"
-    with pytest.raises(InputError, match=f"--model {model}: {message}"):
+    with pytest.raises(InputError, match=f"`model` {model}: {message}"):
         Trainer(make_config(model, instance_dir, out)).run()
     assert not out.exists()
 
@@ -291,7 +292,7 @@ def test_a_prompt_past_77_tokens_is_refused_before_anything_is_written(tiny_mode
 
     out = tmp_path / "out"
     config = dataclasses.replace(make_config(tiny_model, instance_dir, out), category=" ".join(["dog"] * 80))
-    with pytest.raises(InputError, match="--category .* is 87 tokens long, more than the text encoder's 77"):
+    with pytest.raises(InputError, match="`category` .* is 87 tokens long, more than the text encoder's 77"):
         Trainer(config).run()
     assert not out.exists()
 
@@ -301,7 +302,7 @@ def test_plain_letter_tokens_get_a_warning(tiny_model, instance_dir, tmp_path):
 
     config = make_config(tiny_model, instance_dir, tmp_path / "out", token="zwx")
     tokenizer = load_tokenizer(config)
-    assert any("--token 'zwx' is plain letters" in w for w in check_inputs(config, tokenizer))
+    assert any("`token` 'zwx' is plain letters" in w for w in check_inputs(config, tokenizer))
     tokenizer.add_tokens("zwx")  # what training does; then 'zwxy' holds the concept token too
     assert tokenizer.convert_tokens_to_ids("zwx") in tokenizer("a zwxy dog").input_ids
     config = make_config(tiny_model, instance_dir, tmp_path / "out")
@@ -345,7 +346,7 @@ def test_steps_the_fp16_scaler_skips_are_counted_and_reported(tiny_model, instan
     gradients overflow: the divergence check cannot see that, so the run counts them and warns past 10 %."""
     trainer = Trainer(make_config(tiny_model, instance_dir, tmp_path / "out", steps=(0, 4, 0)))
     trainer.prepare()
-    trainer.mixed_precision = "fp16"  # overflowing fp16 gradients are the scaler's job, not the divergence check's
+    trainer.runtime.mixed_precision = "fp16"  # overflowing fp16 gradients are the scaler's job, not the divergence check's
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
     trainer.build_stage(1)
     trainer.build_stage(2)

@@ -206,7 +206,7 @@ def test_all_ones_masks_train_like_the_default_and_accumulation_keeps_the_batch(
     larger batch (each sample is normalised by its own mask)."""
     real = masked.latents.mask
     with monkeypatch.context() as patch:  # off, the step takes the unmasked loss as before masks existed
-        patch.setattr("attndb_peft.trainer.masked_diffusion_loss", None)
+        patch.setattr("attndb_peft.training.step.masked_diffusion_loss", None)
         default = _step_gradients(masked, None, batch_size=2, masked_loss=False)
     ones = _step_gradients(masked, torch.ones_like(real), batch_size=2)
     assert len(default) == len(ones) > 0

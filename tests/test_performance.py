@@ -11,13 +11,14 @@ from safetensors.torch import load_file
 
 from attndb_peft.data import batch_indices
 from attndb_peft.export import EMBEDDING_NAME
+from attndb_peft.training.step import view_schedule
 
 
 def test_view_schedule_is_the_per_step_batch(trained):
     """`stage_loop` builds every step's cached-view ids up front (no host-to-device copy per step)."""
     cfg, latents = trained.config, trained.latents
     for stage in (1, 2, 3):
-        schedule = trained._view_schedule(stage)
+        schedule = view_schedule(cfg, stage, latents, trained.num_images, trained.runtime)
         assert schedule.shape == (cfg.stages[stage - 1].steps, cfg.batch_size)
         assert schedule.device == trained.device
         for step in range(cfg.stages[stage - 1].steps):

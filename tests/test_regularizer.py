@@ -1,6 +1,6 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
-"""attention_regularizer against an independent float64 NumPy implementation of design.md's formulas:
-values of both reductions, and gradients against the closed-form derivative."""
+"""attention_regularizer against an independent float64 NumPy implementation of the formulas in its
+docstring: values of both reductions, and gradients against the closed-form derivative."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ def sampled_run(tiny_model, instance_dir, tmp_path_factory):
     """The `trained` run's settings plus validation samples every 2 steps and a tracker."""
     tracker = RecordingTracker()
     patch = pytest.MonkeyPatch()
-    patch.setattr("attndb_peft.trainer.trackers_for", lambda report_to: [tracker])
+    patch.setattr("attndb_peft.training.runtime.trackers_for", lambda report_to: [tracker])
     logger = logging.getLogger("attndb_peft")
     records: list[logging.LogRecord] = []
     handler = logging.Handler()

@@ -174,7 +174,7 @@ def test_full_stage3_on_sdxl_is_warned_about(tiny_sdxl, tmp_path):
     config = make_config(tiny_sdxl, tmp_path / "images", tmp_path / "out")
     assert not any("SDXL" in w for w in check_inputs(config))
     full = make_config(tiny_sdxl, tmp_path / "images", tmp_path / "out", stage3_mode="full")
-    assert any("--stage3 full on an SDXL U-Net" in w for w in check_inputs(full))
+    assert any("`stage3_mode` full on an SDXL U-Net" in w for w in check_inputs(full))
 
 
 # ---------------------------------------------------------------------------------------------- single files

@@ -149,7 +149,7 @@ def test_stage3_full_exports_an_svd_lora(tiny_model, instance_dir, tmp_path):
         pipe.unet.disable_lora()
         base = pipe.unet(x, t, states).sample
     assert (loaded - tuned).norm() < (base - tuned).norm()
-    # ... and the final samples and the model card's pictures come from exactly what was exported (issue 14):
+    # ... and the final samples and the model card's pictures come from exactly what was exported:
     # the in-memory U-Net is base + the exported LoRA, not the fine-tuned U-Net the rank-4 LoRA only approximates
     assert (in_memory - tuned).abs().max() > 1e-3
     torch.testing.assert_close(in_memory, loaded, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,251 @@
+# Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
+"""The checks a run's inputs get before anything heavy is loaded or anything is written.
+
+`check_inputs` collects every problem it can find from the images, masks, output folder, token, category, the
+training prompt's length and the U-Net's config, and raises them together (`InputError`), so one fix-and-rerun
+cycle sees all of them. `resolve_model_defaults` fills in the settings that depend on the base model.
+Messages name settings by their Python names through `errors.arg`; the CLI shows its flags instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from .. import base_model
+from .. import checkpoints as ckpt
+from ..base_model import BaseModelError, check_base_model
+from ..config import AttnDBConfig
+from ..data import scan_image_folder, scan_masks
+from ..errors import UsageError, arg
+from ..families import SD, family_of_unet_config, native_resolution
+from ..reporting import check_report_to
+
+__all__ = ["InputError", "check_inputs", "load_tokenizer", "resolve_model_defaults", "warn_resolution"]
+
+logger = logging.getLogger(__name__)
+
+#: Full fine-tuning an SDXL U-Net (2.6 B parameters) with AdamW: fp32 weights, gradients and two moments.
+_SDXL_FULL_GIB = 41
+
+
+class InputError(UsageError):
+    """Bad input or usage found before training starts (CLI exit code 2). Nothing has been written."""
+
+
+def load_tokenizer(config: AttnDBConfig):
+    """The base model's first tokenizer (`base_model.load_tokenizer` for `config.model`)."""
+    return base_model.load_tokenizer(config.model, config.revision, config.model_config)
+
+
+def check_inputs(config: AttnDBConfig, tokenizer=None, unet_config: dict | None = None) -> list[str]:
+    """Check everything about a run's inputs that can be checked without loading the U-Net, VAE or text encoder.
+
+    Checked: the images, the output folder, the token, the category and the training prompt's length (with the
+    base model's tokenizer, or `tokenizer` when given), with `masked_loss` the subject masks, the tracker of
+    `report_to`, and a U-Net attndb cannot train (its config, or `unet_config`: inpainting/depth models).
+
+    Args:
+        config (`AttnDBConfig`): the run's settings.
+        tokenizer (*optional*): the base model's first tokenizer, when already loaded.
+        unet_config (`dict`, *optional*): the U-Net's config, when already loaded.
+
+    Returns:
+        `list[str]`: warnings (e.g. SDXL with a full stage 3).
+
+    Raises:
+        InputError: listing every problem found.
+    """
+    problems: list[str] = []
+    report = scan_image_folder(config.images, config.resolution)
+    problems += report.problems
+    warnings = list(report.warnings)
+    if config.masked_loss and report.images:
+        masks = scan_masks(report.images, config.masks)
+        problems += masks.problems
+        warnings += masks.warnings
+    if tracker_problem := check_report_to(config.report_to):
+        problems.append(tracker_problem)
+    problems += _output_problems(config)
+    try:
+        if tokenizer is None:
+            check_base_model(config.model, config.revision, model_config=config.model_config)  # one line if unusable
+            tokenizer = load_tokenizer(config)
+    except BaseModelError as exc:
+        problems.append(str(exc))
+    except Exception as exc:  # a broken folder: say which
+        problems.append(f"{arg('model')} {config.model}: cannot load its tokenizer ({type(exc).__name__}: {exc}).")
+    else:
+        token_problems, token_warnings = _token_problems(config, tokenizer)
+        problems += token_problems
+        warnings += token_warnings
+    unet_problems, unet_warnings = _unet_problems(config, unet_config)
+    problems += unet_problems
+    warnings += unet_warnings
+    if problems:
+        raise InputError("Cannot start training:\n  - " + "\n  - ".join(problems))
+    return warnings
+
+
+def _output_problems(config: AttnDBConfig) -> list[str]:
+    """The output folder must be a folder, empty unless resuming or overwriting, with a checkpoint to resume."""
+    problems = []
+    out = Path(config.output)
+    if out.exists() and not out.is_dir():
+        problems.append(f"{arg('output')} {out}: exists and is not a folder; choose another path.")
+    elif out.is_dir() and any(out.iterdir()) and not (config.resume or config.overwrite):
+        problems.append(
+            f"{arg('output')} {out}: folder is not empty; pass {arg('resume')} to continue its run, "
+            f"{arg('overwrite')} to replace it, or choose an empty folder."
+        )
+    if config.resume and ckpt.find_latest(out) is None:
+        problems.append(
+            f"{arg('resume')}: no complete checkpoint in {out / ckpt.CHECKPOINT_DIR}; start without {arg('resume')}."
+        )
+    return problems
+
+
+def _token_problems(config: AttnDBConfig, tokenizer) -> tuple[list[str], list[str]]:
+    """`(problems, warnings)` of the token and category in the base model's tokenizer."""
+    problems, warnings = [], []
+    token_ids = tokenizer(config.token, add_special_tokens=False).input_ids
+    if config.token in tokenizer.get_vocab() or (len(token_ids) == 1 and token_ids[0] != tokenizer.unk_token_id):
+        # a word the tokenizer already has as one token would be hijacked everywhere it appears
+        problems.append(
+            f"{arg('token')} {config.token!r} already exists in the tokenizer of {config.model}; choose an unused "
+            "token such as '<attndb-dog>'."
+        )
+    if not tokenizer(config.category, add_special_tokens=False).input_ids:
+        problems.append(
+            f"{arg('category')} {config.category!r} tokenizes to nothing; give the subject's category as a word "
+            "such as 'dog'."
+        )
+    else:
+        problems += _prompt_problems(config, tokenizer)
+    if re.fullmatch(r"[A-Za-z0-9]+", config.token):
+        # the tokenizer splits added tokens out of any text, so 'zwx' also matches inside 'zwxy'
+        warnings.append(
+            f"{arg('token')} {config.token!r} is plain letters/digits: it will also match inside longer words (e.g. "
+            f"'{config.token}s'). A delimited token such as '<{config.token}>' avoids that."
+        )
+    return problems, warnings
+
+
+def _prompt_problems(config: AttnDBConfig, tokenizer) -> list[str]:
+    """The training prompt must fit the text encoder's window (77 tokens) with the token and category in it."""
+    length = len(tokenizer(config.prompt.replace(config.token, " ")).input_ids) + 1  # + the new token's id
+    if length > tokenizer.model_max_length:
+        return [
+            f"{arg('category')} {config.category!r}: the training prompt {config.prompt!r} is {length} tokens long, "
+            f"more than the text encoder's {tokenizer.model_max_length}; give a shorter category (one or a few "
+            "words)."
+        ]
+    return []
+
+
+def _unet_problems(config: AttnDBConfig, unet_config: dict | None) -> tuple[list[str], list[str]]:
+    """`(problems, warnings)` of the U-Net: ones attndb cannot train, and settings that will hardly fit, from the
+    U-Net's config (read from the model folder when not given; nothing is said when it cannot be read: loading
+    the model reports that)."""
+    if unet_config is None:
+        try:
+            from diffusers import UNet2DConditionModel
+
+            unet_config = UNet2DConditionModel.load_config(config.model, subfolder="unet", revision=config.revision)
+        except Exception:
+            return [], []
+    problems, warnings = [], []
+    if unet_config.get("in_channels", 4) != 4:
+        problems.append(
+            f"{arg('model')} {config.model}: its U-Net takes {unet_config['in_channels']} input channels (an "
+            "inpainting or depth model); attndb trains text-to-image models with 4 latent channels, e.g. SD 1.5 or "
+            "SD 2.1."
+        )
+    if family_of_unet_config(unet_config) is not SD and config.stage3_mode == "full":
+        warnings.append(
+            f"{arg('stage3_mode')} full on an SDXL U-Net: its AdamW state alone is about {_SDXL_FULL_GIB} GB on the "
+            f"device (fp32 weights, gradients and two moments), before activations; {arg('stage3_mode')} lora (the "
+            "default) trains a LoRA instead."
+        )
+    return problems, warnings
+
+
+def resolve_model_defaults(
+    config: AttnDBConfig, given: dict, unet=None, vae=None, announce: bool = True
+) -> AttnDBConfig:
+    """Fill in the defaults that depend on the base model (`AttnDBConfig.for_model`).
+
+    `resolution=None` becomes the model's own size (`families.native_resolution`: 1024 for SDXL, 512 for SD
+    2.1-base, 768 for SD 2.1), stage-2/3 `rank=None` the family's LoRA rank, and an unset batch, accumulation or
+    checkpointing the family's setting. Read from the U-Net and VAE configs alone, before the input checks, so
+    that the checks, `resume`'s comparison and attndb_config.json all see what is trained. A model whose configs
+    cannot be read here is resolved from the loaded models instead (`unet`, `vae`), or fails to load with
+    loading's own message.
+
+    Args:
+        config (`AttnDBConfig`): the run's settings.
+        given (`dict`): in-memory components (`Trainer(components=...)`), possibly empty.
+        unet, vae (*optional*): the loaded models, once they are.
+        announce (`bool`): log the defaults chosen (the main process).
+
+    Returns:
+        `AttnDBConfig`: `config`, or a copy with the defaults filled in.
+    """
+    if not config.model_defaults_missing:
+        return config
+    if unet is not None:
+        configs = (unet.config, vae.config if vae is not None else None)
+    elif "unet" in given:
+        configs = (given["unet"].config, given["vae"].config if "vae" in given else None)
+    else:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        source = base_model.config_source(config.model, config.model_config)
+        try:
+            configs = tuple(
+                cls.load_config(source, subfolder=sub, revision=config.revision)
+                for cls, sub in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"))
+            )
+        except Exception:  # reported when the model is loaded
+            return config
+    family = family_of_unet_config(configs[0])
+    resolved = config.for_model(family, native_resolution(*configs))
+    if announce:
+        _announce_defaults(config, resolved, family.name.upper())
+    return resolved
+
+
+def _announce_defaults(config: AttnDBConfig, resolved: AttnDBConfig, family: str) -> None:
+    if config.resolution is None:
+        logger.info("Resolution: %d px, the base model's own (--resolution to change).", resolved.resolution)
+    if (config.stage2.rank, config.stage3.rank) != (resolved.stage2.rank, resolved.stage3.rank):
+        logger.info(
+            "LoRA ranks (stages 2, 3): %d, %d (the %s default; --ranks to change).",
+            resolved.stage2.rank,
+            resolved.stage3.rank,
+            family,
+        )
+    if None in (config.batch_size, config.gradient_accumulation_steps, config.gradient_checkpointing):
+        logger.info(
+            "Batch %d per pass x %d accumulated, gradient checkpointing %s (the %s default; --batch-size, "
+            "--gradient-accumulation-steps, --[no-]gradient-checkpointing to change).",
+            resolved.batch_size,
+            resolved.gradient_accumulation_steps,
+            "on" if resolved.gradient_checkpointing else "off",
+            family,
+        )
+
+
+def warn_resolution(config: AttnDBConfig, native: int) -> None:
+    """Warn when the run trains at another size than the base model's own (`native`)."""
+    if config.resolution != native:
+        logger.warning(
+            "--resolution %d: %s generates at %d px (e.g. SD 2.1 at 768, SD 2.1-base at 512); training at "
+            "another size usually makes the concept worse at the model's own size. Pass --resolution %d unless "
+            "you mean it.",
+            config.resolution,
+            config.model,
+            native,
+            native,
+        )
