@@ -346,7 +346,7 @@ def test_steps_the_fp16_scaler_skips_are_counted_and_reported(tiny_model, instan
     gradients overflow: the divergence check cannot see that, so the run counts them and warns past 10 %."""
     trainer = Trainer(make_config(tiny_model, instance_dir, tmp_path / "out", steps=(0, 4, 0)))
     trainer.prepare()
-    trainer.runtime.mixed_precision = "fp16"  # overflowing fp16 gradients: the scaler's job, not the divergence check's
+    trainer.runtime.mixed_precision = "fp16"  # overflowing fp16 gradients: the scaler's job, not the divergence check
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
     trainer.build_stage(1)
     trainer.build_stage(2)
