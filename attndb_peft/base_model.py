@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .errors import UsageError, first_line
+from .errors import UsageError, arg, first_line
 from .families import ModelFamily, family_of_model, family_of_pipeline, family_of_unet_config
 
 __all__ = [
@@ -84,7 +84,7 @@ KNOWN_BASE_MODELS: dict[str, KnownBaseModel] = {
     "compvis/stable-diffusion-v1-4": KnownBaseModel(*_V1),
 }
 
-_WHAT_TO_DO = "a local diffusers folder, or a single .safetensors checkpoint with --model-config"
+_WHAT_TO_DO = f"a local diffusers folder, or a single .safetensors checkpoint with {arg('model_config')}"
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -128,7 +128,7 @@ def load_single_file(model: str, model_config: str, torch_dtype=None):
 
 
 def check_base_model(
-    model: str, revision: str | None = None, argument: str = "--model", model_config: str | None = None
+    model: str, revision: str | None = None, argument: str = "model", model_config: str | None = None
 ) -> None:
     """Check that `model` names a usable base model before anything heavy is loaded.
 
@@ -136,9 +136,10 @@ def check_base_model(
     Hub repo id and its `model_index.json` is fetched with `hf_hub_download` (from the cache when offline).
 
     Args:
-        model (`str`): the `--model` value.
+        model (`str`): the base model (`AttnDBConfig.model`).
         revision (`str`, *optional*): the Hub revision.
-        argument (`str`): the argument name used in messages.
+        argument (`str`): the setting `model` came from, named in messages (through `errors.arg`).
+        model_config (`str`, *optional*): with a single-file `model`, its diffusers config.
 
     Raises:
         BaseModelError: with one line saying what is wrong and what to do (for moved ids: the new id).
@@ -154,63 +155,63 @@ def check_base_model(
         RevisionNotFoundError,
     )
 
-    path = Path(model).expanduser()
+    path, name = Path(model).expanduser(), arg(argument)
     if is_single_file(model):
         if not model_config:
             raise BaseModelError(
-                f"{argument} {model}: a single-file checkpoint needs the diffusers config of its architecture; pass "
-                f"--model-config with a diffusers folder or Hub id ({DEFAULT_BASE_MODEL} for SD 2.x, "
+                f"{name} {model}: a single-file checkpoint needs the diffusers config of its architecture; pass "
+                f"{arg('model_config')} with a diffusers folder or Hub id ({DEFAULT_BASE_MODEL} for SD 2.x, "
                 f"{SD15_BASE_MODEL} for SD 1.x, {SDXL_BASE_MODEL} for SDXL; offline: a local folder or a repo "
                 "in the Hub cache)."
             )
-        return check_base_model(model_config, revision, "--model-config")
+        return check_base_model(model_config, revision, "model_config")
     if model_config:
         raise BaseModelError(
-            f"--model-config {model_config}: only used with a single .safetensors file as {argument}; "
-            f"{argument} {model} brings its own config, so leave --model-config out."
+            f"{arg('model_config')} {model_config}: only used with a single .safetensors file as {name}; "
+            f"{name} {model} brings its own config, so leave {arg('model_config')} out."
         )
     if path.is_file() and path.suffix.lower() in _PICKLE_SUFFIXES:
         raise BaseModelError(
-            f"{argument} {model}: pickle checkpoints ({path.suffix}) are not loaded (loading them can run code); "
-            "use the model's .safetensors file with --model-config."
+            f"{name} {model}: pickle checkpoints ({path.suffix}) are not loaded (loading them can run code); "
+            f"use the model's .safetensors file with {arg('model_config')}."
         )
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise BaseModelError(
-                f"{argument} {model}: folder has no model_index.json, so it is not a diffusers pipeline folder; give "
+                f"{name} {model}: folder has no model_index.json, so it is not a diffusers pipeline folder; give "
                 f"the folder `save_pretrained` wrote, a Hub id, or {_WHAT_TO_DO}."
             )
         return
     if path.exists():
-        raise BaseModelError(f"{argument} {model}: is a file; give a diffusers folder or a Hub id.")
+        raise BaseModelError(f"{name} {model}: is a file; give a diffusers folder or a Hub id.")
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep in model.replace("/", "")
     if looks_like_path:
-        raise BaseModelError(f"{argument} {model}: no such folder or file; give a Hub id, or {_WHAT_TO_DO}.")
+        raise BaseModelError(f"{name} {model}: no such folder or file; give a Hub id, or {_WHAT_TO_DO}.")
     try:
         hf_hub_download(model, "model_index.json", revision=revision)
     except GatedRepoError:
         raise BaseModelError(
-            f"{argument} {model}: the repo is gated; accept its license on https://huggingface.co/{model} and log "
+            f"{name} {model}: the repo is gated; accept its license on https://huggingface.co/{model} and log "
             "in with `hf auth login`."
         ) from None
     except RevisionNotFoundError:
-        raise BaseModelError(f"{argument} {model}: has no revision {revision!r}; check --revision.") from None
+        raise BaseModelError(f"{name} {model}: has no revision {revision!r}; check {arg('revision')}.") from None
     except RepositoryNotFoundError:
-        raise BaseModelError(f"{argument} {model}: not found on the Hub; {_instead(model)}.") from None
+        raise BaseModelError(f"{name} {model}: not found on the Hub; {_instead(model)}.") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):  # before EntryNotFoundError, its base class
         raise BaseModelError(
-            f"{argument} {model}: not in the local Hub cache and the Hub cannot be reached (offline or "
+            f"{name} {model}: not in the local Hub cache and the Hub cannot be reached (offline or "
             f"HF_HUB_OFFLINE=1); download it once online, or {_instead(model)}."
         ) from None
     except EntryNotFoundError:
         raise BaseModelError(
-            f"{argument} {model}: the repo has no model_index.json, so it is not a diffusers Stable Diffusion "
+            f"{name} {model}: the repo has no model_index.json, so it is not a diffusers Stable Diffusion "
             f"repo; give a diffusers repo, or {_WHAT_TO_DO}."
         ) from None
     except HFValidationError:
-        raise BaseModelError(f"{argument} {model}: no such folder, and not a Hub repo id ('user/name').") from None
+        raise BaseModelError(f"{name} {model}: no such folder, and not a Hub repo id ('user/name').") from None
     except Exception as exc:  # network trouble and the like: still one line
-        raise BaseModelError(f"{argument} {model}: cannot reach it on the Hub ({first_line(exc)}).") from None
+        raise BaseModelError(f"{name} {model}: cannot reach it on the Hub ({first_line(exc)}).") from None
 
 
 def load_tokenizer(model: str, revision: str | None = None, model_config: str | None = None):

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import arg
+
 __all__ = [
     "ADAPTER_STAGE2",
     "ADAPTER_STAGE3",
@@ -107,13 +109,13 @@ def add_concept_token(
     """
     if token in tokenizer.get_vocab():
         raise ValueError(
-            f"--token {token!r} already exists in the base model's tokenizer; choose a new, unused token "
+            f"{arg('token')} {token!r} already exists in the base model's tokenizer; choose a new, unused token "
             f"(e.g. '<attndb-{token.strip('<>')}>')."
         )
     category_ids = tokenizer(category, add_special_tokens=False).input_ids
     if not category_ids:
         raise ValueError(
-            f"--category {category!r} tokenizes to nothing; give the subject's category as a word, e.g. 'dog'."
+            f"{arg('category')} {category!r} tokenizes to nothing; give the subject's category as a word, e.g. 'dog'."
         )
     if init not in ("category", "random"):
         raise ValueError(f"token init {init!r}: expected 'category' or 'random'.")

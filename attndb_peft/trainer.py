@@ -35,7 +35,7 @@ from .attention import AttentionStore, capture_cross_attention
 from .base_model import BaseModelError, BaseModels, build_pipeline, check_base_model, load_base_models
 from .config import AttnDBConfig
 from .data import LatentCache
-from .errors import RunError
+from .errors import RunError, arg
 from .export import export_adapter
 from .families import native_resolution
 from .hub import check_repo_id, push_to_hub
@@ -489,17 +489,17 @@ def export_checkpoint(
     path, out = Path(checkpoint), Path(output)
     if not (path / "state.json").is_file():
         raise InputError(
-            f"--checkpoint {path}: not a complete checkpoint (no state.json); give a folder such as "
+            f"{arg('checkpoint')} {path}: not a complete checkpoint (no state.json); give a folder such as "
             f"OUT/{ckpt.CHECKPOINT_DIR}/stage3-step250 of a run."
         )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"--output {out}: exists and is not an empty folder; give a new or empty folder.")
+        raise InputError(f"{arg('output')} {out}: exists and is not an empty folder; give a new or empty folder.")
     state = ckpt.read_json(path / "state.json")
     stage, step = state["stage"], state["step"]
     if stage == 1:
         raise InputError(
-            f"--checkpoint {path}: a stage-1 checkpoint holds only the token embedding, not an adapter; export a "
-            "stage-2 or stage-3 checkpoint."
+            f"{arg('checkpoint')} {path}: a stage-1 checkpoint holds only the token embedding, not an adapter; "
+            "export a stage-2 or stage-3 checkpoint."
         )
     # Checkpoints written before "config" was stored have the resume settings; the rest take their defaults.
     values = {**state["settings"], **state.get("config", {})}

@@ -47,7 +47,7 @@ def test_a_moved_id_that_cannot_be_found_names_its_mirror(model, mirror, monkeyp
     with pytest.raises(BaseModelError) as info:
         check_base_model(model)
     message = str(info.value)
-    assert "\n" not in message and message.startswith(f"--model {model}: not in the local Hub cache")
+    assert "\n" not in message and message.startswith(f"`model` {model}: not in the local Hub cache")
     assert f"use its mirror {mirror}" in message
 
 
@@ -63,9 +63,9 @@ def test_a_repo_that_does_not_exist_says_so_in_one_line(monkeypatch):
         raise RepositoryNotFoundError("404 Client Error.\n\nRepository Not Found for url", response=response)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", not_found)
-    with pytest.raises(BaseModelError, match=rf"^--model {MOVED_SD21}: not found on the Hub; use its mirror "):
+    with pytest.raises(BaseModelError, match=rf"^`model` {MOVED_SD21}: not found on the Hub; use its mirror "):
         check_base_model(MOVED_SD21)
-    with pytest.raises(BaseModelError, match=r"^--model someone/typo: not found on the Hub; check the spelling"):
+    with pytest.raises(BaseModelError, match=r"^`model` someone/typo: not found on the Hub; check the spelling"):
         check_base_model("someone/typo")
 
 
@@ -115,5 +115,5 @@ def test_the_new_default_id_loads_offline_from_the_hub_cache(tiny_model, monkeyp
     local, _ = load_pipeline(str(tiny_model), device="cpu")
     assert_same_models(pipe, local)
     assert_same_pixels(generate(pipe, "a photo of a dog"), generate(local, "a photo of a dog"))
-    with pytest.raises(UsageError, match=f"^--model {MOVED_SD21}: not in the local Hub cache"):
+    with pytest.raises(UsageError, match=f"^`model` {MOVED_SD21}: not in the local Hub cache"):
         load_pipeline(MOVED_SD21, device="cpu")

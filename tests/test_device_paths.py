@@ -313,7 +313,7 @@ def test_a_resolution_other_than_the_models_gets_a_warning(tiny_model, instance_
     trainer = Trainer(make_config(tiny_model, instance_dir, tmp_path / "out", resolution=48))
     with caplog.at_level("WARNING", logger="attndb_peft"):
         trainer.prepare()
-    assert "--resolution 48" in caplog.text and "generates at 32 px" in caplog.text
+    assert "`resolution` 48" in caplog.text and "generates at 32 px" in caplog.text
 
 
 def test_the_default_resolution_and_ranks_are_the_base_models(tiny_model, instance_dir, tmp_path, caplog):
@@ -400,7 +400,7 @@ def test_full_mode_resume_from_sharded_checkpoints_is_bit_identical(tiny_model, 
     out = tmp_path / "out"
     with caplog.at_level("WARNING", logger="attndb_peft"):
         Trainer(make_config(tiny_model, instance_dir, out, **settings)).run()
-    assert "--checkpoints-total-limit 2" in caplog.text  # 3 full checkpoints, none pruned: the disk use is stated
+    assert "`checkpoints_total_limit` 2" in caplog.text  # 3 full checkpoints, none pruned: the disk use is stated
     step2 = out / "checkpoints" / "stage3-step2"
     assert len(list(step2.glob("weights-*-of-*.safetensors"))) > 1
     assert len(list(step2.glob("optimizer-*-of-*.safetensors"))) > 1

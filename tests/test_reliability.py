@@ -22,7 +22,11 @@ from attndb_peft.export import EMBEDDING_NAME, KOHYA_NAME, LORA_NAME
 from attndb_peft.trainer import Trainer
 
 TESTS = Path(__file__).parent
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+# The subprocesses use this process's thread count (conftest sets it): float sums, and so the bit-identical
+# comparisons with runs made in this process, depend on it, and torch's default (one thread a core) differs by machine.
+THREADS = str(torch.get_num_threads())
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": THREADS}
+ENV["MKL_NUM_THREADS"] = THREADS
 
 
 def _train_args(model, images, out, *extra, steps="2,2,2"):

@@ -46,11 +46,11 @@ def test_training_on_a_single_file_equals_training_on_the_folder(
 
 
 def test_single_file_problems_are_one_line(single_file, tiny_model, tmp_path, capsys):
-    with pytest.raises(BaseModelError, match="a single-file checkpoint needs the diffusers config.*--model-config"):
+    with pytest.raises(BaseModelError, match="a single-file checkpoint needs the diffusers config.*`model_config`"):
         check_base_model(str(single_file))
-    with pytest.raises(BaseModelError, match="--model-config .*: no such folder or file"):
+    with pytest.raises(BaseModelError, match="`model_config` .*: no such folder or file"):
         check_base_model(str(single_file), model_config=str(tmp_path / "missing"))
-    with pytest.raises(BaseModelError, match="--model-config .*only used with a single .safetensors file"):
+    with pytest.raises(BaseModelError, match="`model_config` .*only used with a single .safetensors file"):
         check_base_model(str(tiny_model), model_config=str(tiny_model))
     (tmp_path / "old.ckpt").write_bytes(b"pickle")
     with pytest.raises(BaseModelError, match=r"pickle checkpoints \(.ckpt\) are not loaded"):

@@ -20,6 +20,7 @@ from ..data import (
     scan_image_folder,
     scan_masks,
 )
+from ..errors import arg
 from ..families import ModelFamily
 
 __all__ = ["build_latent_cache"]
@@ -67,7 +68,7 @@ def build_latent_cache(config: AttnDBConfig, family: ModelFamily, vae) -> tuple[
             "Masked loss: %d of %d images masked (%s); mean subject share of the views %.2f",
             masked,
             len(paths),
-            f"--masks {cfg.masks}" if cfg.masks else "alpha channel",
+            f"{arg('masks')} {cfg.masks}" if cfg.masks else "alpha channel",
             float(mask.mean()),
         )
     return cache, len(paths)

@@ -218,22 +218,17 @@ def resolve_model_defaults(
 
 def _announce_defaults(config: AttnDBConfig, resolved: AttnDBConfig, family: str) -> None:
     if config.resolution is None:
-        logger.info("Resolution: %d px, the base model's own (--resolution to change).", resolved.resolution)
+        logger.info(f"Resolution: {resolved.resolution} px, the base model's own ({arg('resolution')} to change).")
     if (config.stage2.rank, config.stage3.rank) != (resolved.stage2.rank, resolved.stage3.rank):
         logger.info(
-            "LoRA ranks (stages 2, 3): %d, %d (the %s default; --ranks to change).",
-            resolved.stage2.rank,
-            resolved.stage3.rank,
-            family,
+            f"LoRA ranks (stages 2, 3): {resolved.stage2.rank}, {resolved.stage3.rank} (the {family} default; "
+            f"{arg('rank')} to change)."
         )
     if None in (config.batch_size, config.gradient_accumulation_steps, config.gradient_checkpointing):
         logger.info(
-            "Batch %d per pass x %d accumulated, gradient checkpointing %s (the %s default; --batch-size, "
-            "--gradient-accumulation-steps, --[no-]gradient-checkpointing to change).",
-            resolved.batch_size,
-            resolved.gradient_accumulation_steps,
-            "on" if resolved.gradient_checkpointing else "off",
-            family,
+            f"Batch {resolved.batch_size} per pass x {resolved.gradient_accumulation_steps} accumulated, gradient "
+            f"checkpointing {'on' if resolved.gradient_checkpointing else 'off'} (the {family} default; "
+            f"{arg('batch_size')}, {arg('gradient_accumulation_steps')}, {arg('gradient_checkpointing')} to change)."
         )
 
 
@@ -241,11 +236,7 @@ def warn_resolution(config: AttnDBConfig, native: int) -> None:
     """Warn when the run trains at another size than the base model's own (`native`)."""
     if config.resolution != native:
         logger.warning(
-            "--resolution %d: %s generates at %d px (e.g. SD 2.1 at 768, SD 2.1-base at 512); training at "
-            "another size usually makes the concept worse at the model's own size. Pass --resolution %d unless "
-            "you mean it.",
-            config.resolution,
-            config.model,
-            native,
-            native,
+            f"{arg('resolution')} {config.resolution}: {config.model} generates at {native} px (e.g. SD 2.1 at "
+            "768, SD 2.1-base at 512); training at another size usually makes the concept worse at the model's own "
+            f"size. Pass {arg('resolution')} {native} unless you mean it."
         )

@@ -15,6 +15,7 @@ import torch
 from .. import checkpoints as ckpt
 from ..adapter_format import ADAPTER_FILES
 from ..config import RESUME_DEFAULTS, RESUME_KEYS, AttnDBConfig
+from ..errors import arg
 from .inputs import InputError
 
 __all__ = [
@@ -67,12 +68,9 @@ def warn_full_checkpoint_disk_use(config: AttnDBConfig, unet) -> None:
         return
     per_checkpoint = sum(p.numel() for p in unet.parameters()) * 4 * 3 / 1e9  # fp32 weights + 2 moments
     logger.warning(
-        "--stage3 full with --checkpointing-steps %d: %d stage-3 checkpoints of ~%.1f GB each (~%.0f GB), all "
-        "kept. Add --checkpoints-total-limit 2 to keep only the newest two.",
-        config.checkpointing_steps,
-        count,
-        per_checkpoint,
-        count * per_checkpoint,
+        f"{arg('stage3_mode')} full with {arg('checkpointing_steps')} {config.checkpointing_steps}: {count} stage-3 "
+        f"checkpoints of ~{per_checkpoint:.1f} GB each (~{count * per_checkpoint:.0f} GB), all kept. Add "
+        f"{arg('checkpoints_total_limit')} 2 to keep only the newest two."
     )
 
 
@@ -138,12 +136,12 @@ def read_resume_point(output_dir: Path, config: AttnDBConfig, num_processes: int
     changed = [k for k in RESUME_KEYS if written.get(k) != settings[k]]
     if changed:
         raise InputError(
-            f"--resume: {path} was written with different settings ({', '.join(changed)}); use the same "
-            "settings, or start over with --overwrite."
+            f"{arg('resume')}: {path} was written with different settings ({', '.join(changed)}); use the same "
+            f"settings, or start over with {arg('overwrite')}."
         )
     if state["num_processes"] != num_processes:
         raise InputError(
-            f"--resume: {path} was written by {state['num_processes']} process(es), this run has "
+            f"{arg('resume')}: {path} was written by {state['num_processes']} process(es), this run has "
             f"{num_processes}; resume with the same number of processes."
         )
     logger.info("Resuming from %s", path)
@@ -151,7 +149,7 @@ def read_resume_point(output_dir: Path, config: AttnDBConfig, num_processes: int
     steps3, planned3 = config.stage3.steps, state["settings"]["stage3"]["steps"]
     if stage == 3 and step > steps3:
         raise InputError(
-            f"--resume: {path} is at stage-3 step {step}, beyond the {steps3} stage-3 steps asked for; ask for "
+            f"{arg('resume')}: {path} is at stage-3 step {step}, beyond the {steps3} stage-3 steps asked for; ask for "
             f"at least {step}, or export that checkpoint (or an earlier one) with `attndb export --checkpoint`."
         )
     if steps3 != planned3:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import arg
 from ..reporting import trackers_for
 
 __all__ = ["PROCESS_GROUP_TIMEOUT", "Runtime", "out_of_memory_message", "resolve_mixed_precision", "start_runtime"]
@@ -94,9 +95,9 @@ def out_of_memory_message(config) -> str:
     return (
         f"CUDA ran out of memory (batch size {cfg.batch_size}, {cfg.resolution} px, gradient checkpointing "
         f"{'on' if cfg.gradient_checkpointing else 'off'}, stage 3 {cfg.stage3_mode}). Reduce memory with "
-        "--gradient-checkpointing --offload-frozen (the low-memory setting), a smaller --batch-size (e.g. "
-        f"{max(cfg.batch_size // 2, 1)}), a lower "
-        "--resolution, or --stage3 lora instead of full. Checkpoints written so far are kept: add "
-        "--gradient-checkpointing and --resume to continue (batch size and resolution must stay the same "
-        "to resume; changing them needs --overwrite)."
+        f"{arg('gradient_checkpointing')} {arg('offload_frozen')} (the low-memory setting), a smaller "
+        f"{arg('batch_size')} (e.g. {max(cfg.batch_size // 2, 1)}), a lower {arg('resolution')}, or "
+        f"{arg('stage3_mode')} lora instead of full. Checkpoints written so far are kept: add "
+        f"{arg('gradient_checkpointing')} and {arg('resume')} to continue (batch size and resolution must stay "
+        f"the same to resume; changing them needs {arg('overwrite')})."
     )
