@@ -61,7 +61,7 @@ class CrossAttnCaptureProcessor:
     - `"auto"` (default): `"sdpa"` on CUDA, `"explicit"` elsewhere. benchmarks/bench_train.py times both on
       the device at hand (`capture_sdpa_vs_explicit`).
 
-    Both give the same outputs and gradients up to float rounding (tests/test_attention.py).
+    Both give the same outputs and gradients up to float rounding (tests/unit/test_attention.py).
 
     Args:
         store (`AttentionStore`): where the selected columns go.

@@ -470,7 +470,7 @@ class AttnDBConfig:
         if self.stage3.learning_rate is None:
             self.stage3 = dataclasses.replace(self.stage3, learning_rate=STAGE3_LEARNING_RATES[self.stage3_mode])
         if self.compile and self.gradient_checkpointing:
-            # measured in tests/test_device_paths.py: the recompiles use up dynamo's limit within the first forward
+            # measured in tests/integration/test_device_paths.py: the recompiles use up dynamo's limit at once
             raise ConfigError(
                 f"{arg('compile')} and {arg('gradient_checkpointing')} cannot be combined: under gradient "
                 "checkpointing torch.compile recompiles the U-Net's blocks until it gives up and the run trains "

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "world_pretrain_sweep.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "world_pretrain_sweep.py"
 
 
 def _load():

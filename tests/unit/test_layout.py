@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "attndb_peft"
+PACKAGE = Path(__file__).resolve().parents[2] / "attndb_peft"
 MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
 #: The application layer: commands that put the core and the world together.
 APPLICATION = {"attndb_peft.cli", "attndb_peft.cli_args", "attndb_peft.demo", "attndb_peft.__main__"}

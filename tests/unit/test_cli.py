@@ -26,7 +26,7 @@ def test_top_level_help_lists_every_command(capsys):
     for command in COMMANDS:
         assert command in text
     parser = build_parser()
-    assert set(_subparsers(parser)) == {*COMMANDS, "world"}  # world's subcommands: tests/test_world_scorers.py
+    assert set(_subparsers(parser)) == {*COMMANDS, "world"}  # world's subcommands: tests/world/test_world_scorers.py
     for choice in next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))._choices_actions:
         assert choice.help and choice.help.strip(), choice.dest
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "record_hashes.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "record_hashes.py"
 spec = importlib.util.spec_from_file_location("record_hashes", SCRIPT)
 record_hashes = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(record_hashes)

@@ -1,7 +1,7 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
 """Run `attndb` and SIGKILL the process at a chosen point (used by test_reliability.py).
 
-    python tests/fault_injection.py POINT N -- train --model ...
+    python tests/reliability/fault_injection.py POINT N -- train --model ...
 
 POINT is where the N-th event kills the process:
 - `loss`: the N-th computation of the diffusion loss (inside a training step, between checkpoints);

@@ -123,7 +123,7 @@ def test_example_yaml_lists_every_setting_at_its_default():
 
     from attndb_peft.config import AttnDBConfig
 
-    path = __import__("pathlib").Path(__file__).parents[1] / "examples" / "config.yaml"
+    path = __import__("pathlib").Path(__file__).parents[2] / "examples" / "config.yaml"
     data = yaml.safe_load(path.read_text())
     assert set(data) == {f.name for f in dataclasses.fields(AttnDBConfig)}
     for stage in ("stage1", "stage2", "stage3"):

@@ -116,7 +116,8 @@ def test_scan_reports_every_problem(tmp_path):
 
 
 def test_folder_messages_name_the_setting(tmp_path):
-    """Python callers read the setting's name (`images`); `attndb train` shows the flag (tests/test_reliability.py)."""
+    """Python callers read the setting's name (`images`); `attndb train` shows the flag
+    (tests/reliability/test_reliability.py)."""
     missing = scan_image_folder(tmp_path / "nope", resolution=64).problems
     assert missing == [f"`images` {tmp_path / 'nope'}: no such folder; point `images` at the folder with your photos."]
     empty = scan_image_folder(tmp_path, resolution=64).problems

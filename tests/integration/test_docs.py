@@ -24,7 +24,7 @@ from attndb_peft.testing import (
     save_tiny_single_file,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOC_FILES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL = {"bash", "sh", "console", "shell"}
 NOT_RUN = re.compile(r"<!--\s*not run:\s*(.+?)\s*-->")

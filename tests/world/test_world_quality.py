@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "world_quality.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "world_quality.py"
 # The smallest --quick that still trains every main method: 1% of the recipe's steps (>= 1 per stage; with
 # 60/100/200: 1/1/2, TI 18), 1 image per prompt, 2 denoising steps.
 QUICK = ["--quick", "--steps-scale", "0.01", "--images", "1", "--inference-steps", "2"]
