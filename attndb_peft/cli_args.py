@@ -32,6 +32,7 @@ __all__ = [
     "config_from_args",
     "flag_names",
     "multiple_of_8",
+    "non_negative_int",
     "parser_that_ran",
     "per_stage",
     "positive_int",
@@ -82,15 +83,24 @@ class Parser(argparse.ArgumentParser):
 
 
 # -- value types ------------------------------------------------------------------------------------------
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1."""
+def _whole_number(text: str, minimum: int, expected: str, too_small: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {too_small}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    return _whole_number(text, 1, "a whole number", "a number >= 1")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (e.g. a seed)."""
+    return _whole_number(text, 0, "a non-negative whole number", "a non-negative whole number")
 
 
 def multiple_of_8(text: str) -> int:

@@ -36,12 +36,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from attndb_peft import AttnDBConfig, train  # noqa: E402
+from attndb_peft.demo import WORLD_DEMO_CONCEPT  # noqa: E402
 from attndb_peft.testing import (  # noqa: E402
     TINY_RESOLUTION,
     make_instance_images,
     save_tiny_pipeline,
     save_tiny_sdxl_pipeline,
 )
+from attndb_peft.world.model import world_config, write_base  # noqa: E402
+from attndb_peft.world.scenes import concept_folder, make_concept  # noqa: E402
 
 #: JSON keys whose values are a time, a duration or a version (differ between identical runs or releases).
 VOLATILE_KEYS = ("seconds", "time", "date", "version", "duration", "elapsed", "created", "peak_memory")
@@ -151,10 +154,6 @@ def record(root: Path, world: bool = True) -> dict[str, dict[str, str]]:
     runs["sd-resumed"] = train(_tiny_config(sd, images, resumed, steps=(3, 3, 4), resume=True))
 
     if world:
-        from attndb_peft.demo import WORLD_DEMO_CONCEPT
-        from attndb_peft.world.model import world_config, write_base
-        from attndb_peft.world.scenes import concept_folder, make_concept
-
         base, concept_images = root / "world-base", root / "world-images"
         write_base(base)
         concept_folder(WORLD_DEMO_CONCEPT, concept_images)

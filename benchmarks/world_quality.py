@@ -59,16 +59,40 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import platform
 import shutil
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+from transformers import CLIPTextModel, CLIPTokenizer
+
+import attndb_peft  # noqa: F401  (registers pipe.load_attndb)
+from attndb_peft.config import STAGE3_LEARNING_RATES
+from attndb_peft.inference import token_attention_maps
+from attndb_peft.stages import random_token_embedding
+from attndb_peft.trainer import Trainer
+from attndb_peft.visualize import image_grid, load_font
+from attndb_peft.world import scenes as W
+from attndb_peft.world.evaluation import WORLD_GUIDANCE, WORLD_INFERENCE_STEPS, generate
+from attndb_peft.world.model import (
+    BASE_SETTINGS,
+    SHIPPED_DIR,
+    TEXTUAL_INVERSION_LEARNING_RATE,
+    load_world_pipeline,
+    world_config,
+)
+from attndb_peft.world.scenes import concept_folder
+from attndb_peft.world.scorers import object_mask, score_image, summarize
 
 __all__ = [
     "ABLATIONS",
@@ -185,7 +209,6 @@ _NO_REG = {"lambda_mu": 0.0, "lambda_var": 0.0}
 
 
 def _full_rate(recipe) -> float:
-    from attndb_peft.config import STAGE3_LEARNING_RATES
 
     return recipe.stage3.learning_rate * STAGE3_LEARNING_RATES["full"] / STAGE3_LEARNING_RATES["lora"]
 
@@ -215,7 +238,6 @@ def _pooled(recipe, steps) -> dict:
 
 
 def _ti(recipe, steps) -> dict:
-    from attndb_peft.world.model import TEXTUAL_INVERSION_LEARNING_RATE
 
     ti_steps = max(1, round(sum(steps) * TI_PAPER_STEPS / sum(PAPER_STEPS)))
     return _stages(
@@ -396,10 +418,7 @@ def _fingerprint(settings: dict, evaluation: _Eval, base_digest: str) -> str:
 
 def _initial_embedding(base: Path, config):
     """The token's initial embedding (what stage 1 / TI+DB start from), recomputed from the base model."""
-    import torch
-    from transformers import CLIPTextModel, CLIPTokenizer
 
-    from attndb_peft.stages import random_token_embedding
 
     tokenizer = CLIPTokenizer.from_pretrained(str(base), subfolder="tokenizer")
     weight = CLIPTextModel.from_pretrained(str(base), subfolder="text_encoder").get_input_embeddings().weight
@@ -413,9 +432,6 @@ def _initial_embedding(base: Path, config):
 def _attention_share(pipe, prompt: str, token: str, seed: int, evaluation: _Eval) -> dict:
     """The [V] token's share of its cross-attention inside the object's mask (and the mask's share of the picture,
     what uniform attention would give), on one picture."""
-    from attndb_peft.inference import token_attention_maps
-    from attndb_peft.world import scenes as W
-    from attndb_peft.world.scorers import object_mask
 
     result = token_attention_maps(pipe, prompt, seed=seed, steps=evaluation.inference_steps,
                                   guidance=evaluation.guidance, height=W.SIZE, width=W.SIZE)
@@ -431,14 +447,7 @@ def _attention_share(pipe, prompt: str, token: str, seed: int, evaluation: _Eval
 
 def _evaluate(base: Path, adapter: Path, concept, evaluation: _Eval, config) -> tuple[dict, list]:
     """Load the adapter into a fresh base pipeline with `pipe.load_attndb`, draw and score the prompts."""
-    import torch
-    from safetensors.torch import load_file
 
-    import attndb_peft  # noqa: F401  (registers pipe.load_attndb)
-    from attndb_peft.world import scenes as W
-    from attndb_peft.world.evaluation import generate
-    from attndb_peft.world.model import load_world_pipeline
-    from attndb_peft.world.scorers import score_image, summarize
 
     pipe = load_world_pipeline(base)
     token = pipe.load_attndb(str(adapter), adapter_name="concept")
@@ -486,7 +495,6 @@ def _mean(values) -> float | None:
 
 def _save_sheet(path: Path, sheet: list) -> None:
     """The run's pictures, raw: one row per prompt, one column per image seed."""
-    from PIL import Image
 
     rows, cols = len(sheet[0]), len(sheet)
     size = sheet[0][0].shape[0]
@@ -502,7 +510,6 @@ def _save_sheet(path: Path, sheet: list) -> None:
 
 def _concept_images(output: Path, seed: int) -> Path:
     """The concept's user photos under `output/concepts/SEED` (written once)."""
-    from attndb_peft.world.scenes import concept_folder
 
     images = output / "concepts" / str(seed)
     if not (images / "concept.json").is_file():
@@ -513,7 +520,6 @@ def _concept_images(output: Path, seed: int) -> Path:
 
 def _run_job(job: tuple, ctx: dict, evaluation: _Eval, threads: int) -> tuple[dict, bool]:
     """`run_one` in a worker process (`--workers`): its own torch threads and log handler."""
-    import torch
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d]: %(message)s")
@@ -527,8 +533,6 @@ def run_jobs(jobs: list[tuple], ctx: dict, evaluation: _Eval, counts: dict) -> l
     job writes its own result file, so the order they finish in does not matter); results in job order."""
     workers = ctx.get("workers", 1)
     if workers > 1 and len(jobs) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
 
         for seed in sorted({job[2] for job in jobs}):
             _concept_images(ctx["output"], seed)  # before the workers, which would race to write them
@@ -561,9 +565,6 @@ def run_one(
     Returns:
         `(result, reused)`: the run's JSON and whether it came from an earlier run's file.
     """
-    from attndb_peft.trainer import Trainer
-    from attndb_peft.world import scenes as W
-    from attndb_peft.world.model import world_config
 
     out: Path = ctx["output"]
     result_file = out / "runs" / key / f"{method}-{concept_seed}.json"
@@ -612,7 +613,6 @@ def run_one(
 
 # ------------------------------------------------------------------------------------------------ the benchmark
 def _machine() -> dict:
-    import torch
 
     return {
         "platform": platform.platform(),
@@ -626,7 +626,6 @@ def _machine() -> dict:
 
 def _report_header(benchmark: str, started: float, counts, args, ctx: dict) -> dict:
     """What every report of this script opens with: which benchmark, when, how long, on what, from what."""
-    from attndb_peft.world.model import BASE_SETTINGS
 
     return {
         "benchmark": benchmark,
@@ -768,9 +767,7 @@ def scatter_plot(methods: dict, path: Path) -> str:
 
 
 def _scatter_pil(points: list, path: Path) -> None:
-    from PIL import Image, ImageDraw
 
-    from attndb_peft.visualize import load_font
 
     width, height, margin = 640, 500, 60
     values_x = [v for _, x, _ in points for v in (x["low"], x["high"], x["mean"]) if v is not None]
@@ -810,9 +807,7 @@ def _scatter_pil(points: list, path: Path) -> None:
 def sample_grids(methods: dict, runs: dict, output: Path, prompts: list[str]) -> dict[str, str]:
     """One grid per method: rows are the prompts, columns the concepts' first image seed (the same prompts and
     seeds for every method)."""
-    from PIL import Image
 
-    from attndb_peft.visualize import image_grid
 
     files = {}
     (output / "grids").mkdir(exist_ok=True)
@@ -833,7 +828,6 @@ def sample_grids(methods: dict, runs: dict, output: Path, prompts: list[str]) ->
 
 
 def _context(args: argparse.Namespace) -> dict:
-    from attndb_peft.world.model import SHIPPED_DIR
 
     base = Path(args.model) if args.model else SHIPPED_DIR
     if not (base / "model_index.json").is_file():
@@ -1046,7 +1040,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "2-core machine --workers 2 roughly halves the wall time).")
     p.add_argument("-v", "--verbose", action="store_true", help="Log the trainer's progress too.")
     args = p.parse_args(argv)
-    from attndb_peft.world.evaluation import WORLD_GUIDANCE, WORLD_INFERENCE_STEPS
 
     args.argv = list(argv if argv is not None else sys.argv[1:])
     args.methods = args.methods or list(MAIN_METHODS if args.quick else METHODS)
@@ -1068,7 +1061,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     """Run the benchmark (or the sweep), print the table; 0 on success."""
-    import torch
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

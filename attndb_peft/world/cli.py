@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..cli_args import add_common, positive_int
+from ..cli_args import add_common, non_negative_int, positive_int
 from ..config import default_token
 from ..errors import UsageError
 from .model import write_base
@@ -37,16 +37,6 @@ logger = logging.getLogger("attndb_peft")
 GENERATE_FILE = "generate.json"
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative whole number, got {value}")
-    return value
-
-
 # ---------------------------------------------------------------------------------------------- concept
 def _add_concept_parser(sub) -> None:
     p = sub.add_parser(
@@ -56,7 +46,9 @@ def _add_concept_parser(sub) -> None:
         "picture has) and write its user photos DIR/instance_XX.png and DIR/concept.json (its category, pattern, "
         "colours, description and the token to train it under). Train on DIR with attndb train --images DIR.",
     )
-    p.add_argument("--seed", type=_seed, required=True, help="The concept's seed (any non-negative whole number).")
+    p.add_argument(
+        "--seed", type=non_negative_int, required=True, help="The concept's seed (any non-negative whole number)."
+    )
     p.add_argument("--output", metavar="DIR", required=True, help="Folder for the images and concept.json.")
     p.add_argument(
         "--num-images", type=positive_int, default=5, dest="num_images", help="How many user photos. Default 5."
@@ -210,7 +202,9 @@ def _add_pretrain_parser(sub) -> None:
         "(VAE 11-15 min, U-Net 3,600 steps at ~1.4 s a step).",
     )
     p.add_argument("--output", metavar="DIR", required=True, help="Folder for the run (resumed if it exists).")
-    p.add_argument("--seed", type=_seed, default=defaults.seed, metavar="N", help=f"Seed. Default {defaults.seed}.")
+    p.add_argument(
+        "--seed", type=non_negative_int, default=defaults.seed, metavar="N", help=f"Seed. Default {defaults.seed}."
+    )
     p.add_argument("--steps", type=positive_int, default=defaults.steps, metavar="N",
                    help=f"U-Net/text-encoder steps. Default {defaults.steps}.")
     p.add_argument("--threads", type=positive_int, default=defaults.threads, metavar="N",

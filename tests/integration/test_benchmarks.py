@@ -147,3 +147,16 @@ def test_sdxl_family_runs_the_trainer_and_the_adapter_sections(tmp_path):
     assert adapter["lora_modules"] > 0 and _positive(report["results"]["load"]["first_s"])
     with pytest.raises(SystemExit):
         _load_bench().parse_args(["--family", "sdxl", "--only", "reference"])
+
+
+def test_bench_export_times_every_method_on_the_first_weights(tmp_path):
+    """benchmarks/bench_export.py in a quick mode: three SD2.1-base weight deltas, every factorization method."""
+    spec = importlib.util.spec_from_file_location("bench_export", BENCH.with_name("bench_export.py"))
+    bench_export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_export)
+    out = tmp_path / "export.json"
+    assert bench_export.main(["--limit", "3", "--rank", "4", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["weights"] == 3 and set(report["methods"]) == set(bench_export.METHODS)
+    kept = {m: r["energy_kept"] for m, r in report["methods"].items()}
+    assert 0 < kept["randomized"] <= kept["exact"] + 1e-3 and abs(kept["exact"] - kept["before"]) < 1e-3

@@ -6,6 +6,7 @@ the base model."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -82,6 +83,15 @@ def test_world_demo_compares_attndb_with_textual_inversion(tmp_path, capsys, mon
     assert (out / "instance-images" / "concept.json").is_file() and (out / "base-model" / "attndb.yaml").is_file()
     assert str(out / "compare" / "grid.png") in printed and "Textual Inversion" in printed
     assert np.isfinite([v for v in scores["summary"]["AttnDB"].values() if isinstance(v, float)]).all()
+    # the model card of a world run: how to load it, and which file each client reads, as the README says
+    card = (out / "adapter" / "README.md").read_text()
+    token = json.loads((out / "adapter" / "attndb_config.json").read_text())["token"]
+    facts = ("pipe.load_attndb(", "attndb_kohya.safetensors", "attndb_embedding.safetensors", "models/Lora/")
+    for fact in (*facts, "InvokeAI"):
+        assert fact in card, fact
+    assert token in card and "samples/final-00.png" in card
+    for block in re.findall(r"```python\n(.*?)```", card, flags=re.S):
+        compile(block, "model card", "exec")
 
 
 @pytest.mark.slow
