@@ -16,9 +16,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
 import yaml
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from .. import AttnDBConfig
@@ -121,6 +122,13 @@ def world_tokenizer():
     return tiny_clip_tokenizer(W.WORLD_WORDS, model_max_length=MAX_TEXT_LENGTH)
 
 
+def _pipeline_class():
+    """`diffusers.StableDiffusionPipeline`, looked up when a pipeline is built: importing it makes transformers
+    load its image processors (and warn where torchvision is missing), which every `attndb` command would pay
+    for, since the CLI imports this module."""
+    return diffusers.StableDiffusionPipeline
+
+
 def build_world_pipeline(config: WorldArchitecture | None = None, seed: int = 0):
     """The base model's architecture with fresh random weights (a `StableDiffusionPipeline`).
 
@@ -193,7 +201,7 @@ def build_world_pipeline(config: WorldArchitecture | None = None, seed: int = 0)
         rescale_betas_zero_snr=True,
         timestep_spacing="trailing",
     )
-    return StableDiffusionPipeline(
+    return _pipeline_class()(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
@@ -232,7 +240,7 @@ def load_world_pipeline(path: str | os.PathLike | None = None, device: str = "cp
             f"{path}: no world base model here (model_index.json missing); run `attndb world pretrain --output DIR` "
             "and pass DIR/pipeline, or reinstall attndb_peft to get the shipped one."
         )
-    pipe = StableDiffusionPipeline.from_pretrained(str(path))
+    pipe = _pipeline_class().from_pretrained(str(path))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
