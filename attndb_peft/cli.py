@@ -49,7 +49,7 @@ from .evaluate import (
     load_reference_images,
     read_prompts_file,
 )
-from .hub import check_repo_id, push_to_hub
+from .hub import push_to_hub
 from .inference import expand_prompt, inspect_prompt, load_pipeline, read_adapter_config, write_generation
 from .world.cli import add_world_parser
 from .world.model import BASE_SETTINGS
@@ -266,17 +266,8 @@ def _add_demo_parser(sub) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    if config.push_to_hub:
-        check_repo_id(config.push_to_hub)  # before hours of training, not after
-    # trainer.Trainer is read at call time, so a caller (or a test) that replaces it is the one that runs
-    run = trainer.Trainer(config)
-    result = run.run()  # logs the run summary (time per stage, peak memory, files)
-    print(result.output_dir)
-    accelerator = getattr(run, "accelerator", None)
-    if config.push_to_hub and (accelerator is None or accelerator.is_main_process):
-        url = push_to_hub(result.output_dir, config.push_to_hub)
-        logger.info("Pushed to the Hub: %s", url)
+    # the run logs its summary (time per stage, peak memory, files) and, with push_to_hub, the pushed repo
+    print(trainer.train(config_from_args(args)))
     return EXIT_OK
 
 

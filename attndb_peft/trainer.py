@@ -118,7 +118,7 @@ def train(config: AttnDBConfig) -> Path:
     trainer = Trainer(config)
     output_dir = trainer.run().output_dir
     if config.push_to_hub and trainer.accelerator.is_main_process:
-        push_to_hub(output_dir, config.push_to_hub)
+        logger.info("Pushed to the Hub: %s", push_to_hub(output_dir, config.push_to_hub))
     return output_dir
 
 

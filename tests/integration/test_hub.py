@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from types import SimpleNamespace
 
 import pytest
 from huggingface_hub import HfApi
@@ -156,6 +157,8 @@ def test_cli_train_pushes_when_asked(adapter_folder, monkeypatch, capsys):
     hub = FakeHub(monkeypatch)
 
     class StubTrainer:
+        accelerator = SimpleNamespace(is_main_process=True)
+
         def __init__(self, config):
             self.config = config
 
