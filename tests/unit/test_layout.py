@@ -102,3 +102,25 @@ def test_modules_and_classes_read_at_a_glance(path):
         if isinstance(node, ast.ClassDef):
             length = node.end_lineno - node.lineno + 1
             assert length <= MAX_CLASS_LINES, f"{_name(path)}.{node.name}: {length} lines"
+
+
+def test_every_error_the_package_raises_on_purpose_is_one_family():
+    """`except attndb_peft.AttnDBError` catches every exception class the package defines, each either a usage
+    error (exit 2) or a run error (exit 1)."""
+    import importlib
+    import inspect
+
+    import attndb_peft
+    from attndb_peft.errors import AttnDBError, RunError, UsageError
+
+    found = set()
+    for module in sorted(set(GRAPH) - {"attndb_peft.__main__"}):  # importing __main__ runs the CLI
+        for _, obj in inspect.getmembers(importlib.import_module(module), inspect.isclass):
+            if issubclass(obj, BaseException) and obj.__module__.startswith("attndb_peft"):
+                found.add(obj)
+    assert len(found) >= 12  # the family and the ten classes of the modules that raise them
+    for cls in found:
+        assert issubclass(cls, AttnDBError), cls
+        assert issubclass(cls, UsageError) != issubclass(cls, RunError) or cls is AttnDBError, cls
+        assert cls.exit_code == (2 if issubclass(cls, UsageError) else 1), cls
+    assert attndb_peft.AttnDBError is AttnDBError and attndb_peft.UsageError is UsageError
