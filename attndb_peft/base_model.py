@@ -13,7 +13,6 @@ one cannot be found, the error names its replacement.
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,18 +319,14 @@ def load_base_models(
     return BaseModels(family, tokenizers, text_encoders, vae, unet, scheduler, source, revision)
 
 
-#: The pipeline components that only screen outputs (SD 1.x ships them); `safety_checker=True` keeps them.
-_CHECKER_COMPONENTS = ("safety_checker", "feature_extractor")
-
-
 def build_pipeline(models: BaseModels, safety_checker: bool = False, token: str | None = None):
     """The family's pipeline (`StableDiffusionPipeline` or `StableDiffusionXLPipeline`) over `models`, with the
     base model's own inference scheduler (the class its `model_index.json` names).
 
     Args:
         models (`BaseModels`): the pieces, used as they are (no copy).
-        safety_checker (`bool`): load the model's own safety checker and its image processor, when it has them;
-            by default they are left out.
+        safety_checker (`bool`): load the model's own safety checker and its image processor, when it has them
+            (in the U-Net's dtype); by default they are left out.
         token (`str`, *optional*): a Hub access token.
     """
     import diffusers
@@ -339,26 +334,15 @@ def build_pipeline(models: BaseModels, safety_checker: bool = False, token: str 
     hub = {"revision": models.revision} if token is None else {"revision": models.revision, "token": token}
     family = models.family
     pipeline_class = getattr(diffusers, family.pipeline_class)
-    index = pipeline_class.load_config(models.source, **hub)
-    _, scheduler_class = index["scheduler"]
-    scheduler = getattr(diffusers, scheduler_class).from_pretrained(models.source, subfolder="scheduler", **hub)
-    extras = family.no_safety_checker()
-    if safety_checker and extras:
-        extras = {}
-        for name in _CHECKER_COMPONENTS:
-            library, class_name = index.get(name) or (None, None)
-            if class_name is None:
-                extras[name] = None
-                continue
-            # model_index.json names diffusers' own pipeline modules by their short name ("stable_diffusion")
-            module = library if library in ("diffusers", "transformers") else f"diffusers.pipelines.{library}"
-            extras[name] = getattr(importlib.import_module(module), class_name).from_pretrained(
-                models.source, subfolder=name, **hub
-            )
-        present = extras["safety_checker"] is not None
-        extras["requires_safety_checker"] = present and index.get("requires_safety_checker", True)
-    text = {
+    pieces = {
+        "vae": models.vae,
+        "unet": models.unet,
         **dict(zip(family.tokenizers, models.tokenizers)),
         **dict(zip(family.text_encoders, models.text_encoders)),
     }
-    return pipeline_class(vae=models.vae, unet=models.unet, scheduler=scheduler, **text, **extras)
+    if safety_checker and family.no_safety_checker():
+        # diffusers loads what is not given: the inference scheduler, the safety checker and its image processor
+        return pipeline_class.from_pretrained(models.source, **pieces, torch_dtype=models.unet.dtype, **hub)
+    _, scheduler_class = pipeline_class.load_config(models.source, **hub)["scheduler"]
+    scheduler = getattr(diffusers, scheduler_class).from_pretrained(models.source, subfolder="scheduler", **hub)
+    return pipeline_class(scheduler=scheduler, **pieces, **family.no_safety_checker())

@@ -27,7 +27,7 @@ import torch
 
 from .adapter_format import AdapterInfo, package_versions, read_adapter_config
 from .attention import AttentionStore, capture_cross_attention
-from .base_model import BaseModelError, build_pipeline, check_base_model, load_base_models
+from .base_model import BaseModelError, build_pipeline, check_base_model, is_single_file, load_base_models
 from .errors import UsageError, arg, first_line
 from .loading import AdapterError, load_attndb
 from .visualize import attention_figure
@@ -142,7 +142,9 @@ def load_pipeline(
         raise UsageError(str(exc)) from None
     try:
         models = load_base_models(model, revision, model_config, torch_dtype=torch_dtype, token=hub_token)
-        pipe = build_pipeline(models, safety_checker=safety_checker, token=hub_token)
+        # a single file brings no safety checker (as `from_single_file` loads it here)
+        checker = safety_checker and not is_single_file(model)
+        pipe = build_pipeline(models, safety_checker=checker, token=hub_token)
     except Exception as exc:  # missing folder, bad id, no network: one line that names the argument
         raise UsageError(
             f"{arg('model')} {model}: cannot load a Stable Diffusion pipeline ({first_line(exc)}); give a "

@@ -190,5 +190,7 @@ def test_evaluate_loads_the_model_without_its_safety_checker(tmp_path):
     pipe.save_pretrained(tmp_path / "sd1-like")
     kept, _ = load_pipeline(str(tmp_path / "sd1-like"), device="cpu")
     assert isinstance(kept.safety_checker, StableDiffusionSafetyChecker)  # generate keeps the model's own
+    half, _ = load_pipeline(str(tmp_path / "sd1-like"), device="cpu", dtype="fp16")
+    assert half.safety_checker.dtype == half.unet.dtype == torch.float16  # it checks the fp16 pictures as they are
     dropped, _ = load_pipeline(str(tmp_path / "sd1-like"), device="cpu", safety_checker=False)
     assert dropped.safety_checker is None
