@@ -15,6 +15,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from .amp import autocast_off
+
 __all__ = ["AttentionStore", "CrossAttnCaptureProcessor", "capture_cross_attention", "cross_attention_names"]
 
 
@@ -136,7 +138,7 @@ class CrossAttnCaptureProcessor:
         # fp16 q.k^T overflows on models that need `upcast_attention` (SD 2.1-768) and the softmax turns into NaN,
         # and bf16 rounding of the scores adds noise to the small statistics the regularizer compares.
         dtype = torch.promote_types(query.dtype, torch.float32)
-        with torch.autocast(query.device.type, enabled=False):
+        with autocast_off(query.device.type):
             scores = torch.matmul(query.to(dtype), key.to(dtype).transpose(-1, -2)) * attn.scale
             if attention_mask is not None:
                 scores = scores + attention_mask.to(dtype)
