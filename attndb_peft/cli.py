@@ -1,9 +1,10 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
 """`attndb` command line: argparse -> `AttnDBConfig` / function calls. No logic of its own.
 
-Subcommands: `train`, `generate`, `inspect`, `evaluate`, `push`, `export`, `demo`, `world` (its subcommands live
-in `world/cli.py`). The `train` flags are generated from `AttnDBConfig`'s fields (`cli_args.add_config_arguments`).
-In prompts, `{}` expands to `TOKEN CATEGORY` (read from the adapter's `attndb_config.json`).
+Subcommands: `train`, `estimate`, `generate`, `inspect`, `evaluate`, `push`, `export`, `demo`, `world` (its
+subcommands live in `world/cli.py`). The `train` flags (and `estimate`'s) are generated from `AttnDBConfig`'s
+fields (`cli_args.add_config_arguments`). In prompts, `{}` expands to `TOKEN CATEGORY` (read from the adapter's
+`attndb_config.json`).
 
 Imports run one way: this module imports `world/cli.py` (to register `world`) and `cli_args.py` (the argument
 helpers both share); neither imports this one.
@@ -41,6 +42,9 @@ from .cli_args import (
 )
 from .demo import DEMO_STEPS, WORLD_DEMO_CONCEPT, run_demo
 from .errors import AttnDBError, UsageError, arg
+from .estimator.architectures import ARCHITECTURES
+from .estimator.estimate import estimate_run, format_estimate, write_estimate
+from .estimator.gpus import GPUS
 from .evaluate import (
     DEFAULT_CLIP_MODEL,
     ClipEmbedder,
@@ -73,9 +77,69 @@ def _add_train_parser(sub) -> None:
         help="YAML or JSON file of AttnDBConfig settings (see examples/config.yaml), or a finished run's "
         "attndb_config.json to reproduce it.",
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="Run every input check, print the predicted GPU memory and time of each stage (attndb estimate), "
+        "and stop before training; nothing is written.",
+    )
     add_common(p)
     add_config_arguments(p)  # one flag per AttnDBConfig/StageConfig field, from the fields' metadata
     p.set_defaults(handler=_cmd_train)
+
+
+def _add_estimate_parser(sub) -> None:
+    p = sub.add_parser(
+        "estimate",
+        usage="attndb estimate --model MODEL [--gpu-memory GIB] [--gpu NAME] [train options]",
+        help="Predict a run's peak GPU memory per stage and its training time, without a GPU.",
+        description="Predict, for the settings of an 'attndb train' run, each stage's peak GPU memory (weights, "
+        "gradients, optimizer, activations, workspace), whether it fits a card and which settings would make it "
+        "fit, and the recipe's training time on common GPUs. The steps are counted on PyTorch's meta device from "
+        "the model's configs alone (no weights, no GPU): --model is a diffusers folder, a Hub id (its config "
+        "files only), a single file with --model-config, or one of the architectures "
+        f"{', '.join(ARCHITECTURES)} (no download). Takes every 'attndb train' flag; --images, --category and "
+        "--output are optional here.",
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of settings, as for attndb train.")
+    p.add_argument(
+        "--gpu-memory", type=float, metavar="GIB", help="Check the fit against this much GPU memory (GiB)."
+    )
+    p.add_argument(
+        "--gpu",
+        choices=tuple(GPUS),
+        help="The card: its memory for the fit (unless --gpu-memory) and its precision for --mixed-precision auto. "
+        "Default: every listed card in the time table, the fit checked where --gpu-memory says.",
+    )
+    p.add_argument("--json", metavar="FILE", help="Also write the estimate as JSON.")
+    add_common(p)
+    add_config_arguments(p)
+    p.set_defaults(handler=_cmd_estimate)
+
+
+def _estimate_config(args: argparse.Namespace):
+    """The train settings of `attndb estimate`, where the data and output folders are optional."""
+    for name, placeholder in (("images", "-"), ("output", "-"), ("category", "dog")):
+        if getattr(args, name, None) is None:
+            setattr(args, name, placeholder)
+    return config_from_args(args)
+
+
+def _with_flags(text: str) -> str:
+    """An estimate's text with the settings it names shown as `attndb train` flags."""
+    flags = argparse.ArgumentParser(add_help=False)
+    add_config_arguments(flags)
+    return show_flags(text, flags)
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    gpu = GPUS[args.gpu] if args.gpu else None
+    logger.info("Counting each stage on the meta device (seconds to a minute)...")
+    result = estimate_run(_estimate_config(args), gpu=gpu, gpu_memory_gib=args.gpu_memory)
+    print(_with_flags(format_estimate(result, [gpu] if gpu else None)))
+    if args.json:
+        write_estimate(result, args.json)
+    return EXIT_OK
 
 
 def _add_generation_args(p: argparse.ArgumentParser, steps: int, adapter_required: bool = False) -> None:
@@ -266,8 +330,12 @@ def _add_demo_parser(sub) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if args.dry_run:
+        print(_with_flags(format_estimate(trainer.dry_run(config))))
+        return EXIT_OK
     # the run logs its summary (time per stage, peak memory, files) and, with push_to_hub, the pushed repo
-    print(trainer.train(config_from_args(args)))
+    print(trainer.train(config))
     return EXIT_OK
 
 
@@ -450,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
     _add_train_parser(sub)
+    _add_estimate_parser(sub)
     _add_generate_parser(sub)
     _add_inspect_parser(sub)
     _add_evaluate_parser(sub)

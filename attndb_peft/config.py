@@ -371,6 +371,13 @@ class AttnDBConfig:
         default=False,
         group="memory",
     )
+    predict_memory: bool = setting(
+        "On a CUDA device, predict each stage's peak GPU memory when the run starts (as attndb estimate does: "
+        "counted on the meta device, seconds to a minute of CPU) and log it next to the peak measured at each "
+        "stage's end.",
+        default=True,
+        group="memory",
+    )
     # -- output -----------------------------------------------------------------------------------------------
     save_dtype: str = setting(
         "dtype of the exported LoRA and embedding.", default="fp16", group="output", choices=_SAVE_DTYPES

@@ -35,6 +35,7 @@ __all__ = [
     "SampleSource",
     "check_report_to",
     "format_run_summary",
+    "memory_check",
     "peak_memory",
     "tracker_config",
     "trackers_for",
@@ -101,6 +102,15 @@ def peak_memory(device: torch.device) -> str:
     return f"{peak_bytes / 2**30:.2f} GiB (peak resident memory of the process)"
 
 
+def memory_check(stage: int, measured_gib: float, predicted_gib: float | None) -> str:
+    """The line a run logs at a stage's end on a GPU: the measured peak next to the predicted one."""
+    line = f"stage {stage}: peak GPU memory {measured_gib:.2f} GiB (torch.cuda.max_memory_allocated)"
+    if predicted_gib:
+        error = 100 * (predicted_gib - measured_gib) / measured_gib
+        line += f", predicted {predicted_gib:.2f} GiB ({error:+.1f} %)"
+    return line
+
+
 def format_run_summary(result, stage_names: dict[int, str], device: torch.device) -> str:
     """A few lines for the end of `train`: time per stage, time spent on samples, peak memory, files written."""
     out = Path(result.output_dir)
@@ -111,7 +121,11 @@ def format_run_summary(result, stage_names: dict[int, str], device: torch.device
         lines.append(f"  stage {stage} {stage_names.get(stage, '')}: {seconds:.1f} s")
     if result.sample_files:
         lines.append(f"  validation samples: {result.validation_seconds:.1f} s, {len(result.sample_files)} picture(s)")
-    lines.append(f"  peak memory: {peak_memory(device)}")
+    if result.measured_gib:  # a GPU run: each stage's peak, next to the prediction
+        for stage, measured in sorted(result.measured_gib.items()):
+            lines.append(f"  {memory_check(stage, measured, result.predicted_gib.get(stage))}")
+    else:
+        lines.append(f"  peak memory: {peak_memory(device)}")
     lines.append("  files written:")
     for path in [*result.files, *result.sample_files]:
         lines.append(f"    {_relative(Path(path), out)}")

@@ -36,10 +36,12 @@ from .base_model import BaseModelError, BaseModels, build_pipeline, check_base_m
 from .config import AttnDBConfig
 from .data import LatentCache
 from .errors import RunError, arg
+from .estimator.estimate import estimate_run
+from .estimator.gpus import local_gpu
 from .export import export_adapter
 from .families import native_resolution
 from .hub import check_repo_id, push_to_hub
-from .reporting import SampleSource, format_run_summary, tracker_config, write_validation_samples
+from .reporting import SampleSource, format_run_summary, memory_check, tracker_config, write_validation_samples
 from .stages import STAGE_NAMES, ConceptSplice, ConceptToken, add_concept_tokens
 from .training import resume as resume_lib
 from .training.cache import build_latent_cache
@@ -69,6 +71,7 @@ __all__ = [
     "Trainer",
     "TrainingDiverged",
     "check_inputs",
+    "dry_run",
     "export_checkpoint",
     "load_tokenizer",
     "train",
@@ -92,6 +95,8 @@ class TrainResult:
     token: str
     stage_seconds: dict[int, float] = field(default_factory=dict)
     peak_memory_gib: float = 0.0
+    predicted_gib: dict[int, float] = field(default_factory=dict)  # per stage, by the estimator (GPU runs)
+    measured_gib: dict[int, float] = field(default_factory=dict)  # per stage, torch.cuda.max_memory_allocated
     files: list[Path] = field(default_factory=list)
     validation_seconds: float = 0.0
     sample_files: list[Path] = field(default_factory=list)
@@ -199,7 +204,9 @@ class Trainer:
             self.run_stage(stage, start_step)
         self.result.files = self.export()
         if self.device.type == "cuda":
-            self.result.peak_memory_gib = torch.cuda.max_memory_allocated() / 2**30
+            self.result.peak_memory_gib = max(
+                [torch.cuda.max_memory_allocated(self.device) / 2**30, *self.result.measured_gib.values()]
+            )
         if self.accelerator.is_main_process:
             logger.info(format_run_summary(self.result, STAGE_NAMES, self.device))
         self.accelerator.end_training()
@@ -228,6 +235,7 @@ class Trainer:
         acc.wait_for_everyone()
         self._load_models()
         cfg = self.config  # every default is known now, even for a model whose configs could not be read above
+        self._predict_memory()
         accumulation, processes = cfg.gradient_accumulation_steps, acc.num_processes
         self.result.batch = (
             f"{cfg.batch_size * accumulation * processes} images per optimizer step ({cfg.batch_size} per pass x "
@@ -240,6 +248,24 @@ class Trainer:
         self.latents, self.num_images = build_latent_cache(cfg, self.family, self.vae)
         offload_frozen(self.models, self.device, cfg, keep_text_encoder=True)
         return point
+
+    def _predict_memory(self) -> None:
+        """On a GPU (main process, `predict_memory`): log each stage's predicted peak (`estimator`), which the
+        stage ends compare with the measured one. A prediction that fails is logged and the run goes on."""
+        if self.device.type != "cuda" or not self.config.predict_memory or not self.accelerator.is_main_process:
+            return
+        try:
+            estimate = estimate_run(self.config, gpu=local_gpu(), suggest=False)
+        except Exception as exc:  # the prediction is a report, never a reason to stop a run
+            logger.warning("Memory prediction skipped (%s: %s).", type(exc).__name__, exc)
+            return
+        self.result.predicted_gib = {
+            int(p.name.split()[-1]): p.total_gib for p in estimate.phases if p.name.startswith("stage")
+        }
+        logger.info(
+            "Predicted peak GPU memory per stage: %s GiB (attndb estimate; measured at each stage's end).",
+            ", ".join(f"{s}: {g:.2f}" for s, g in sorted(self.result.predicted_gib.items())),
+        )
 
     def _load_models(self) -> None:
         """Load the base model (`base_model.load_base_models`), freeze it on the device, fill in the defaults
@@ -322,6 +348,8 @@ class Trainer:
         )
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         running, since_log = torch.zeros(2, device=self.device), 0
+        if self.device.type == "cuda":  # each stage's own peak, for the check against the prediction
+            torch.cuda.reset_peak_memory_stats(self.device)
         with self.stage_loop(stage) as train_step:
             for step in range(start_step, stage_cfg.steps):
                 mse, reg, ok = train_step(step)
@@ -348,6 +376,10 @@ class Trainer:
                 if cfg.validation_steps and done % cfg.validation_steps == 0 and not is_last:
                     self.validate(stage, done)
         progress.close()
+        if self.device.type == "cuda" and stage_cfg.steps > start_step:
+            measured = self.result.measured_gib[stage] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            if acc.is_main_process:
+                logger.info(memory_check(stage, measured, self.result.predicted_gib.get(stage)))
         if stage_cfg.steps == 0:  # a skipped stage still leaves a checkpoint to resume after it
             self.save_checkpoint(stage, 0)
         self.result.stage_seconds[stage] = time.perf_counter() - started
@@ -467,6 +499,28 @@ class Trainer:
             self.build_stage(built).load_state(resume_lib.load_weights(path, self.device))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         return self.export({"checkpoint": path.name})
+def dry_run(config: AttnDBConfig):
+    """What `attndb train --dry-run` does: every input check of a run (images, masks, output folder, token,
+    category, the base model, with `resume` the checkpoint to continue), then the memory and time estimate of its
+    stages (`estimator.estimate.estimate_run`, on this machine's GPU when it has one). Nothing is loaded but
+    configs and the tokenizer, and nothing is written.
+
+    Returns:
+        `estimator.estimate.Estimate`: the prediction.
+
+    Raises:
+        InputError: bad input (the message lists every problem found).
+    """
+    if config.push_to_hub:
+        check_repo_id(config.push_to_hub)
+    config = resolve_model_defaults(config, {})
+    for warning in check_inputs(config):
+        logger.warning(warning)
+    if config.resume:
+        resume_lib.read_resume_point(Path(config.output), config, 1)
+    return estimate_run(config, gpu=local_gpu())
+
+
 def export_checkpoint(
     checkpoint: str | Path, output: str | Path, model: str | None = None, model_config: str | None = None
 ) -> list[Path]:

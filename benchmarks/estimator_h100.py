@@ -41,22 +41,61 @@ MEASURED = ROOT / "results" / "h100" / "measurements.json"
 OUT = ROOT / "results" / "estimator"
 
 UNET = dict(
-    sample_size=64, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
+    sample_size=64,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    attention_head_dim=(5, 10, 20, 20),
+    cross_attention_dim=1024,
+    use_linear_projection=True,
 )
-TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
-            hidden_act="gelu", projection_dim=1024)
-VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-           block_out_channels=(128, 256, 512, 512), layers_per_block=2)
+TEXT = dict(
+    vocab_size=49408,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_attention_heads=16,
+    num_hidden_layers=23,
+    hidden_act="gelu",
+    projection_dim=1024,
+)
+VAE = dict(
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+)
 BATCH, RES = 8, 512
 V, C = 5, 6  # token positions of [V] and [category] in "a photo of a [V] [category]"
-STAGE3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
-                       "conv2", "conv_shortcut", "time_emb_proj"]
-STAGES = [("ref_s1", 1, "ref"), ("opt_s1", 1, "opt"), ("ref_s2", 2, "ref"), ("opt_s2", 2, "opt_lora"),
-          ("ref_s3", 3, "ref"), ("opt_s3_full", 3, "opt_full"), ("opt_s3_lora", 3, "opt_lora")]
-FLOOR = [("fp32w_amp_eager", torch.float32, False, True), ("bf16w_eager", torch.bfloat16, False, True),
-         ("bf16w_eager_cl", torch.bfloat16, True, True), ("bf16w_frozen_inputgrad_eager", torch.bfloat16, False, False)]
+STAGE3_LORA_TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "time_emb_proj",
+]
+STAGES = [
+    ("ref_s1", 1, "ref"),
+    ("opt_s1", 1, "opt"),
+    ("ref_s2", 2, "ref"),
+    ("opt_s2", 2, "opt_lora"),
+    ("ref_s3", 3, "ref"),
+    ("opt_s3_full", 3, "opt_full"),
+    ("opt_s3_lora", 3, "opt_lora"),
+]
+FLOOR = [
+    ("fp32w_amp_eager", torch.float32, False, True),
+    ("bf16w_eager", torch.bfloat16, False, True),
+    ("bf16w_eager_cl", torch.bfloat16, True, True),
+    ("bf16w_frozen_inputgrad_eager", torch.bfloat16, False, False),
+]
 COMPILED = ("bf16w_compiled", "bf16w_frozen_inputgrad_compiled")
 
 
@@ -113,14 +152,15 @@ def stage_setup(stage: int, mode: str, device):
     amp = torch.float16 if ref else torch.bfloat16
     unet, text, vae = _models(device, dtype)
     store: list = []
-    unet.set_attn_processor({n: (Capture(store, ref) if ("attn2" in n or ref) else p)
-                             for n, p in unet.attn_processors.items()})
+    unet.set_attn_processor(
+        {n: (Capture(store, ref) if ("attn2" in n or ref) else p) for n, p in unet.attn_processors.items()}
+    )
     emb = text.get_input_embeddings()
     if stage == 1:
         row = torch.nn.Parameter(emb.weight[C].detach().float().clone())
         params = [row]
         emb.register_forward_hook(
-            lambda m, i, o: torch.cat([o[:, :V], row.to(o.dtype).expand(o.shape[0], 1, -1), o[:, V + 1:]], 1)
+            lambda m, i, o: torch.cat([o[:, :V], row.to(o.dtype).expand(o.shape[0], 1, -1), o[:, V + 1 :]], 1)
         )
         if ref:
             text.requires_grad_(True)
@@ -201,7 +241,9 @@ def floor_setup(dtype, channels_last: bool, train_weights: bool, device):
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = None
     if train_weights:
-        optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True) if cuda else torch.optim.AdamW(params, foreach=False)
+        optimizer = (
+            torch.optim.AdamW(params, lr=1e-6, fused=True) if cuda else torch.optim.AdamW(params, foreach=False)
+        )
     x = torch.zeros(BATCH, 4, 64, 64, device=device, requires_grad=not train_weights)
     e = torch.zeros(BATCH, 77, 1024, device=device)
 
@@ -245,8 +287,10 @@ def measure(setup, steps: int = 5) -> dict:
         torch.cuda.synchronize()
         if i >= 3:
             times.append(time.perf_counter() - started)
-    return {"measured_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "ms": round(sorted(times)[len(times) // 2] * 1000, 1)}
+    return {
+        "measured_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "ms": round(sorted(times)[len(times) // 2] * 1000, 1),
+    }
 
 
 def configurations():
@@ -284,21 +328,36 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache() if a.measure else None
     for name in COMPILED:
         if name in measured and not a.only:
-            rows.append({"name": name, **{k: measured[name][k] for k in ("peak_gib", "ms")},
-                         "note": "torch.compile: not modelled (the compiled graph frees and fuses differently)"})
+            rows.append(
+                {
+                    "name": name,
+                    **{k: measured[name][k] for k in ("peak_gib", "ms")},
+                    "note": "torch.compile: not modelled (the compiled graph frees and fuses differently)",
+                }
+            )
     if not a.measure:
         a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / "h100_comparison.json").write_text(json.dumps(
-            {"measured": f"{recorded['device']}, {recorded['date']} ({MEASURED.relative_to(ROOT.parent)})",
-             "predicted_on": "meta device, torch " + torch.__version__, "rows": rows}, indent=1) + "\n")
+        (a.out / "h100_comparison.json").write_text(
+            json.dumps(
+                {
+                    "measured": f"{recorded['device']}, {recorded['date']} ({MEASURED.relative_to(ROOT.parent)})",
+                    "predicted_on": "meta device, torch " + torch.__version__,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         (a.out / "h100_comparison.md").write_text(table(rows) + "\n")
         print(table(rows))
     return 0
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| step | measured GiB | predicted GiB | error | TFLOP/step | achieved TFLOP/s |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| step | measured GiB | predicted GiB | error | TFLOP/step | achieved TFLOP/s |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['name']} | {r.get('peak_gib', '')} | {r.get('predicted_gib', r.get('note', ''))} | "

@@ -38,29 +38,86 @@ from ..amp import autocast_suspended
 
 __all__ = ["CATEGORIES", "CudaAutocast", "PeakCounter", "StepCount", "count_step", "fused_attention"]
 
-#: The breakdown of a peak, in the order it is shown; MemTracker's categories map onto them.
+#: The breakdown of a peak, in the order it is shown; MemTracker's categories map onto them. The peak also says
+#: how much of the activations the attention capture holds (`attention_capture`, part of `activations`).
 CATEGORIES = ("weights", "gradients", "optimizer", "activations")
 
 _LOW_PRECISION = {
-    F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__,
-    torch.mm, torch.Tensor.mm, torch.bmm, torch.Tensor.bmm, torch.baddbmm, torch.Tensor.baddbmm, torch.addmm,
-    torch.Tensor.addmm, torch.addbmm, torch.addmv, torch.mv, torch.einsum, torch.conv1d, torch.conv2d,
-    torch.conv3d, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-    torch.prelu, F.prelu,
+    F.linear,
+    torch.matmul,
+    torch.Tensor.matmul,
+    torch.Tensor.__matmul__,
+    torch.Tensor.__rmatmul__,
+    torch.mm,
+    torch.Tensor.mm,
+    torch.bmm,
+    torch.Tensor.bmm,
+    torch.baddbmm,
+    torch.Tensor.baddbmm,
+    torch.addmm,
+    torch.Tensor.addmm,
+    torch.addbmm,
+    torch.addmv,
+    torch.mv,
+    torch.einsum,
+    torch.conv1d,
+    torch.conv2d,
+    torch.conv3d,
+    F.conv1d,
+    F.conv2d,
+    F.conv3d,
+    F.conv_transpose1d,
+    F.conv_transpose2d,
+    F.conv_transpose3d,
+    torch.prelu,
+    F.prelu,
 }
 _FLOAT32 = {
-    F.group_norm, torch.group_norm, F.layer_norm, torch.layer_norm, F.softmax, torch.softmax,
-    torch.Tensor.softmax, F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax, F.mse_loss, F.l1_loss,
-    F.smooth_l1_loss, F.cross_entropy, F.nll_loss, F.cosine_similarity, F.normalize, torch.exp, torch.Tensor.exp,
-    torch.log, torch.Tensor.log, torch.pow, torch.Tensor.pow, torch.Tensor.__pow__, torch.rsqrt,
-    torch.Tensor.rsqrt, torch.sum, torch.Tensor.sum, torch.prod, torch.cumsum, torch.Tensor.cumsum, torch.norm,
-    torch.Tensor.norm, F.softplus, torch.erfinv, torch.expm1, torch.log1p, torch.reciprocal,
+    F.group_norm,
+    torch.group_norm,
+    F.layer_norm,
+    torch.layer_norm,
+    F.softmax,
+    torch.softmax,
+    torch.Tensor.softmax,
+    F.log_softmax,
+    torch.log_softmax,
+    torch.Tensor.log_softmax,
+    F.mse_loss,
+    F.l1_loss,
+    F.smooth_l1_loss,
+    F.cross_entropy,
+    F.nll_loss,
+    F.cosine_similarity,
+    F.normalize,
+    torch.exp,
+    torch.Tensor.exp,
+    torch.log,
+    torch.Tensor.log,
+    torch.pow,
+    torch.Tensor.pow,
+    torch.Tensor.__pow__,
+    torch.rsqrt,
+    torch.Tensor.rsqrt,
+    torch.sum,
+    torch.Tensor.sum,
+    torch.prod,
+    torch.cumsum,
+    torch.Tensor.cumsum,
+    torch.norm,
+    torch.Tensor.norm,
+    F.softplus,
+    torch.erfinv,
+    torch.expm1,
+    torch.log1p,
+    torch.reciprocal,
 }
 _ATTENTION = {F.scaled_dot_product_attention}
 
 
-def fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, target="cuda",
-                    **kwargs):
+def fused_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, target="cuda", **kwargs
+):
     """`F.scaled_dot_product_attention` by the fused kernel the target's dispatcher picks (see the module
     docstring); the same function of the inputs, without the attention matrix.
 
@@ -182,12 +239,14 @@ class StepCount:
 class PeakCounter(TorchDispatchMode):
     """Live bytes of a device and their peak, by category, counted as the step runs: what `MemTracker` reports,
     at a fraction of its cost (it also keeps per-module statistics, which cost 5-10x a meta step on a U-Net;
-    tests/unit/test_estimator.py checks the two agree).
+    tests/unit/test_estimator.py checks that the two agree).
 
     Every storage an op returns is counted until it is freed (a weak-reference finaliser on the storage); the
     storages alive before the step (weights, optimizer state, caches) are counted by `resident`. Gradients are
     told apart by a hook on each trainable parameter (a gradient is new bytes the first time it is written in a
-    step, as the trainer sets them to None after each update).
+    step, as the trainer sets them to None after each update). What the attn2 capture computes in float32 for the
+    regularizer (inside `amp.autocast_off`: the scores, probabilities and the float32 copies of queries and keys)
+    is the `attention_capture` share of the activations.
 
     Args:
         device (`torch.device`): the device counted.
@@ -198,36 +257,38 @@ class PeakCounter(TorchDispatchMode):
     def __init__(self, device, resident: dict, trainable: Iterable[torch.Tensor] = ()) -> None:
         super().__init__()
         self.device = torch.device(device)
-        self._seen: dict[int, int] = {}
+        self._seen: dict[int, tuple[int, bool]] = {}  # storage -> (bytes, made by the capture)
+        self.capture = self.grads = 0
         base = {name: 0 for name in CATEGORIES}
         for name, tensors in resident.items():
             for t in tensors:
                 base[name] += self._adopt(t)
         self.resident = base
         self.live = sum(base.values())
-        self.grads = 0
-        self.peak = dict(base, total=self.live)
-        self._handles = []
-        for p in trainable:
-            if p.requires_grad:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._grad_written))
+        self.peak = dict(base, attention_capture=0, total=self.live)
         self._graded: set[int] = set()
+        self._handles = [
+            p.register_post_accumulate_grad_hook(self._grad_written) for p in trainable if p.requires_grad
+        ]
 
     def _adopt(self, t: torch.Tensor) -> int:
         """Count `t`'s storage from now until it is freed; returns the new bytes (0 when already counted)."""
-        if not isinstance(t, torch.Tensor) or t.device != self.device:
+        if t.device != self.device:
             return 0
         storage = t.untyped_storage()
         key = id(storage)
         if key in self._seen:
             return 0
-        size = storage.nbytes()
-        self._seen[key] = size
+        size, capture = storage.nbytes(), autocast_suspended()
+        self._seen[key] = (size, capture)
+        self.capture += size if capture else 0
         weakref.finalize(storage, self._freed, key)
         return size
 
     def _freed(self, key: int) -> None:
-        self.live -= self._seen.pop(key, 0)
+        size, capture = self._seen.pop(key, (0, False))
+        self.live -= size
+        self.capture -= size if capture else 0
 
     def _grad_written(self, param: torch.Tensor) -> None:
         if id(param) not in self._graded and param.grad is not None:
@@ -237,13 +298,19 @@ class PeakCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in torch.utils._pytree.tree_leaves(out):
-            self.live += self._adopt(t) if isinstance(t, torch.Tensor) else 0
+            if isinstance(t, torch.Tensor):
+                self.live += self._adopt(t)
         if self.live > self.peak["total"]:
-            grads = min(self.grads, self.live - sum(self.resident.values()))
-            self.peak = dict(
-                self.resident, gradients=self.resident["gradients"] + grads, total=self.live
-            )
-            self.peak["activations"] = self.live - sum(v for k, v in self.peak.items() if k not in ("activations", "total"))
+            grads = self.resident["gradients"] + min(self.grads, self.live - sum(self.resident.values()))
+            fixed = self.resident["weights"] + self.resident["optimizer"] + grads
+            self.peak = {
+                "weights": self.resident["weights"],
+                "gradients": grads,
+                "optimizer": self.resident["optimizer"],
+                "activations": self.live - fixed,
+                "attention_capture": self.capture,
+                "total": self.live,
+            }
         return out
 
     def __exit__(self, *exc):
@@ -298,11 +365,23 @@ def count_step(
         peak = _categories(snapshot.get(device, {}))
     else:
         weights = [t for m in modules for t in (*m.parameters(), *m.buffers())]
-        state = [v for o in optimizers for s in o.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        # the moments; AdamW's 0-dim step counters are left out (fused AdamW keeps them on the device: one
+        # 512-byte block each, below 0.1 % of any step here)
+        state = [
+            v
+            for o in optimizers
+            for s in o.state.values()
+            for v in s.values()
+            if isinstance(v, torch.Tensor) and v.dim() > 0
+        ]
         counter = PeakCounter(
             device,
-            {"weights": weights, "optimizer": state, "gradients": [p.grad for p in weights if p.grad is not None],
-             "activations": extra},
+            {
+                "weights": weights,
+                "optimizer": state,
+                "gradients": [p.grad for p in weights if p.grad is not None],
+                "activations": extra,
+            },
             trainable=[p for m in modules for p in m.parameters() if p.requires_grad],
         )
         with counter:

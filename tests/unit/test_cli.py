@@ -10,7 +10,7 @@ import pytest
 from attndb_peft import cli
 from attndb_peft.cli import build_parser, config_from_args, main
 
-COMMANDS = ("train", "generate", "inspect", "evaluate", "push", "export", "demo")
+COMMANDS = ("train", "estimate", "generate", "inspect", "evaluate", "push", "export", "demo")
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

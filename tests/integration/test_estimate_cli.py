@@ -1,0 +1,52 @@
+# Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
+"""`attndb estimate` and `attndb train --dry-run`: the prediction from a model folder or a known architecture,
+usage errors as one line with exit code 2, and a dry run that checks everything and writes nothing."""
+
+from __future__ import annotations
+
+import json
+
+from attndb_peft.cli import main
+
+TINY = ["--resolution", "32", "--batch-size", "2", "--steps", "2,2,2"]
+
+
+def test_estimate_a_model_folder(tiny_model, tmp_path, capsys):
+    out = tmp_path / "estimate.json"
+    assert main(["estimate", "--model", str(tiny_model), *TINY, "--gpu-memory", "80", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    for phase in ("latents", "stage 1", "stage 2", "stage 3"):
+        assert phase in text
+    assert "Fits 80 GiB." in text and "RTX 4090" in text
+    data = json.loads(out.read_text())
+    assert [p["name"] for p in data["phases"]] == ["latents", "stage 1", "stage 2", "stage 3"]
+    assert all(p["peak_gib"]["total"] > 0 and p["tflop_per_step"] >= 0 for p in data["phases"])
+
+
+def test_estimate_a_known_architecture_without_download(capsys):
+    """`--model sd15` is the released architecture's configs, shipped with the package (nothing is read)."""
+    args = ["estimate", "--model", "sd15", "--resolution", "64", "--batch-size", "1", "--steps", "1,1,1"]
+    assert main([*args, "--gpu-memory", "0.5", "--gpu", "rtx4090"]) == 0
+    text = capsys.readouterr().out
+    assert "the SD 1.5 architecture" in text and "64 px" in text
+    assert "Does not fit 0.5 GiB" in text and "--gradient-checkpointing" in text  # a suggestion, as flags
+    assert "RTX 4090" in text and "A100" not in text
+
+
+def test_estimate_an_unreadable_model_is_a_usage_error(tmp_path, capsys):
+    assert main(["estimate", "--model", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--model" in err and "cannot read" in err
+
+
+def test_dry_run_checks_and_writes_nothing(tiny_model, instance_dir, tmp_path, capsys):
+    output = tmp_path / "out"
+    args = ["train", "--model", str(tiny_model), "--images", str(instance_dir), "--category", "dog", *TINY]
+    assert main([*args, "--output", str(output), "--dry-run"]) == 0
+    assert "stage 3" in capsys.readouterr().out
+    assert not output.exists()
+    # bad input: the usual message, exit 2, still nothing written
+    assert main([*args[:4], str(tmp_path / "no-images"), *args[5:], "--output", str(output), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "--images" in err and "Cannot start training" in err
+    assert not output.exists()
