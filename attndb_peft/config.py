@@ -361,22 +361,15 @@ class AttnDBConfig:
     )
     offload_frozen: bool = setting(
         "Keep the VAE (after the latents are cached) and the text encoder (after stage 1) on the CPU; stages 2-3 "
-        "move the text encoder over once to encode the prompt (low-memory setting).",
-        default=False,
-        group="memory",
+        "move the text encoder over once to encode the prompt (low-memory setting).", default=False, group="memory",
     )
     compile: bool = setting(
         "torch.compile the U-Net. Each stage compiles once (minutes), which the paper's 660 steps may not pay "
-        "back; see the README's performance section. Not with gradient_checkpointing.",
-        default=False,
-        group="memory",
+        "back; see the README's performance section. Not with gradient_checkpointing.", default=False, group="memory",
     )
     predict_memory: bool = setting(
-        "On a CUDA device, predict each stage's peak GPU memory when the run starts (as attndb estimate does: "
-        "counted on the meta device, seconds to a minute of CPU) and log it next to the peak measured at each "
-        "stage's end.",
-        default=True,
-        group="memory",
+        "On a GPU, log each stage's predicted peak memory at the start (attndb estimate: up to a minute of CPU) "
+        "and the measured one at its end.", default=True, group="memory",
     )
     # -- output -----------------------------------------------------------------------------------------------
     save_dtype: str = setting(

@@ -121,9 +121,10 @@ def format_run_summary(result, stage_names: dict[int, str], device: torch.device
         lines.append(f"  stage {stage} {stage_names.get(stage, '')}: {seconds:.1f} s")
     if result.sample_files:
         lines.append(f"  validation samples: {result.validation_seconds:.1f} s, {len(result.sample_files)} picture(s)")
-    if result.measured_gib:  # a GPU run: each stage's peak, next to the prediction
-        for stage, measured in sorted(result.measured_gib.items()):
-            lines.append(f"  {memory_check(stage, measured, result.predicted_gib.get(stage))}")
+    memory = getattr(result, "memory", None)
+    if memory is not None and memory.measured:  # a GPU run: each stage's peak, next to the prediction
+        for stage, measured in sorted(memory.measured.items()):
+            lines.append(f"  {memory_check(stage, measured, memory.predicted.get(stage))}")
     else:
         lines.append(f"  peak memory: {peak_memory(device)}")
     lines.append("  files written:")

@@ -41,11 +41,12 @@ from .estimator.gpus import local_gpu
 from .export import export_adapter
 from .families import native_resolution
 from .hub import check_repo_id, push_to_hub
-from .reporting import SampleSource, format_run_summary, memory_check, tracker_config, write_validation_samples
+from .reporting import SampleSource, format_run_summary, tracker_config, write_validation_samples
 from .stages import STAGE_NAMES, ConceptSplice, ConceptToken, add_concept_tokens
 from .training import resume as resume_lib
 from .training.cache import build_latent_cache
 from .training.inputs import InputError, check_inputs, load_tokenizer, resolve_model_defaults, warn_resolution
+from .training.memory import StageMemory
 from .training.resume import ResumePoint
 from .training.runtime import PROCESS_GROUP_TIMEOUT, Runtime, out_of_memory_message, start_runtime
 from .training.stage_kinds import Stage, make_stage
@@ -95,8 +96,7 @@ class TrainResult:
     token: str
     stage_seconds: dict[int, float] = field(default_factory=dict)
     peak_memory_gib: float = 0.0
-    predicted_gib: dict[int, float] = field(default_factory=dict)  # per stage, by the estimator (GPU runs)
-    measured_gib: dict[int, float] = field(default_factory=dict)  # per stage, torch.cuda.max_memory_allocated
+    memory: StageMemory | None = None  # each stage's predicted and measured peak (GPU runs)
     files: list[Path] = field(default_factory=list)
     validation_seconds: float = 0.0
     sample_files: list[Path] = field(default_factory=list)
@@ -156,6 +156,7 @@ class Trainer:
         self.stage: Stage | None = None  # the stage built last
         self.optimizer = self.lr_scheduler = self.generator = None  # the current stage's (`make_optimizer`)
         self.skipped = SkippedSteps(torch.device("cpu"))  # fp16 steps skipped in the current stage
+        self.memory: StageMemory | None = None  # predicted and measured peak per stage (GPU runs), `prepare`
 
     # -------------------------------------------------------------------- views of what the objects own
     accelerator = property(lambda self: self.runtime.accelerator, doc="This process's `Accelerator`.")
@@ -203,10 +204,7 @@ class Trainer:
                 )
             self.run_stage(stage, start_step)
         self.result.files = self.export()
-        if self.device.type == "cuda":
-            self.result.peak_memory_gib = max(
-                [torch.cuda.max_memory_allocated(self.device) / 2**30, *self.result.measured_gib.values()]
-            )
+        self.result.peak_memory_gib, self.result.memory = self.memory.run_peak(), self.memory
         if self.accelerator.is_main_process:
             logger.info(format_run_summary(self.result, STAGE_NAMES, self.device))
         self.accelerator.end_training()
@@ -235,7 +233,8 @@ class Trainer:
         acc.wait_for_everyone()
         self._load_models()
         cfg = self.config  # every default is known now, even for a model whose configs could not be read above
-        self._predict_memory()
+        self.memory = StageMemory(self.device, acc.is_main_process)
+        self.memory.predict(cfg)
         accumulation, processes = cfg.gradient_accumulation_steps, acc.num_processes
         self.result.batch = (
             f"{cfg.batch_size * accumulation * processes} images per optimizer step ({cfg.batch_size} per pass x "
@@ -248,24 +247,6 @@ class Trainer:
         self.latents, self.num_images = build_latent_cache(cfg, self.family, self.vae)
         offload_frozen(self.models, self.device, cfg, keep_text_encoder=True)
         return point
-
-    def _predict_memory(self) -> None:
-        """On a GPU (main process, `predict_memory`): log each stage's predicted peak (`estimator`), which the
-        stage ends compare with the measured one. A prediction that fails is logged and the run goes on."""
-        if self.device.type != "cuda" or not self.config.predict_memory or not self.accelerator.is_main_process:
-            return
-        try:
-            estimate = estimate_run(self.config, gpu=local_gpu(), suggest=False)
-        except Exception as exc:  # the prediction is a report, never a reason to stop a run
-            logger.warning("Memory prediction skipped (%s: %s).", type(exc).__name__, exc)
-            return
-        self.result.predicted_gib = {
-            int(p.name.split()[-1]): p.total_gib for p in estimate.phases if p.name.startswith("stage")
-        }
-        logger.info(
-            "Predicted peak GPU memory per stage: %s GiB (attndb estimate; measured at each stage's end).",
-            ", ".join(f"{s}: {g:.2f}" for s, g in sorted(self.result.predicted_gib.items())),
-        )
 
     def _load_models(self) -> None:
         """Load the base model (`base_model.load_base_models`), freeze it on the device, fill in the defaults
@@ -348,8 +329,7 @@ class Trainer:
         )
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         running, since_log = torch.zeros(2, device=self.device), 0
-        if self.device.type == "cuda":  # each stage's own peak, for the check against the prediction
-            torch.cuda.reset_peak_memory_stats(self.device)
+        self.memory.stage_started()
         with self.stage_loop(stage) as train_step:
             for step in range(start_step, stage_cfg.steps):
                 mse, reg, ok = train_step(step)
@@ -376,10 +356,8 @@ class Trainer:
                 if cfg.validation_steps and done % cfg.validation_steps == 0 and not is_last:
                     self.validate(stage, done)
         progress.close()
-        if self.device.type == "cuda" and stage_cfg.steps > start_step:
-            measured = self.result.measured_gib[stage] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            if acc.is_main_process:
-                logger.info(memory_check(stage, measured, self.result.predicted_gib.get(stage)))
+        if stage_cfg.steps > start_step:
+            self.memory.stage_ended(stage)
         if stage_cfg.steps == 0:  # a skipped stage still leaves a checkpoint to resume after it
             self.save_checkpoint(stage, 0)
         self.result.stage_seconds[stage] = time.perf_counter() - started

@@ -33,8 +33,10 @@ Paths timed (sections, `--only` picks some):
 Timing: after `--warmup` steps, `--repeats` blocks of `--steps` steps, the device synchronised only around each
 block (a training loop does not wait for the device each step either, so host syncs inside the loop show up as
 lost overlap); ms/step is each block's mean, the table shows the median block. Peak memory is
-`torch.cuda.max_memory_allocated` per stage (models included). Recipe totals project the paper's 60/100/500
-steps from the per-step times: training-loop time only (no model loading, latent caching or export).
+`torch.cuda.max_memory_allocated` per stage (models included), with the memory estimator's prediction for the
+same settings next to it on the real-size models (`predicted_gib`, `estimator_error_pct`). Recipe totals project
+the paper's 60/100/500 steps from the per-step times: training-loop time only (no model loading, latent caching
+or export).
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ import torch.nn.functional as F
 
 from attndb_peft.attention import AttentionStore, CrossAttnCaptureProcessor
 from attndb_peft.config import AttnDBConfig
+from attndb_peft.estimator.estimate import estimate_run
+from attndb_peft.estimator.gpus import local_gpu
 from attndb_peft.export import export_adapter
 from attndb_peft.families import family_of_unet_config, native_resolution
 from attndb_peft.loading import load_attndb, unload_attndb
@@ -396,9 +400,20 @@ class Bench:
             for key, v in out.items()
         }
 
+    def predicted_gib(self, config: AttnDBConfig) -> dict[int, float]:
+        """The estimator's per-stage peak for `config` on the real-size architecture (`attndb estimate`), set next
+        to each measured peak so every GPU run of this benchmark checks the estimator; {} for the tiny models."""
+        if self.args.tiny:
+            return {}
+        arch = "sdxl" if self.args.family == "sdxl" else "sd21-base"
+        settings = dataclasses.replace(config, model=arch, mixed_precision=self.mixed_precision)
+        estimate = estimate_run(settings, gpu=local_gpu(), suggest=False)
+        return {int(p.name[-1]): round(p.total_gib, 2) for p in estimate.phases if p.name.startswith("stage")}
+
     def run_trainer_path(self, label: str, stages=(1, 2, 3), regularizer_off: bool = False, **overrides) -> None:
         trainer = self.trainer(**overrides)
         path = self.results.setdefault(label, {})
+        predicted = self.predicted_gib(trainer.config)
         try:
             for stage in (1, 2, 3):
                 trainer.build_stage(stage)
@@ -407,6 +422,11 @@ class Bench:
                 trainer.make_optimizer(stage)
                 timed = self.time_stage(trainer, stage, regularizer_off, syncs=label if label == "default" else None)
                 path[f"stage{stage}"] = timed["on"]
+                if stage in predicted:
+                    timed["on"]["predicted_gib"] = predicted[stage]
+                    if timed["on"]["peak_gib"]:
+                        error = (predicted[stage] - timed["on"]["peak_gib"]) / timed["on"]["peak_gib"]
+                        timed["on"]["estimator_error_pct"] = round(100 * error, 1)
                 if "off" in timed:
                     self.results.setdefault(f"{label}_regularizer_off", {})[f"stage{stage}"] = timed["off"]
                 print(f"  {label} stage {stage}: {timed['on']['ms']:.1f} ms/step", flush=True)

@@ -113,6 +113,15 @@ _FLOAT32 = {
     torch.reciprocal,
 }
 _ATTENTION = {F.scaled_dot_product_attention}
+#: The softmaxes whose fp16 CUDA kernel returns float32 itself (ATen's `softmax(x, dim, dtype=float)` on CUDA).
+_SOFTMAX = {
+    F.softmax: torch._softmax,
+    torch.softmax: torch._softmax,
+    torch.Tensor.softmax: torch._softmax,
+    F.log_softmax: torch._log_softmax,
+    torch.log_softmax: torch._log_softmax,
+    torch.Tensor.log_softmax: torch._log_softmax,
+}
 
 
 def fused_attention(
@@ -187,6 +196,10 @@ class CudaAutocast(TorchFunctionMode):
             return self._cache[key]
         return value.to(dtype)
 
+    def _half_to_float(self, args) -> bool:
+        x = args[0] if args else None
+        return self.target == "cuda" and isinstance(x, torch.Tensor) and x.dtype == torch.float16
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if autocast_suspended() and func not in _ATTENTION:
@@ -197,6 +210,11 @@ class CudaAutocast(TorchFunctionMode):
             return fused_attention(*args, target=self.target, **kwargs)
         if self.dtype is not None and func in _LOW_PRECISION:
             args, kwargs = self._cast(args, self.dtype), {k: self._cast(v, self.dtype) for k, v in kwargs.items()}
+        elif self.dtype is not None and func in _SOFTMAX and self._half_to_float(args):
+            # CUDA's fp16 softmax under autocast writes float32 straight from the fp16 input (`half_to_float`):
+            # no float32 copy of the input, and its gradient comes back in fp16
+            dim = args[1] if len(args) > 1 else kwargs["dim"]
+            return _SOFTMAX[func](args[0], dim, True)
         elif self.dtype is not None and func in _FLOAT32:
             args = self._cast(args, torch.float32)
             kwargs = {k: (self._cast(v, torch.float32) if k != "dtype" else v) for k, v in kwargs.items()}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,10 +128,29 @@ def build_models(configs: ModelConfigs, weight_dtype: torch.dtype, device: torch
     """Build the base model's U-Net, VAE and text encoders from their configs on `device` in `weight_dtype`
     (on `meta`: shapes only, in a fraction of a second), frozen, with the run's token added to each text
     encoder's vocabulary and its trainable vector (`stages.ConceptSplice`)."""
+
+    device = torch.device(device)
+    with quiet_diffusers():
+        return _build(configs, weight_dtype, device)
+
+
+@contextlib.contextmanager
+def quiet_diffusers():
+    """diffusers' warnings off for the block: each `.to(dtype)` of a model warns that no module of it is kept in
+    float32, dozens of times per estimate."""
+    log = logging.getLogger("diffusers")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _build(configs: ModelConfigs, weight_dtype: torch.dtype, device: torch.device) -> RunModels:
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    device = torch.device(device)
     encoder_configs = [copy.deepcopy(c) for c in configs.text_encoders]
     for c in encoder_configs:
         c.vocab_size += 1  # the run's token
@@ -193,6 +213,11 @@ def count_phase(
         category_tokens (`int`): how many tokens the category has (columns the capture keeps besides `[V]`).
         flops (`bool`): also count the FLOPs of a step (one more pass).
     """
+    with quiet_diffusers():
+        return _count_phase(models, config, phase, images, target, autocast_dtype, category_tokens, flops)
+
+
+def _count_phase(models, config, phase, images, target, autocast_dtype, category_tokens, flops) -> StepCount:
     device = models.device
     latent = config.resolution // 2 ** (len(models.vae.config.block_out_channels) - 1)
     channels = models.unet.config.in_channels
