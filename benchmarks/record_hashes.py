@@ -14,7 +14,9 @@ metadata (less the same keys), in name order.
 
 Float results depend on the machine and the thread count: compare hashes recorded on one machine with one thread
 count. `--check FILE` exits 1 and lists every file whose hash differs from FILE's (or is missing or new).
-`--tiny` skips the world run (about three of the script's four minutes on a 2-core CPU).
+`--tiny` skips the world run (about three of the script's four minutes on a 2-core CPU). `--ignore-keys` leaves
+JSON keys out of the hashes: after adding a setting, `--check OLD --ignore-keys NEW_SETTING` shows that only the
+setting's own key changed, and a new reference is recorded with `--out`.
 """
 
 from __future__ import annotations
@@ -66,8 +68,12 @@ TINY = dict(
 TINY_STEPS, TINY_LRS = (3, 3, 3), (5e-2, 1e-2, 1e-2)
 
 
+#: JSON keys `--ignore-keys` leaves out (settings added since a reference was recorded).
+IGNORED_KEYS: set[str] = set()
+
+
 def _volatile(key: str) -> bool:
-    return any(word in key.lower() for word in VOLATILE_KEYS)
+    return key in IGNORED_KEYS or any(word in key.lower() for word in VOLATILE_KEYS)
 
 
 def _strip(value, workdir: str, key: str = ""):
@@ -190,7 +196,15 @@ def main(argv: list[str] | None = None) -> int:
         default=Path(tempfile.gettempdir()) / "attndb-record-hashes",
         help="Where the runs write (emptied first; its path is hashed as <workdir>). Default: %(default)s.",
     )
+    parser.add_argument(
+        "--ignore-keys",
+        default="",
+        metavar="KEYS",
+        help="Comma-separated JSON keys to leave out of every hash: a check across a change that adds a setting "
+        "(its key appears in attndb_config.json and state.json) shows that nothing else changed.",
+    )
     args = parser.parse_args(argv)
+    IGNORED_KEYS.update(k for k in args.ignore_keys.split(",") if k)
     torch.set_num_threads(args.threads)
     # checkpoints keep the global Python and NumPy generators' state: start them from a fixed one
     random.seed(0)

@@ -176,7 +176,8 @@ class Phase:
     stage: int = 0
 
 
-def _prompt_ids(models: RunModels, category_tokens: int) -> list[torch.Tensor]:
+def _prompt_ids(models: RunModels) -> list[torch.Tensor]:
+    """A 77-position prompt with the token at its place (the other ids do not change what is counted)."""
     token_id = models.splice.splices[0].token_id
     ids = torch.zeros(1, 77, dtype=torch.long, device=models.device)
     ids[0, _TOKEN_POSITION] = token_id
@@ -239,7 +240,7 @@ def _count_phase(models, config, phase, images, target, autocast_dtype, category
     stage_cfg = config.stages[stage - 1]
     regularize = stage_cfg.lambda_mu > 0 or stage_cfg.lambda_var > 0
     indices = list(range(_TOKEN_POSITION, _TOKEN_POSITION + 1 + category_tokens))
-    prompt_ids = _prompt_ids(models, category_tokens)
+    prompt_ids = _prompt_ids(models)
     size, passes = config.batch_size, config.gradient_accumulation_steps
     width = size * passes
     cached = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from attndb_peft.cli import main
+from attndb_peft.testing import save_tiny_single_file
 
 TINY = ["--resolution", "32", "--batch-size", "2", "--steps", "2,2,2"]
 
@@ -50,3 +51,17 @@ def test_dry_run_checks_and_writes_nothing(tiny_model, instance_dir, tmp_path, c
     err = capsys.readouterr().err
     assert "--images" in err and "Cannot start training" in err
     assert not output.exists()
+
+
+def test_estimate_sdxl_and_a_single_file(tiny_sdxl, tiny_model, tmp_path, capsys):
+    """Every family: the tiny SDXL (two text encoders, pooled conditioning), and a single-file checkpoint whose
+    configs come from --model-config (without it: exit 2, one line naming the flag)."""
+    assert main(["estimate", "--model", str(tiny_sdxl), *TINY, "--gpu", "h100"]) == 0
+    text = capsys.readouterr().out
+    assert "batch 2 x 4 accumulated" in text and "gradient checkpointing on" in text  # SDXL's defaults
+    single = save_tiny_single_file(tmp_path / "tiny.safetensors")
+    assert main(["estimate", "--model", str(single), "--model-config", str(tiny_model), *TINY]) == 0
+    assert "stage 3" in capsys.readouterr().out
+    assert main(["estimate", "--model", str(single), *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--model-config" in err
