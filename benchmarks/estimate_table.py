@@ -53,7 +53,8 @@ def rows(architectures, modes):
 
 
 def markdown(table: list[dict]) -> str:
-    head = ["architecture", "stage 3", "setting", "batch", "peak GiB: latents / 1 / 2 / 3", "fits 12 / 16 / 24 GiB"]
+    head = ["architecture", "stage 3", "setting", "batch", "peak GiB: latents / 1 / 2 / 3 / samples"]
+    head += ["fits 12 / 16 / 24 GiB"]
     head += [f"minutes on {short}" for short in CARDS.values()]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:

@@ -118,6 +118,7 @@ class RunModels:
     splice: ConceptSplice
     device: torch.device
     weight_dtype: torch.dtype
+    optimizer: torch.optim.Optimizer | None = None  # the last counted stage's, alive while its samples are drawn
 
     @property
     def modules(self) -> list[torch.nn.Module]:
@@ -170,7 +171,8 @@ def _build(configs: ModelConfigs, weight_dtype: torch.dtype, device: torch.devic
 
 @dataclass
 class Phase:
-    """What one counted phase is: `"latents"` (the VAE encodes the views), stage 1, 2 or 3."""
+    """What one counted phase is: `"latents"` (the VAE encodes the views), `"stage"` 1, 2 or 3, or `"samples"`
+    (a stage end's validation grid, counted after the stage whose optimizer state it keeps alive)."""
 
     name: str
     stage: int = 0
@@ -225,6 +227,8 @@ def _count_phase(models, config, phase, images, target, autocast_dtype, category
     views = torch.zeros(_views(config, images), 2 * channels, latent, latent, device=device)  # mean and std
     if phase.name == "latents":
         return _count_latents(models, config, target, views, flops)
+    if phase.name == "samples":
+        return _count_samples(models, config, target, autocast_dtype, views)
     stage = phase.stage
     offload = config.offload_frozen
     trains_token = stage == 1 or (stage == 3 and config.stage3_train_token)
@@ -281,6 +285,7 @@ def _count_phase(models, config, phase, images, target, autocast_dtype, category
         optimizer.zero_grad(set_to_none=True)
 
     _init_optimizer_state(optimizer, params)
+    models.optimizer = optimizer
     models.unet.train()
     try:
         with capture if regularize else contextlib.nullcontext():
@@ -371,6 +376,34 @@ def _count_latents(
     finally:
         if upcast:
             vae.to(torch.float16)
+
+
+def _count_samples(
+    models: RunModels, config: AttnDBConfig, target: str, autocast_dtype: torch.dtype | None, views: torch.Tensor
+) -> StepCount:
+    """`reporting.write_validation_samples` at a stage's end: every model on the device, the stage's weights and
+    optimizer state still alive, the pipeline's denoising step (classifier-free guidance: twice the images of one
+    call, `inference.generate_images` draws up to 4 a call) and the VAE decoding them, without gradients."""
+    unet, vae = models.unet, models.vae
+    count = min(config.validation_images, 4)
+    latent = views.shape[-1]
+    channels = unet.config.in_channels
+    ids = _prompt_ids(models)
+    timestep = torch.zeros((), dtype=torch.long, device=models.device)
+
+    def step() -> None:
+        with torch.no_grad(), CudaAutocast(autocast_dtype, target):
+            cond = models.family.encode(
+                models.text_encoders, [i.expand(2 * count, -1) for i in ids], config.resolution
+            )
+            latents = torch.zeros(2 * count, channels, latent, latent, device=models.device)
+            states, added = cond.for_batch(2 * count, models.weight_dtype)
+            unet(latents.to(models.weight_dtype), timestep, states, added_cond_kwargs=added)
+            vae.decode(latents[:count].to(vae.dtype))
+
+    unet.eval()
+    optimizers = [models.optimizer] if models.optimizer is not None else []
+    return count_step(step, models.modules, optimizers, device=models.device, warmup=0, extra=[views], flops=False)
 
 
 def image_count(folder: str | None) -> int | None:
