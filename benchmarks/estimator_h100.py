@@ -34,37 +34,15 @@ import torch
 import torch.nn.functional as F
 
 from attndb_peft.estimator.accounting import CudaAutocast, count_flops, count_step
+from attndb_peft.estimator.architectures import ARCHITECTURES
 from attndb_peft.estimator.gpus import GPUS
 
 ROOT = Path(__file__).resolve().parent
 MEASURED = ROOT / "results" / "h100" / "measurements.json"
 OUT = ROOT / "results" / "estimator"
 
-UNET = dict(
-    sample_size=64,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    attention_head_dim=(5, 10, 20, 20),
-    cross_attention_dim=1024,
-    use_linear_projection=True,
-)
-TEXT = dict(
-    vocab_size=49408,
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_attention_heads=16,
-    num_hidden_layers=23,
-    hidden_act="gelu",
-    projection_dim=1024,
-)
-VAE = dict(
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-)
+#: The measured architecture (the scripts spell out SD2.1-base's configs; these are the same).
+ARCH = ARCHITECTURES["sd21-base"]
 BATCH, RES = 8, 512
 V, C = 5, 6  # token positions of [V] and [category] in "a photo of a [V] [category]"
 STAGE3_LORA_TARGETS = [
@@ -130,13 +108,13 @@ def regularizer(store: list, full: bool, lambda_mu: float, lambda_var: float) ->
 
 def _models(device, dtype):
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(0)
     with torch.device(device):
-        unet = UNet2DConditionModel(**UNET).to(dtype)
-        text = CLIPTextModel(CLIPTextConfig(**TEXT)).to(dtype)
-        vae = AutoencoderKL(**VAE).to(dtype)
+        unet = UNet2DConditionModel.from_config(ARCH.unet).to(dtype)
+        text = CLIPTextModel(ARCH.configs().text_encoders[0]).to(dtype)
+        vae = AutoencoderKL.from_config(ARCH.vae).to(dtype)
     for m in (unet, text, vae):
         m.requires_grad_(False)
     return unet, text, vae
@@ -234,7 +212,7 @@ def floor_setup(dtype, channels_last: bool, train_weights: bool, device):
     cuda = torch.device(device).type == "cuda"
     torch.manual_seed(0)
     with torch.device(device):
-        unet = UNet2DConditionModel(**UNET).to(dtype)
+        unet = UNet2DConditionModel.from_config(ARCH.unet).to(dtype)
     if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     unet.requires_grad_(train_weights)
