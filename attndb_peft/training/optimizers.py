@@ -28,7 +28,7 @@ def check_optimizer(name: str) -> str | None:
     module, pip_name, extra = OPTIMIZER_PACKAGES[name]
     if importlib.util.find_spec(module) is None:
         return (
-            f"{arg('optimizer')} {name}: the {module} package is not installed; run pip install {pip_name} (or pip "
+            f"{arg('optimizer')} {name}: the {pip_name} package is not installed; run pip install {pip_name} (or pip "
             f"install 'attndb_peft[{extra}]'), or leave out {arg('optimizer')} (AdamW)."
         )
     return None
