@@ -160,3 +160,19 @@ def test_the_fast_recipe_trains_from_the_cli_and_is_recorded(tiny_model, instanc
     config = str(out / CONFIG_NAME)
     assert main(["train", "--config", config, "--resume", "--recipe", "paper", "--quiet"]) == 2
     assert "was written with different settings (recipe)" in capsys.readouterr().err
+
+
+def test_the_fast_recipe_on_sdxl_keeps_two_image_passes(tiny_sdxl, tmp_path):
+    from conftest import one_thread
+
+    from attndb_peft.testing import make_instance_images
+
+    images, out = tmp_path / "images", tmp_path / "fast-xl"
+    make_instance_images(images, num_images=2, size=48)
+    with one_thread():
+        code = main(_args(tiny_sdxl, images, out, "--recipe", "fast", rates=(), batch=False, steps="1,1,1"))
+    assert code == 0
+    settings = _settings(out)
+    # the recipe's 4 images per optimizer step, in the family's 2-image passes
+    assert (settings["batch_size"], settings["gradient_accumulation_steps"]) == (2, 2)
+    assert settings["recipe"] == "fast" and settings["stage3"]["learning_rate"] == 1e-4
