@@ -475,9 +475,10 @@ class AttnDBConfig:
         # depends on the family and is filled in by `for_model`.
         recipe, stage3 = RECIPES[self.recipe], self.stage3
         if stage3.steps is None or stage3.learning_rate is None:
+            rate = recipe["learning_rates"][self.stage3_mode]
             self.stage3 = dataclasses.replace(
                 stage3, steps=recipe["steps"] if stage3.steps is None else stage3.steps,
-                learning_rate=stage3.learning_rate or recipe["learning_rates"][self.stage3_mode],
+                learning_rate=rate if stage3.learning_rate is None else stage3.learning_rate,
             )
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise ConfigError(f"{arg('snr_gamma')} must be > 0 (5 is usual) or None (off), got {self.snr_gamma}.")
