@@ -119,11 +119,11 @@ class StageConfig:
     value per stage, comma-separated (`--steps 60,100,500`, `--ranks 16,64`)."""
 
     steps: int | None = setting(
-        "Optimizer steps (0 skips the stage). Stage 3's None: the recipe's (paper 500, fast 200).",
+        "Optimizer steps (0 skips the stage). Stage 3 unset (None): the recipe's (paper 500, fast 200).",
         flag="--steps", stages=(1, 2, 3),
     )
     learning_rate: float | None = setting(
-        "Learning rate (Prodigy: normally 1.0). Stage 3's None: the recipe's for stage3_mode (paper: lora 2e-5, "
+        "Learning rate (Prodigy: normally 1.0). Stage 3 unset (None): the recipe's for stage3_mode (paper: lora 2e-5, "
         "full 2e-6; fast: lora 1e-4, full 1e-5).", flag="--learning-rates", stages=(1, 2, 3),
     )
     lambda_mu: float = setting("Regularizer weight of the attention-map mean.", stages=(1, 2, 3))
