@@ -5,7 +5,9 @@ A checkpoint is a folder `OUT/checkpoints/stage{S}-step{K}/` holding:
 
 - `weights.safetensors`: every trainable tensor so far (the token vector, the stage-2 LoRA, the stage-3
   LoRA or full U-Net), keyed by name;
-- `optimizer.safetensors` + `optimizer.json`: the current stage's AdamW state, tensors and the rest;
+- `optimizer.safetensors` + `optimizer.json`: the current stage's optimizer state, tensors and the rest (a
+  tensor nested in a dict of a parameter's state, as bitsandbytes keeps its quantization state, is keyed
+  `index.key.subkey`);
 - past `SHARD_SIZE` (a `--stage3 full` checkpoint of SD: ~3.4 GB of weights, ~6.9 GB of AdamW state), a file is
   written in shards `weights-00001-of-00004.safetensors`, ... with `weights.safetensors.index.json`, the layout
   `huggingface_hub.save_torch_state_dict` uses, so that only one shard is ever copied to host memory;
@@ -175,25 +177,38 @@ def optimizer_state_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str
     """Split `optimizer.state_dict()` into tensors (for safetensors) and plain values (for JSON)."""
     state = optimizer.state_dict()
     tensors, plain = {}, {"param_groups": state["param_groups"], "state": {}}
-    for index, values in state["state"].items():
-        plain["state"][str(index)] = {}
+    stored: set[int] = set()  # safetensors refuses tensors that share memory: bitsandbytes' quantization maps do
+
+    def split(values: dict, prefix: str) -> dict:
+        rest = {}
         for key, value in values.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value
+                shared = value.untyped_storage().data_ptr() in stored and value.numel() > 0
+                tensors[f"{prefix}.{key}"] = value.clone() if shared else value
+                stored.add(value.untyped_storage().data_ptr())
+            elif isinstance(value, dict):  # bitsandbytes' `__bnb_optimizer_quant_state__`
+                rest[key] = split(value, f"{prefix}.{key}")
             else:
-                plain["state"][str(index)][key] = value
+                rest[key] = value
+        return rest
+
+    for index, values in state["state"].items():
+        plain["state"][str(index)] = split(values, str(index))
     return tensors, plain
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], plain: dict) -> None:
     state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in plain["state"].items()}
     for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        if name == "step":
+        index, *nested, name = key.split(".")
+        if name == "step" and not nested:
             # Adam keeps its step count on the CPU unless capturable/fused (then `load_state_dict` moves it), so
             # a state loaded straight onto the GPU must not leave it there.
             value = value.cpu()
-        state.setdefault(int(index), {})[name] = value
+        target = state.setdefault(int(index), {})
+        for part in nested:
+            target = target.setdefault(part, {})
+        target[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
 
 

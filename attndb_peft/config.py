@@ -34,6 +34,7 @@ from .errors import UsageError, arg
 
 __all__ = [
     "DEFAULT_VALIDATION_PROMPTS",
+    "RECIPES",
     "RESUME_DEFAULTS",
     "RESUME_KEYS",
     "TOKEN_INITS",
@@ -42,6 +43,7 @@ __all__ = [
     "StageConfig",
     "default_token",
     "instance_prompt",
+    "recipe_batch",
 ]
 
 #: Prompts for validation grids: background, style and colour changes ("{}" expands to "TOKEN CATEGORY").
@@ -116,11 +118,13 @@ class StageConfig:
     On the command line each field with a flag takes one value for every stage it covers (`stages`), or one
     value per stage, comma-separated (`--steps 60,100,500`, `--ranks 16,64`)."""
 
-    steps: int = setting("Optimizer steps (0 skips the stage).", flag="--steps", stages=(1, 2, 3))
+    steps: int | None = setting(
+        "Optimizer steps (0 skips the stage). Stage 3 unset (None): the recipe's (paper 500, fast 200).",
+        flag="--steps", stages=(1, 2, 3),
+    )
     learning_rate: float | None = setting(
-        "AdamW learning rate. Stage 3's None picks the default of stage3_mode (lora 2e-5, full 2e-6).",
-        flag="--learning-rates",
-        stages=(1, 2, 3),
+        "Learning rate (Prodigy: normally 1.0). Stage 3 unset (None): the recipe's for stage3_mode (paper: lora 2e-5, "
+        "full 2e-6; fast: lora 1e-4, full 1e-5).", flag="--learning-rates", stages=(1, 2, 3),
     )
     lambda_mu: float = setting("Regularizer weight of the attention-map mean.", stages=(1, 2, 3))
     lambda_var: float = setting("Regularizer weight of the attention-map variance.", stages=(1, 2, 3))
@@ -148,7 +152,7 @@ class StageConfig:
     weight_decay: float = setting("AdamW weight decay (diffusers' scripts' default).", default=1e-2, flag=None)
 
     def __post_init__(self) -> None:
-        if self.steps < 0:
+        if self.steps is not None and self.steps < 0:
             raise ConfigError(f"{arg('steps')} must be >= 0, got {self.steps}.")
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise ConfigError(f"{arg('learning_rate')} must be > 0, got {self.learning_rate}.")
@@ -191,11 +195,22 @@ def _stage2() -> StageConfig:
 
 
 def _stage3() -> StageConfig:
-    return StageConfig(steps=500, learning_rate=None, lambda_mu=2.0, lambda_var=5.0, rank=None)
+    # steps and learning_rate None: the recipe's (`RECIPES`), filled in by AttnDBConfig.__post_init__
+    return StageConfig(steps=None, learning_rate=None, lambda_mu=2.0, lambda_var=5.0, rank=None)
 
 
-#: Stage-3 learning rate by stage3_mode: LoRA (10x the paper's) and the full fine-tune (the paper's).
-STAGE3_LEARNING_RATES = {"lora": 2e-5, "full": 2e-6}
+# The recipes `recipe` picks: stage 3's steps, its learning rate by stage3_mode, and the images per optimizer step
+# (None: the family's, the paper's 8). "fast" is the AttnDreamBooth authors' fast version (stage 3 at lr 1e-5 for
+# 200 steps at batch 4; they report 20 -> 6 minutes, close to the full recipe on short prompts and slightly below
+# on complex ones). Their 1e-5 is a full-weight rate: the LoRA takes 10x it (1e-4), by the same argument as the
+# paper's 2e-6 -> 2e-5 above. `batch_size` is one setting for the whole run, so batch 4 holds for every stage, as
+# in the authors' scripts (train_batch_size 4 in each stage).
+RECIPES = {
+    "paper": {"steps": 500, "learning_rates": {"lora": 2e-5, "full": 2e-6}, "batch": None},
+    "fast": {"steps": 200, "learning_rates": {"lora": 1e-4, "full": 1e-5}, "batch": 4},
+}
+#: Stage-3 learning rate by stage3_mode in the paper's recipe: LoRA (10x the paper's) and the full fine-tune.
+STAGE3_LEARNING_RATES = RECIPES["paper"]["learning_rates"]
 
 #: Ways to initialise the new token's embedding (see `AttnDBConfig.token_init`).
 TOKEN_INITS = ("category", "random")
@@ -203,6 +218,18 @@ _MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 _SAVE_DTYPES = ("fp16", "bf16", "fp32")
 _REPORT_TO = ("tensorboard", "wandb")
 _REGULARIZERS = ("per_layer", "pooled")
+_OPTIMIZERS = ("adamw", "prodigy", "adamw8bit")
+
+
+def recipe_batch(recipe: str, family) -> tuple[int, int]:
+    """`(batch_size, gradient_accumulation_steps)` of `recipe` on a model `family`: the family's own for the paper's
+    recipe; for a recipe with a batch of its own, that many images per optimizer step in passes of at most the
+    family's batch (fast: 4 x 1 on SD 1.x/2.x, 2 x 2 on SDXL)."""
+    images = RECIPES[recipe]["batch"]
+    if images is None:
+        return family.default_batch_size, family.default_gradient_accumulation_steps
+    per_pass = min(family.default_batch_size, images)
+    return per_pass, max(1, images // per_pass)
 
 
 def default_token(category: str) -> str:
@@ -233,18 +260,12 @@ class AttnDBConfig:
     output: str = setting("Output folder for the adapter, samples and checkpoints.", group="output", metavar="DIR")
     # -- model ------------------------------------------------------------------------------------------------
     token: str | None = setting(
-        "The new token (must not exist in the tokenizer). Default: <attndb-CATEGORY>.",
-        default=None,
-        group="data",
+        "The new token (must not exist in the tokenizer). Default: <attndb-CATEGORY>.", default=None, group="data",
         resume=True,
     )
     model_config: str | None = setting(
         "With a single-file model (.safetensors): a diffusers folder or Hub id of the same architecture, for the "
-        "component configs, tokenizer and scheduler.",
-        default=None,
-        group="model",
-        resume=True,
-        resume_default=None,
+        "component configs, tokenizer and scheduler.", default=None, group="model", resume=True, resume_default=None,
     )
     revision: str | None = setting("Hub revision of the base model.", default=None, group="model", resume=True)
     variant: str | None = setting(
@@ -253,27 +274,17 @@ class AttnDBConfig:
     # -- data and batch ---------------------------------------------------------------------------------------
     resolution: int | None = setting(
         "Training resolution in pixels (square). Default: the base model's own (512 for SD 1.5 and SD 2.1-base, "
-        "768 for SD 2.1, 1024 for SDXL); the run records the size it used.",
-        default=None,
-        group="data",
-        resume=True,
+        "768 for SD 2.1, 1024 for SDXL); the run records the size it used.", default=None, group="data", resume=True,
     )
     batch_size: int | None = setting(
         "Images per forward/backward pass (per process). Default: the base model family's: 8 on SD 1.x/2.x (the "
-        "paper's batch), 2 on SDXL (with 4 accumulated passes: the same 8 images per optimizer step).",
-        default=None,
-        group="stages",
-        resume=True,
-        minimum=1,
+        "paper's batch), 2 on SDXL (with 4 accumulated passes: the same 8 images per optimizer step); recipe fast: "
+        "4 (SDXL: 2, with 2 passes).", default=None, group="stages", resume=True, minimum=1,
     )
     gradient_accumulation_steps: int | None = setting(
         "Forward/backward passes per optimizer step: the effective batch is batch_size x this x processes, at the "
-        "memory of batch_size. Default: 1 on SD 1.x/2.x, 4 on SDXL.",
-        default=None,
-        group="stages",
-        resume=True,
-        resume_default=1,
-        minimum=1,
+        "memory of batch_size. Default: 1 on SD 1.x/2.x, 4 on SDXL (recipe fast: 2).", default=None, group="stages",
+        resume=True, resume_default=1, minimum=1,
     )
     seed: int = setting(
         "Seed for data order, noise, timesteps and initialisation.", default=0, group="stages", resume=True
@@ -285,12 +296,15 @@ class AttnDBConfig:
     stage3: StageConfig = setting("Stage 3: U-Net LoRA or full.", default_factory=_stage3, flag=None, resume=True)
     stage3_mode: str = setting(
         "Stage 3 trains a LoRA (rank stage3.rank) on every linear layer of the U-Net's transformer blocks ('lora') "
-        "or the full U-Net ('full').",
-        default="lora",
-        group="stages",
-        flag="--stage3",
-        choices=tuple(STAGE3_LEARNING_RATES),
-        resume=True,
+        "or the full U-Net ('full').", default="lora", group="stages", flag="--stage3",
+        choices=tuple(STAGE3_LEARNING_RATES), resume=True,
+    )
+    recipe: str = setting(
+        "'paper' (stage 3: 500 steps, 8 images per step) or 'fast', the authors' fast version: stage 3 200 steps at "
+        "1e-4 (lora; 10x the authors' full-weight 1e-5, as for the paper's rates) or 1e-5 (full) and 4 images per "
+        "step in every stage (SDXL: 2 x 2 passes); about 6 instead of 20 minutes, close to paper on short prompts, "
+        "slightly below on complex ones. --steps, --learning-rates and the batch flags given win.", default="paper",
+        group="stages", choices=tuple(RECIPES), resume=True, resume_default="paper",
     )
     full_export_rank: int = setting(
         "With stage3_mode 'full': SVD rank of the exported LoRA of the U-Net delta.", default=64, group="output",
@@ -301,25 +315,16 @@ class AttnDBConfig:
     token_init: str = setting(
         "Initial embedding of the new token: 'category' (the mean of the category's sub-token embeddings; the "
         "method's) or 'random' (a seeded random direction at the vocabulary's mean embedding norm: a token the "
-        "model has no prior for, DreamBooth's rare token; for baselines).",
-        default="category",
-        flag=None,
-        choices=TOKEN_INITS,
-        resume=True,
+        "model has no prior for, DreamBooth's rare token; for baselines).", default="category", flag=None,
+        choices=TOKEN_INITS, resume=True,
     )
     stage3_train_token: bool = setting(
         "Also train the token embedding in stage 3, jointly with the U-Net (LoRA or full), at stage 1's learning "
-        "rate and weight decay: the TI+DB baseline of the paper's comparison.",
-        default=False,
-        flag=None,
-        resume=True,
+        "rate and weight decay: the TI+DB baseline of the paper's comparison.", default=False, flag=None, resume=True,
     )
     regularizer: str = setting(
-        "Regularizer reduction: 'per_layer' (reference code) or 'pooled'.",
-        default="per_layer",
-        group="stages",
-        choices=_REGULARIZERS,
-        resume=True,
+        "Regularizer reduction: 'per_layer' (reference code) or 'pooled'.", default="per_layer", group="stages",
+        choices=_REGULARIZERS, resume=True,
     )
     flip: bool = setting("Random horizontal flips (views cached).", default=True, group="data", resume=True)
     random_crops: int = setting(
@@ -329,35 +334,39 @@ class AttnDBConfig:
     masked_loss: bool = setting(
         "Weight the diffusion loss by a subject mask (an addition to the paper's method): from the photos' "
         "transparency (cut-out PNGs), or from masks. The background then teaches nothing (cut-outs are otherwise "
-        "learned on white); the attention regularizer is unchanged.",
-        default=False,
-        group="data",
-        resume=True,
+        "learned on white); the attention regularizer is unchanged.", default=False, group="data", resume=True,
         resume_default=False,
     )
     masks: str | None = setting(
         "Folder with one mask per photo, same file name stem (dog1.jpg -> dog1.png), same size, white = subject; "
-        "implies masked_loss. Without it masked_loss uses the photos' alpha channel.",
-        default=None,
-        group="data",
-        metavar="DIR",
-        resume=True,
-        resume_default=None,
+        "implies masked_loss. Without it masked_loss uses the photos' alpha channel.", default=None, group="data",
+        metavar="DIR", resume=True, resume_default=None,
     )
     max_grad_norm: float = setting("Gradient clipping norm (0 disables).", default=1.0, group="stages", resume=True)
+    # -- options beyond the paper, each off by default (docs/guide.md "Options: Min-SNR, noise offset, Prodigy")
+    snr_gamma: float | None = setting(
+        "Min-SNR loss weighting (Hang et al. 2023): each sample's diffusion MSE weighted by min(SNR, gamma)/SNR "
+        "(v-prediction: /(SNR + 1)); 5 is the usual value. Default: off.", default=None, group="stages",
+        resume=True, resume_default=None,
+    )
+    noise_offset: float = setting(
+        "Noise offset: adds offset x a per-channel constant to the training noise, so the model can learn very "
+        "dark or bright images; 0.05-0.1 is usual, 0 is off.", default=0.0, group="stages", minimum=0, resume=True,
+        resume_default=0.0,
+    )
+    optimizer: str = setting(
+        "'adamw', 'prodigy' (pip install prodigyopt; sets its own step size: give --learning-rates 1.0 for its "
+        "usual setting) or 'adamw8bit' (pip install bitsandbytes; AdamW with 8-bit moments, less memory).",
+        default="adamw", group="stages", choices=_OPTIMIZERS, resume=True, resume_default="adamw",
+    )
     # -- memory and speed -------------------------------------------------------------------------------------
     mixed_precision: str = setting(
         "auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 on older GPUs, no on CPU.",
-        default="auto",
-        group="memory",
-        choices=_MIXED_PRECISION,
-        resume=True,
+        default="auto", group="memory", choices=_MIXED_PRECISION, resume=True,
     )
     gradient_checkpointing: bool | None = setting(
         "Trade compute for memory in the U-Net (low-memory setting). Default: off on SD 1.x/2.x, on on SDXL (off "
-        "when compile is on: the two do not combine).",
-        default=None,
-        group="memory",
+        "when compile is on: the two do not combine).", default=None, group="memory",
     )
     offload_frozen: bool = setting(
         "Keep the VAE (after the latents are cached) and the text encoder (after stage 1) on the CPU; stages 2-3 "
@@ -395,10 +404,7 @@ class AttnDBConfig:
     )
     validation_prompts: tuple[str, ...] = setting(
         "Prompts for the sample grids ('{}' expands to 'TOKEN CATEGORY'; quote each); empty (the flag alone) "
-        "disables them.",
-        default=DEFAULT_VALIDATION_PROMPTS,
-        group="logging",
-        metavar="PROMPT",
+        "disables them.", default=DEFAULT_VALIDATION_PROMPTS, group="logging", metavar="PROMPT",
         default_text="background, style and colour changes",
     )
     validation_steps: int = setting(
@@ -417,9 +423,7 @@ class AttnDBConfig:
     )
     report_to: str | None = setting(
         "Log loss, regularizer and learning rate with accelerate (needs that package; logs go to OUTPUT/logs).",
-        default=None,
-        group="logging",
-        choices=_REPORT_TO,
+        default=None, group="logging", choices=_REPORT_TO,
     )
     allow_tf32: bool = setting("Allow TF32 matmuls on Ampere+ GPUs.", default=True, group="memory", flag="--tf32")
 
@@ -464,11 +468,23 @@ class AttnDBConfig:
             raise ConfigError(f"{arg('masked_loss')} must be true or false, got {self.masked_loss!r}.")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise ConfigError(f"{arg('resolution')} must be a positive multiple of 8, got {self.resolution}.")
-        for name in ("stage1", "stage2"):
-            if getattr(self, name).learning_rate is None:
-                raise ConfigError(f"{name}: {arg('learning_rate')} is required.")
-        if self.stage3.learning_rate is None:
-            self.stage3 = dataclasses.replace(self.stage3, learning_rate=STAGE3_LEARNING_RATES[self.stage3_mode])
+        for name, key in ((n, k) for n in ("stage1", "stage2") for k in ("steps", "learning_rate")):
+            if getattr(getattr(self, name), key) is None:
+                raise ConfigError(f"{name}: {arg(key)} is required.")
+        # The recipe fills in what stage 3 left unset (None), so a value given (flag, file, Python) wins; the batch
+        # depends on the family and is filled in by `for_model`.
+        recipe, stage3 = RECIPES[self.recipe], self.stage3
+        if stage3.steps is None or stage3.learning_rate is None:
+            rate = recipe["learning_rates"][self.stage3_mode]
+            self.stage3 = dataclasses.replace(
+                stage3, steps=recipe["steps"] if stage3.steps is None else stage3.steps,
+                learning_rate=rate if stage3.learning_rate is None else stage3.learning_rate,
+            )
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise ConfigError(f"{arg('snr_gamma')} must be > 0 (5 is usual) or None (off), got {self.snr_gamma}.")
+        if self.optimizer == "prodigy" and self.stage3_train_token:  # Prodigy takes one learning rate per step
+            raise ConfigError(f"{arg('optimizer')} prodigy cannot train the token at stage 1's own rate in stage 3 "
+                              f"({arg('stage3_train_token')}); use adamw.")
         if self.compile and self.gradient_checkpointing:
             # measured in tests/integration/test_device_paths.py: the recompiles use up dynamo's limit at once
             raise ConfigError(
@@ -531,8 +547,9 @@ class AttnDBConfig:
     def for_model(self, family, resolution: int) -> AttnDBConfig:
         """This config with the defaults that depend on the base model filled in: `resolution` (None: the model's
         own, `resolution` here), the stage-2/3 LoRA ranks (None: `family.default_lora_rank`) and the batch and
-        memory setting (None: the family's; gradient checkpointing stays off under `compile`). What the user set
-        is kept. The trainer calls it once the U-Net's config is read; attndb_config.json records the result."""
+        memory setting (None: the family's, the batch as `recipe` says, `recipe_batch`; gradient checkpointing
+        stays off under `compile`). What the user set is kept. The trainer calls it once the U-Net's config is
+        read; attndb_config.json records the result."""
         stages = {
             name: dataclasses.replace(getattr(self, name), rank=family.default_lora_rank)
             for name in ("stage2", "stage3")
@@ -541,11 +558,12 @@ class AttnDBConfig:
         checkpointing = self.gradient_checkpointing
         if checkpointing is None:
             checkpointing = family.default_gradient_checkpointing and not self.compile
+        batch, accumulation = recipe_batch(self.recipe, family)
         return dataclasses.replace(
             self,
             resolution=self.resolution or resolution,
-            batch_size=self.batch_size or family.default_batch_size,
-            gradient_accumulation_steps=self.gradient_accumulation_steps or family.default_gradient_accumulation_steps,
+            batch_size=self.batch_size or batch,
+            gradient_accumulation_steps=self.gradient_accumulation_steps or accumulation,
             gradient_checkpointing=checkpointing,
             **stages,
         )

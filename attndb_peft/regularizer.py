@@ -16,6 +16,7 @@ __all__ = [
     "diffusion_loss",
     "diffusion_target",
     "masked_diffusion_loss",
+    "min_snr_weights",
 ]
 
 REDUCTIONS = ("per_layer", "pooled")
@@ -111,13 +112,60 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
     )
 
 
-def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error in float32 (the prediction may come out of bf16/fp16 autocast)."""
-    return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+def min_snr_weights(
+    alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction_type: str = "epsilon"
+) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"),
+    as diffusers' train_text_to_image.py computes them (`diffusers.training_utils.compute_snr`).
+
+    With `SNR(t) = alphas_cumprod[t] / (1 - alphas_cumprod[t])`, a sample's weight is `min(SNR, gamma) / SNR` for
+    epsilon prediction and `min(SNR, gamma) / (SNR + 1)` for v-prediction: the nearly noise-free timesteps, whose
+    easy targets otherwise dominate the gradient, are weighed down; a timestep with SNR <= gamma keeps weight 1
+    (epsilon).
+
+    Args:
+        alphas_cumprod (`torch.Tensor`): the noise schedule's cumulative alphas, `[num_train_timesteps]`.
+        timesteps (`torch.Tensor`): the samples' timesteps, `[batch]`.
+        gamma (`float`): the SNR cap (> 0; 5 in the paper).
+        prediction_type (`str`): the scheduler's, `epsilon` or `v_prediction`.
+
+    Returns:
+        `torch.Tensor`: `[batch]` float32 weights on the timesteps' device.
+    """
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"min_snr_weights: prediction_type={prediction_type!r}; use 'epsilon' or 'v_prediction'.")
+    alpha = alphas_cumprod.to(device=timesteps.device)[timesteps].float()
+    snr = alpha / (1.0 - alpha)
+    capped = snr.clamp(max=gamma)
+    return capped / (snr + 1.0) if prediction_type == "v_prediction" else capped / snr
+
+
+def _weighted_mean(error: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The mean over the batch of each sample's mean `error` times its weight."""
+    return (error.mean(dim=tuple(range(1, error.ndim))) * weights.float()).mean()
+
+
+def diffusion_loss(
+    model_pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean squared error in float32 (the prediction may come out of bf16/fp16 autocast).
+
+    Args:
+        model_pred, target (`torch.Tensor`): `[batch, ...]`.
+        weights (`torch.Tensor`, *optional*): `[batch]` per-sample weights (`min_snr_weights`): each sample's mean
+            squared error is weighted, then the batch averaged. None: the plain mean.
+    """
+    if weights is None:
+        return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    return _weighted_mean((model_pred.float() - target.float()).square(), weights)
 
 
 def masked_diffusion_loss(
-    model_pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, floor: float = MASK_MEAN_FLOOR
+    model_pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    floor: float = MASK_MEAN_FLOOR,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The diffusion loss weighted by a subject mask, in float32 (an addition to the paper's method).
 
@@ -129,6 +177,7 @@ def masked_diffusion_loss(
         model_pred, target (`torch.Tensor`): `[batch, C, h, w]`.
         mask (`torch.Tensor`): `[batch, 1, h, w]` in [0, 1] at latent resolution (1 = subject).
         floor (`float`): the smallest mask mean divided by.
+        weights (`torch.Tensor`, *optional*): `[batch]` per-sample weights on top of the mask's (`min_snr_weights`).
 
     Returns:
         `torch.Tensor`: a scalar, the mean over the batch of the samples' weighted MSE.
@@ -141,4 +190,6 @@ def masked_diffusion_loss(
         )
     weight = mask / mask.mean(dim=(1, 2, 3), keepdim=True).clamp_min(floor)
     error = (model_pred.float() - target.float()).square()
-    return (error * weight).mean()
+    if weights is None:
+        return (error * weight).mean()
+    return _weighted_mean(error * weight, weights)

@@ -47,6 +47,7 @@ from .training import resume as resume_lib
 from .training.cache import build_latent_cache
 from .training.inputs import InputError, check_inputs, load_tokenizer, resolve_model_defaults, warn_resolution
 from .training.memory import StageMemory
+from .training.optimizers import build_optimizer
 from .training.resume import ResumePoint
 from .training.runtime import PROCESS_GROUP_TIMEOUT, Runtime, out_of_memory_message, start_runtime
 from .training.stage_kinds import Stage, make_stage
@@ -290,16 +291,14 @@ class Trainer:
         return self.stage
 
     def make_optimizer(self, stage: int) -> None:
-        """AdamW and the LR schedule of the built stage, and the stage's noise generator."""
+        """The optimizer (`optimizer`: AdamW unless chosen otherwise) and the LR schedule of the built stage, and the
+        stage's noise generator."""
         from diffusers.optimization import get_scheduler
 
         cfg = self.config
         stage_cfg = cfg.stages[stage - 1]
-        optimizer = torch.optim.AdamW(
-            self.stage.param_groups(),
-            lr=stage_cfg.learning_rate,
-            weight_decay=stage_cfg.weight_decay,
-            fused=self.device.type == "cuda",
+        optimizer = build_optimizer(
+            cfg.optimizer, self.stage.param_groups(), stage_cfg.learning_rate, stage_cfg.weight_decay, self.device
         )
         self.lr_scheduler = get_scheduler(
             stage_cfg.lr_scheduler,

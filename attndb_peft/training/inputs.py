@@ -21,6 +21,7 @@ from ..data import scan_image_folder, scan_masks
 from ..errors import UsageError, arg
 from ..families import SD, family_of_unet_config, native_resolution
 from ..reporting import check_report_to
+from .optimizers import check_optimizer
 
 __all__ = ["InputError", "check_inputs", "load_tokenizer", "resolve_model_defaults", "warn_resolution"]
 
@@ -44,7 +45,8 @@ def check_inputs(config: AttnDBConfig, tokenizer=None, unet_config: dict | None 
 
     Checked: the images, the output folder, the token, the category and the training prompt's length (with the
     base model's tokenizer, or `tokenizer` when given), with `masked_loss` the subject masks, the tracker of
-    `report_to`, and a U-Net attndb cannot train (its config, or `unet_config`: inpainting/depth models).
+    `report_to`, the package of `optimizer`, and a U-Net attndb cannot train (its config, or `unet_config`:
+    inpainting/depth models).
 
     Args:
         config (`AttnDBConfig`): the run's settings.
@@ -67,6 +69,8 @@ def check_inputs(config: AttnDBConfig, tokenizer=None, unet_config: dict | None 
         warnings += masks.warnings
     if tracker_problem := check_report_to(config.report_to):
         problems.append(tracker_problem)
+    if optimizer_problem := check_optimizer(config.optimizer):
+        problems.append(optimizer_problem)
     problems += _output_problems(config)
     try:
         if tokenizer is None:

@@ -22,7 +22,13 @@ from ..config import AttnDBConfig
 from ..data import LatentCache, batch_indices
 from ..errors import RunError
 from ..families import Conditioning
-from ..regularizer import attention_regularizer, diffusion_loss, diffusion_target, masked_diffusion_loss
+from ..regularizer import (
+    attention_regularizer,
+    diffusion_loss,
+    diffusion_target,
+    masked_diffusion_loss,
+    min_snr_weights,
+)
 from ..stages import STAGE_NAMES
 from .runtime import Runtime
 
@@ -168,8 +174,16 @@ class TrainStep:
         timesteps = torch.randint(
             0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=self.generator, device=device
         )
+        if cfg.noise_offset:  # drawn after the others, so that offset 0 draws nothing and keeps today's stream
+            offset = torch.randn((*latents.shape[:2], 1, 1), generator=self.generator, device=device)
+            noise = noise + cfg.noise_offset * offset
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = diffusion_target(scheduler, latents, noise, timesteps)
+        snr_weights = None  # Min-SNR: per-sample loss weights from the timesteps (no random draws)
+        if cfg.snr_gamma is not None:
+            snr_weights = min_snr_weights(
+                scheduler.alphas_cumprod, timesteps, cfg.snr_gamma, scheduler.config.prediction_type
+            )
         # masked_loss: the subject masks of the same cached views (a lookup; no random draws, so the step's
         # images, noise and timesteps are those of the unmasked run)
         masks = None if self.latents.mask is None else self.latents.mask[self.schedule[step]]
@@ -196,10 +210,11 @@ class TrainStep:
                     if store is not None:
                         store.clear()
                     pred = self.unet(noisy[part].to(weight_dtype), timesteps[part], states, added_cond_kwargs=added)
+                    weights = None if snr_weights is None else snr_weights[part]
                     if masks is None:
-                        mse = diffusion_loss(pred.sample, target[part])
+                        mse = diffusion_loss(pred.sample, target[part], weights=weights)
                     else:
-                        mse = masked_diffusion_loss(pred.sample, target[part], masks[part])
+                        mse = masked_diffusion_loss(pred.sample, target[part], masks[part], weights=weights)
                     if store is not None:
                         reg = attention_regularizer(
                             *store.concept_and_category(), stage_cfg.lambda_mu, stage_cfg.lambda_var, cfg.regularizer

@@ -47,6 +47,23 @@ def test_accumulated_passes_give_the_gradient_of_one_larger_batch(tiny_model, in
         assert any(not torch.allclose(g, w, rtol=1e-4, atol=1e-7) for g, w in zip(small[stage], large[stage]))
 
 
+def test_accumulation_keeps_the_min_snr_weights_and_noise_offset_of_one_larger_batch(
+    tiny_model, instance_dir, tmp_path
+):
+    """Min-SNR's per-sample weights follow each pass's own samples, and the noise offset is drawn once for the whole
+    step, so accumulated passes still train like one larger batch."""
+    options = dict(snr_gamma=0.5, noise_offset=0.1)
+    _, large = _first_step_gradients(tiny_model, instance_dir, tmp_path / "large", batch_size=4, **options)
+    _, accumulated = _first_step_gradients(
+        tiny_model, instance_dir, tmp_path / "acc", batch_size=2, gradient_accumulation_steps=2, **options
+    )
+    _, plain = _first_step_gradients(tiny_model, instance_dir, tmp_path / "plain", batch_size=4)
+    for stage in (1, 2, 3):
+        for got, want in zip(accumulated[stage], large[stage]):
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-7), stage
+        assert any(not torch.allclose(g, w, rtol=1e-4, atol=1e-7) for g, w in zip(plain[stage], large[stage]))
+
+
 def test_sigkill_then_resume_with_accumulation_is_bit_identical(tiny_model, instance_dir, tmp_path):
     extra = ("--checkpointing-steps", "1", "--gradient-accumulation-steps", "2")
     reference = tmp_path / "reference"

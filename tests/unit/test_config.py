@@ -230,11 +230,13 @@ def test_resume_settings_come_from_the_field_metadata():
         "model", "model_config", "revision", "variant", "category", "token", "resolution", "batch_size",
         "gradient_accumulation_steps", "seed", "stage1", "stage2", "stage3", "stage3_mode", "token_init",
         "stage3_train_token", "regularizer", "flip", "random_crops", "masked_loss", "masks", "max_grad_norm",
-        "mixed_precision",
+        "mixed_precision", "recipe", "snr_gamma", "noise_offset", "optimizer",
     }
-    assert len(RESUME_KEYS) == 23
+    assert len(RESUME_KEYS) == 27
+    # the settings added later: what a checkpoint written before them trained with
     assert RESUME_DEFAULTS == {"gradient_accumulation_steps": 1, "model_config": None, "masked_loss": False,
-                               "masks": None}
+                               "masks": None, "recipe": "paper", "snr_gamma": None, "noise_offset": 0.0,
+                               "optimizer": "adamw"}
     assert set(RESUME_DEFAULTS) <= set(RESUME_KEYS)
 
 
@@ -247,3 +249,75 @@ def test_every_setting_with_a_flag_has_a_help_group():
     for f in dataclasses.fields(StageConfig):
         if f.metadata.get("flag", "") is not None:
             assert set(f.metadata["stages"]) <= {1, 2, 3}, f.name
+
+
+# -- recipe ----------------------------------------------------------------------------------------------------
+def _resolved(config, family):
+    c = config.for_model(family, 512)
+    return c.stage3.steps, c.stage3.learning_rate, c.batch_size, c.gradient_accumulation_steps
+
+
+def test_the_fast_recipe_resolves_stage3_and_the_batch_per_mode_and_family():
+    from attndb_peft.families import SD, SDXL
+
+    # the authors' fast version: stage 3 200 steps at lr 1e-5 (full weights; the LoRA 10x that) at batch 4
+    fast = AttnDBConfig(**REQUIRED, recipe="fast")
+    assert _resolved(fast, SD) == (200, 1e-4, 4, 1)
+    assert _resolved(fast, SDXL) == (200, 1e-4, 2, 2)  # 4 images per step in SDXL's 2-image passes
+    full = AttnDBConfig(**REQUIRED, recipe="fast", stage3_mode="full")
+    assert _resolved(full, SD) == (200, 1e-5, 4, 1) and _resolved(full, SDXL) == (200, 1e-5, 2, 2)
+    # stages 1-2 and the regularizer weights are the paper's in both recipes
+    paper = AttnDBConfig(**REQUIRED)
+    assert fast.stage1 == paper.stage1 and fast.stage2 == paper.stage2
+    assert (fast.stage3.lambda_mu, fast.stage3.lambda_var) == (2.0, 5.0)
+    assert AttnDBConfig.from_dict(json.loads(fast.to_json())) == fast  # attndb_config.json reads back
+
+
+def test_the_paper_recipe_is_the_default_and_unchanged():
+    from attndb_peft.families import SD, SDXL
+
+    paper = AttnDBConfig(**REQUIRED)
+    assert paper.recipe == "paper" and paper == AttnDBConfig(**REQUIRED, recipe="paper")
+    assert _resolved(paper, SD) == (500, 2e-5, 8, 1) and _resolved(paper, SDXL) == (500, 2e-5, 2, 4)
+    assert AttnDBConfig(**REQUIRED, stage3_mode="full").stage3.learning_rate == 2e-6
+    # the stage 3 a config file of the old layout spells out is the paper's resolved one
+    assert paper.stage3 == StageConfig(steps=500, learning_rate=2e-5, lambda_mu=2.0, lambda_var=5.0, rank=None)
+
+
+def test_values_given_win_over_the_recipe():
+    from attndb_peft.families import SD, SDXL
+
+    base = ["train", "--model", "m", "--images", "i", "--category", "dog", "--output", "o", "--recipe", "fast"]
+    given = build_parser().parse_args([*base, "--steps", "60,100,500", "--learning-rates", "1e-3,2e-4,3e-5"])
+    c = config_from_args(given)
+    assert c.recipe == "fast" and (c.stage3.steps, c.stage3.learning_rate) == (500, 3e-5)
+    c = config_from_args(build_parser().parse_args([*base, "--batch-size", "8"]))
+    assert _resolved(c, SD) == (200, 1e-4, 8, 1)
+    c = config_from_args(build_parser().parse_args([*base, "--gradient-accumulation-steps", "1"]))
+    assert _resolved(c, SDXL) == (200, 1e-4, 2, 1)
+    # Python and config files alike: a stage-3 value set is kept, the unset one comes from the recipe
+    c = AttnDBConfig(**REQUIRED, recipe="fast", stage3={"steps": 50})
+    assert (c.stage3.steps, c.stage3.learning_rate) == (50, 1e-4)
+    c = AttnDBConfig(**REQUIRED, recipe="fast", stage3={"learning_rate": 7e-5})
+    assert (c.stage3.steps, c.stage3.learning_rate) == (200, 7e-5)
+    with pytest.raises(ConfigError, match="`recipe` must be 'paper' or 'fast', got 'slow'"):
+        AttnDBConfig(**REQUIRED, recipe="slow")
+
+
+# -- the options beyond the paper --------------------------------------------------------------------------
+def test_the_options_are_off_by_default_and_validated():
+    c = AttnDBConfig(**REQUIRED)
+    assert (c.snr_gamma, c.noise_offset, c.optimizer) == (None, 0.0, "adamw")
+    base = ["train", "--model", "m", "--images", "i", "--category", "dog", "--output", "o"]
+    flags = ["--snr-gamma", "5", "--noise-offset", "0.05", "--optimizer", "prodigy", "--recipe", "fast"]
+    c = config_from_args(build_parser().parse_args([*base, *flags]))
+    assert (c.snr_gamma, c.noise_offset, c.optimizer, c.recipe) == (5.0, 0.05, "prodigy", "fast")
+    for changes, message in [
+        (dict(snr_gamma=0.0), "`snr_gamma` must be > 0"),
+        (dict(snr_gamma=-1.0), "`snr_gamma` must be > 0"),
+        (dict(noise_offset=-0.1), "`noise_offset` must be >= 0"),
+        (dict(optimizer="sgd"), "`optimizer` must be 'adamw' or 'prodigy' or 'adamw8bit', got 'sgd'"),
+        (dict(optimizer="prodigy", stage3_train_token=True), "prodigy cannot train the token"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            AttnDBConfig(**REQUIRED, **changes)

@@ -163,3 +163,54 @@ def test_diffusion_target_follows_prediction_type():
     torch.testing.assert_close(diffusion_target(v, latents, noise, t), expected)
     with pytest.raises(ValueError, match="sample"):
         diffusion_target(DDPMScheduler(prediction_type="sample"), latents, noise, t)
+
+
+# -- Min-SNR weighting: against float64 NumPy from the scheduler's alphas_cumprod, and diffusers' compute_snr ---
+def _np_min_snr(alphas_cumprod, timesteps, gamma, prediction_type):
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)[np.asarray(timesteps)]
+    snr = abar / (1.0 - abar)  # the signal-to-noise ratio of x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
+    capped = np.minimum(snr, gamma)
+    return capped / (snr + 1.0) if prediction_type == "v_prediction" else capped / snr
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("gamma", [1.0, 5.0, 20.0])
+def test_min_snr_weights_match_an_independent_formula(prediction_type, gamma):
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from attndb_peft.regularizer import min_snr_weights
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", prediction_type=prediction_type)  # SD's schedule
+    t = torch.tensor([0, 1, 10, 100, 250, 500, 999])
+    got = min_snr_weights(scheduler.alphas_cumprod, t, gamma, prediction_type)
+    assert got.shape == (7,) and got.dtype == torch.float32
+    want = _np_min_snr(scheduler.alphas_cumprod.numpy(), t.numpy(), gamma, prediction_type)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
+    # diffusers' train_text_to_image.py: min(snr, gamma) / snr (epsilon) or / (snr + 1) (v-prediction)
+    snr = compute_snr(scheduler, t)
+    capped = torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    torch.testing.assert_close(got, capped / (snr + 1 if prediction_type == "v_prediction" else snr))
+    if prediction_type == "epsilon":  # the noisy timesteps (SNR <= gamma) keep weight 1, the clean ones less
+        assert got[-1] == 1.0 and got[0] < 0.01
+    with pytest.raises(ValueError, match="prediction_type"):
+        min_snr_weights(scheduler.alphas_cumprod, t, gamma, "sample")
+
+
+def test_weighted_diffusion_losses_are_per_sample_means_weighted_then_averaged():
+    from attndb_peft.regularizer import diffusion_loss, masked_diffusion_loss
+
+    torch.manual_seed(0)
+    pred, target, weights = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([0.2, 1.0, 3.0])
+    per_sample = [float(((pred[b].double() - target[b].double()) ** 2).mean()) for b in range(3)]
+    want = sum(w * e for w, e in zip(weights.tolist(), per_sample)) / 3
+    assert abs(float(diffusion_loss(pred, target, weights=weights)) - want) < 1e-5
+    torch.testing.assert_close(diffusion_loss(pred, target, weights=torch.ones(3)), diffusion_loss(pred, target))
+    mask = (torch.rand(3, 1, 2, 2) > 0.3).float()
+    mask[:, :, 0, 0] = 1.0  # every sample shows some subject
+    unweighted = [masked_diffusion_loss(pred[b : b + 1], target[b : b + 1], mask[b : b + 1]) for b in range(3)]
+    want = sum(w * float(e) for w, e in zip(weights.tolist(), unweighted)) / 3
+    assert abs(float(masked_diffusion_loss(pred, target, mask, weights=weights)) - want) < 1e-5
+    torch.testing.assert_close(
+        masked_diffusion_loss(pred, target, mask, weights=torch.ones(3)), masked_diffusion_loss(pred, target, mask)
+    )
