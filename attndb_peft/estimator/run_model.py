@@ -284,7 +284,7 @@ def _count_phase(models, config, phase, images, target, autocast_dtype, category
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    _init_optimizer_state(optimizer, params)
+    _init_optimizer_state(optimizer, params, config.optimizer)
     models.optimizer = optimizer
     models.unet.train()
     try:
@@ -308,13 +308,33 @@ def _count_phase(models, config, phase, images, target, autocast_dtype, category
             models.unet.disable_gradient_checkpointing()
 
 
-def _init_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
-    """Give AdamW its state (two moments a parameter) the way the first step does, without running a step: the
-    counted step is one in the middle of a stage."""
+#: bitsandbytes' 8-bit optimizers keep parameters below this many elements in float32 (`min_8bit_size`) and the
+#: others' moments as uint8 with one float32 scale per block of this many elements (blockwise quantization).
+BNB_MIN_8BIT_SIZE, BNB_BLOCK = 4096, 256
+
+
+def _init_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], kind: str) -> None:
+    """Give the optimizer its state the way the first step does, without running a step: the counted step is one
+    in the middle of a stage. AdamW is torch's own. The others are modelled by their state's size, their update
+    then not run (its kernels keep no tensor of a parameter's size alive): `prodigy` (prodigyopt) keeps AdamW's two
+    moments plus `s` and the initial weights `p0`; `adamw8bit` (bitsandbytes) keeps two uint8 moments and their
+    block scales for each parameter of at least `BNB_MIN_8BIT_SIZE` elements, float32 moments for the others."""
     for p in params:
         p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if kind == "adamw":
+        return
+    for p in params:
+        state = optimizer.state[p]
+        if kind == "prodigy":
+            state["s"], state["p0"] = torch.zeros_like(p), p.detach().clone()
+        elif kind == "adamw8bit" and p.numel() >= BNB_MIN_8BIT_SIZE:
+            blocks = -(-p.numel() // BNB_BLOCK)
+            for name in ("exp_avg", "exp_avg_sq"):
+                state[name] = torch.zeros_like(p, dtype=torch.uint8)
+                state[f"{name}_absmax"] = torch.zeros(blocks, device=p.device)
+    optimizer.step = lambda *args, **kwargs: None  # the state's size is what is modelled, not the update
 
 
 def _checkpointing(dtype: torch.dtype | None, target: str):

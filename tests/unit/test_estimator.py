@@ -183,3 +183,15 @@ def test_no_local_gpu_on_a_cpu_machine():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     assert local_gpu() is None
+
+
+def test_optimizer_state_follows_the_optimizer(tiny_model):
+    """Prodigy keeps twice AdamW's state (plus `s` and `p0`); 8-bit AdamW a quarter for large parameters."""
+    state = {}
+    for kind in ("adamw", "prodigy", "adamw8bit"):
+        models = build_models(_tiny_configs(tiny_model), torch.float32, "meta")
+        config = _tiny_run_config(tiny_model, optimizer=kind)
+        count_phase(models, config, Phase("stage", 2), images=4, flops=False)
+        state[kind] = count_phase(models, config, Phase("stage", 3), images=4, flops=False).peak["optimizer"]
+    assert state["prodigy"] == 2 * state["adamw"]
+    assert state["adamw8bit"] < state["adamw"]
