@@ -302,8 +302,9 @@ class AttnDBConfig:
     recipe: str = setting(
         "'paper' (stage 3: 500 steps, 8 images per step) or 'fast', the authors' fast version: stage 3 200 steps at "
         "1e-4 (lora; 10x the authors' full-weight 1e-5, as for the paper's rates) or 1e-5 (full) and 4 images per "
-        "step in every stage (SDXL: 2 x 2 passes); about 6 instead of 20 minutes, close to paper on short prompts, "
-        "slightly below on complex ones. --steps, --learning-rates and the batch flags given win.", default="paper",
+        "step in every stage (SDXL: 2 x 2 passes); the authors report 6 instead of 20 minutes, close to paper on "
+        "short prompts, slightly below on complex ones. --steps, --learning-rates and the batch flags given win.",
+        default="paper",
         group="stages", choices=tuple(RECIPES), resume=True, resume_default="paper",
     )
     full_export_rank: int = setting(

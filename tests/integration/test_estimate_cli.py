@@ -68,3 +68,25 @@ def test_estimate_sdxl_and_a_single_file(tiny_sdxl, tiny_model, tmp_path, capsys
     assert main(["estimate", "--model", str(single), *TINY]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--model-config" in err
+
+
+def test_estimate_a_hub_id_reads_only_its_configs(tiny_model, tmp_path, monkeypatch, capsys):
+    """A Hub id from the Hub cache holding nothing but the model's config files (no weights, no tokenizer)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo, sha = "someone/tiny-sd", "0123456789abcdef0123456789abcdef01234567"
+    cache = tmp_path / "hub"
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(sha)
+    for config in tiny_model.rglob("*config.json"):
+        target = repo_dir / "snapshots" / sha / config.relative_to(tiny_model)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(config, target)
+    assert not list(repo_dir.rglob("*.safetensors"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    assert main(["estimate", "--model", repo, *TINY, "--validation-prompts"]) == 0
+    assert f"Predicted GPU memory for {repo}" in capsys.readouterr().out
