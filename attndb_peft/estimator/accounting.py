@@ -1,6 +1,7 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
 """Counting what a training step holds on a GPU without one: real-size models on PyTorch's `meta` device (shapes
-and dtypes, no storage), every tensor's bytes counted by torch's `MemTracker` and every FLOP by `FlopCounterMode`.
+and dtypes, no storage), every tensor's bytes counted as it is allocated and freed (`PeakCounter`, which agrees
+with torch's `MemTracker` and is faster) and every FLOP by torch's `FlopCounterMode`, in a pass of its own.
 
 Two things make a `meta` step allocate what a CUDA step allocates rather than what a CPU step would:
 
@@ -16,11 +17,13 @@ Two things make a `meta` step allocate what a CUDA step allocates rather than wh
   CUDA's dispatcher would pick by its own op: FlashAttention-2 (`_scaled_dot_product_flash_attention`) for
   fp16/bf16 without a mask, memory-efficient attention otherwise; both keep only the output and a float32
   log-sum-exp per query for the backward. For checks on the CPU, `target="cpu"` uses the CPU's flash kernel.
+  CUDA's fp16 softmax under autocast writes float32 straight from its fp16 input (`half_to_float`), as here.
 
 What the counters do not see is modelled in `gpus.py`: the cuBLAS workspaces (allocated by the caching allocator,
 so inside `max_memory_allocated`) and, for whether a run fits a card, the CUDA context and the allocator's cache.
-MemTracker rounds nothing on `meta`; the caching allocator rounds each block up to 512 bytes, which on these
-models is below 0.1 % and left out.
+Nothing is rounded here; the caching allocator counts whole blocks (requests rounded up to 512 bytes, a cached
+large block not split when less than 1 MiB would remain), of the order of the 0.04-0.11 GiB by which the
+prediction of the H100's fused-attention steps is low (docs/performance.md); left out.
 """
 
 from __future__ import annotations
