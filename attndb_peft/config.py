@@ -182,7 +182,7 @@ class StageConfig:
 
 
 # Stage defaults. Steps and lambdas are the paper's. Stage 1 trains the same single vector as the paper, so it
-# keeps the paper's lr. Stages 2-3 train LoRAs instead of full weights; see README "Choosing the LoRA defaults":
+# keeps the paper's lr. Stages 2-3 train LoRAs instead of full weights; see docs/method.md "LoRA rates":
 # a rank-32 LoRA with alpha = rank moves W by roughly 0.1-0.6 x lr per Adam step where a full fine-tune moves
 # every entry by ~lr, so the LoRA stages use 10x the paper's full-weight learning rates (2e-5 -> 2e-4,
 # 2e-6 -> 2e-5), the same ratio diffusers' DreamBooth examples use between LoRA (1e-4) and full (5e-6).
