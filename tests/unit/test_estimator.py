@@ -13,8 +13,8 @@ from attndb_peft.amp import autocast_off
 from attndb_peft.config import AttnDBConfig
 from attndb_peft.estimator.accounting import CudaAutocast, count_step, fused_attention
 from attndb_peft.estimator.architectures import ARCHITECTURES, architecture_for
-from attndb_peft.estimator.estimate import H100_ACHIEVED_TFLOPS, estimate_run
-from attndb_peft.estimator.gpus import GPUS, local_gpu
+from attndb_peft.estimator.estimate import H100_ACHIEVED_TFLOPS, _candidates, estimate_run
+from attndb_peft.estimator.gpus import ALLOCATOR_HEADROOM, GPUS, local_gpu
 from attndb_peft.estimator.run_model import Phase, build_models, count_phase, read_model_configs
 from tests.conftest import TINY_SETTINGS, make_config
 
@@ -68,8 +68,7 @@ def _tiny_run_config(tiny_model, **overrides):
     ).for_model(_tiny_configs(tiny_model).family, TINY_SETTINGS["resolution"])
 
 
-@pytest.mark.parametrize("precision", [None, torch.bfloat16])
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("precision, checkpointing", [(None, False), (torch.bfloat16, True)])
 def test_meta_count_equals_real_cpu_count(tiny_model, precision, checkpointing):
     """The same phases counted on meta (shapes only) and on real CPU tensors give the same bytes and FLOPs."""
     config = _tiny_run_config(tiny_model, gradient_checkpointing=checkpointing, gradient_accumulation_steps=2)
@@ -170,13 +169,21 @@ def test_time_on_the_calibration_card_is_its_throughput(tiny_model):
 
 
 def test_suggestions_keep_the_effective_batch(tiny_model):
-    config = _tiny_run_config(tiny_model, batch_size=4, gradient_accumulation_steps=1)
-    tight = estimate_run(config, suggest=False).peak_gib * 0.5
-    estimate = estimate_run(config, gpu_memory_gib=tight)
-    assert not estimate.fits(tight) and estimate.suggestions
-    peaks = [peak for _, peak in estimate.suggestions]
-    assert peaks == sorted(peaks, reverse=True) and peaks[-1] < estimate.peak_gib
-    assert "`batch_size` 2 `gradient_accumulation_steps` 2" in " ".join(text for text, _ in estimate.suggestions)
+    config = _tiny_run_config(tiny_model, batch_size=4, gradient_accumulation_steps=1, stage3_mode="full")
+    candidates = list(_candidates(config))
+    assert [text.split("`")[-2] for text, _ in candidates[:2]] == ["gradient_checkpointing", "offload_frozen"]
+    assert "`batch_size` 2 `gradient_accumulation_steps` 2" in candidates[2][0]
+    assert candidates[-1][1].stage3_mode == "lora"
+    for _, candidate in candidates:  # the same images per optimizer step, less memory per pass
+        assert candidate.batch_size * candidate.gradient_accumulation_steps == 4
+    config = config.with_stage_values(steps=(0, 1, 0))
+    peak = estimate_run(config, suggest=False).peak_gib
+    estimate = estimate_run(config, gpu_memory_gib=peak)  # needs the headroom too: does not fit
+    assert not estimate.fits(peak) and estimate.suggestions
+    assert all(found < peak for _, found in estimate.suggestions)
+    # counting stops at the first setting that fits (with the headroom), if one does
+    fitting = [found for _, found in estimate.suggestions if found * (1 + ALLOCATOR_HEADROOM) <= peak]
+    assert fitting in ([], [estimate.suggestions[-1][1]])
 
 
 def test_no_local_gpu_on_a_cpu_machine():
