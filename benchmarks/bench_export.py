@@ -43,7 +43,7 @@ def delta_shapes() -> list[tuple[str, tuple[int, ...]]]:
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD21_UNET)
+        unet = UNet2DConditionModel.from_config(SD21_UNET)
     return [
         (name, tuple(tensor.shape))
         for name, tensor in unet.state_dict().items()

