@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["ALLOCATOR_HEADROOM", "CUDA_CONTEXT_GIB", "GPUS", "Gpu", "gpu_for", "local_gpu"]
+__all__ = ["ALLOCATOR_HEADROOM", "CUDA_CONTEXT_GIB", "GPUS", "Gpu", "local_gpu"]
 
 #: Share of the predicted peak kept free for the caching allocator's fragmentation (see the module docstring).
 ALLOCATOR_HEADROOM = 0.10
@@ -80,11 +80,6 @@ GPUS: dict[str, Gpu] = {
         Gpu("t4", "T4 16GB", 14.6, 65.0, 320.0, (7, 5)),
     )
 }
-
-
-def gpu_for(name: str) -> Gpu | None:
-    """The GPU a `--gpu` value names (its key, case-insensitive), or None."""
-    return GPUS.get(name.strip().lower())
 
 
 def local_gpu() -> Gpu | None:
