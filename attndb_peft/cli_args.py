@@ -50,6 +50,7 @@ TRAIN_GROUPS = {
     "memory": "memory and speed",
     "output": "output, checkpoints and the Hub",
     "logging": "logging and sample grids",
+    "scoring": "scored checkpoints and selection",
 }
 
 

@@ -1,19 +1,9 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
-"""Run configuration: one `AttnDBConfig` per training run, with one `StageConfig` per stage.
+"""Run configuration: one `AttnDBConfig` per training run, with one `StageConfig` per stage (`stage_config`).
 
-Each setting is typed once, as a dataclass field made by `setting`; its metadata describes it everywhere it
-appears. The `attndb train` flags are generated from it (`cli_args.add_config_arguments`, the way transformers'
-`HfArgumentParser` reads dataclasses), `RESUME_KEYS` / `RESUME_DEFAULTS` are read off it, and
-`attndb_config.json` records the fields. The metadata keys:
-
-- `help`: the description (CLI help, docs). The CLI appends the default unless the text says "Default:".
-- `group`: the `attndb train --help` section: model, data, stages, memory, output or logging.
-- `flag`: the option string where it is not `--field-name` (`stage3_mode` -> `--stage3`); None for a setting
-  without a flag (config files and Python only). A boolean's flag comes with its `--no-` form.
-- `choices`, `metavar`: as in argparse; `default_text`: how the help shows a default its value says little about.
-- `stages` (`StageConfig` only): the stages one per-stage flag covers (`--ranks 16,64`: stages 2 and 3).
-- `resume`: the setting must match between a checkpoint and the run that resumes it (`RESUME_KEYS`).
-- `resume_default`: the value a checkpoint written before the setting existed implies (`RESUME_DEFAULTS`).
+Each setting is typed once, as a dataclass field made by `stage_config.setting`, whose metadata describes it
+everywhere it appears (the keys are in `stage_config`'s docstring): the `attndb train` flags are generated from
+it, `RESUME_KEYS` / `RESUME_DEFAULTS` are read off it, and `attndb_config.json` records the fields.
 
 Validation that needs no files or models happens in `__post_init__`; checks against the disk (images, output
 folder) live in `data.py` and `trainer.py`. Messages name settings with `errors.arg` (`` `resolution` ``); the
@@ -26,17 +16,30 @@ import dataclasses
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError, arg
+from .errors import arg
+from .stage_config import (
+    ConfigError,
+    StageConfig,
+    setting,
+    stage1_defaults,
+    stage2_defaults,
+    stage3_defaults,
+    stage_from_dict,
+)
 
 __all__ = [
+    "DEFAULT_CLIP_MODEL",
     "DEFAULT_VALIDATION_PROMPTS",
     "RECIPES",
     "RESUME_DEFAULTS",
     "RESUME_KEYS",
+    "SELECT_MARGIN",
+    "SELECT_RULES",
+    "STAGE3_TARGET_SETS",
     "TOKEN_INITS",
     "AttnDBConfig",
     "ConfigError",
@@ -53,150 +56,6 @@ DEFAULT_VALIDATION_PROMPTS = (
     "a watercolor painting of a {}",
     "a photo of a purple {} on the beach",
 )
-
-
-class ConfigError(UsageError):
-    """A setting is invalid. The message names the setting, the value received and the fix."""
-
-
-def setting(
-    help: str,
-    *,
-    group: str | None = None,
-    default: Any = dataclasses.MISSING,
-    default_factory: Any = dataclasses.MISSING,
-    flag: str | None = "",
-    choices: tuple[str, ...] | None = None,
-    metavar: str | None = None,
-    default_text: str | None = None,
-    resume: bool = False,
-    resume_default: Any = dataclasses.MISSING,
-    stages: tuple[int, ...] | None = None,
-    minimum: int | None = None,
-) -> Any:
-    """A dataclass field for one setting, described by its metadata (the keys are in the module docstring).
-
-    Args:
-        help (`str`): what the setting does.
-        group (`str`, *optional*): the `attndb train --help` section (`cli_args.TRAIN_GROUPS`).
-        default, default_factory: as in `dataclasses.field`; neither makes the setting required.
-        flag (`str` or `None`, *optional*): the option string where it is not `--field-name`; None: no flag.
-        choices (`tuple[str, ...]`, *optional*): the accepted values, for the CLI.
-        metavar (`str`, *optional*): the value's name in the help.
-        default_text (`str`, *optional*): how the help shows the default.
-        resume (`bool`, defaults to `False`): whether a resumed run must match the checkpoint's value.
-        resume_default (*optional*): the value implied when a checkpoint did not record the setting.
-        stages (`tuple[int, ...]`, *optional*): for `StageConfig` fields, the stages the flag covers.
-        minimum (`int`, *optional*): the smallest accepted value (`AttnDBConfig.__post_init__` checks it).
-
-    Returns:
-        `dataclasses.Field`: keys left at their "not given" value are not stored, so `field.metadata` holds only
-        what was said about the setting.
-    """
-    given = {
-        "help": help,
-        "group": group,
-        "choices": choices,
-        "metavar": metavar,
-        "default_text": default_text,
-        "resume": resume or None,
-        "stages": stages,
-        "minimum": minimum,
-    }
-    metadata = {k: v for k, v in given.items() if v is not None}
-    if flag != "":
-        metadata["flag"] = flag  # None: explicitly no command-line flag
-    if resume_default is not dataclasses.MISSING:
-        metadata["resume_default"] = resume_default  # None is a value here
-    return field(default=default, default_factory=default_factory, metadata=metadata)
-
-
-@dataclass
-class StageConfig:
-    """Settings of one training stage. LoRA fields are ignored by stage 1 (it trains one embedding vector).
-
-    On the command line each field with a flag takes one value for every stage it covers (`stages`), or one
-    value per stage, comma-separated (`--steps 60,100,500`, `--ranks 16,64`)."""
-
-    steps: int | None = setting(
-        "Optimizer steps (0 skips the stage). Stage 3 unset (None): the recipe's (paper 500, fast 200).",
-        flag="--steps", stages=(1, 2, 3),
-    )
-    learning_rate: float | None = setting(
-        "Learning rate (Prodigy: normally 1.0). Stage 3 unset (None): the recipe's for stage3_mode (paper: lora 2e-5, "
-        "full 2e-6; fast: lora 1e-4, full 1e-5).", flag="--learning-rates", stages=(1, 2, 3),
-    )
-    lambda_mu: float = setting("Regularizer weight of the attention-map mean.", stages=(1, 2, 3))
-    lambda_var: float = setting("Regularizer weight of the attention-map variance.", stages=(1, 2, 3))
-    rank: int | None = setting(
-        "LoRA rank. Default: the model family's, 32 on SD 1.x/2.x and 16 on SDXL "
-        "(`families.ModelFamily.default_lora_rank`; None until the base model is known).",
-        default=32,
-        flag="--ranks",
-        stages=(2, 3),
-    )
-    alpha: float | None = setting(
-        "LoRA alpha; the LoRA's scale is alpha/rank. Default: None, alpha = rank (scale 1).",
-        default=None,
-        flag="--lora-alphas",
-        stages=(2, 3),
-    )
-    lr_scheduler: str = setting(
-        "Learning-rate schedule, a diffusers get_scheduler name: constant, constant_with_warmup, linear, cosine, ...",
-        default="constant",
-        flag="--lr-schedulers",
-        stages=(1, 2, 3),
-    )
-    lr_warmup_steps: int = setting("Linear warm-up steps of the learning rate.", default=0, stages=(1, 2, 3))
-    # No flag: the diffusers scripts' value has not needed tuning; config files and Python can still set it.
-    weight_decay: float = setting("AdamW weight decay (diffusers' scripts' default).", default=1e-2, flag=None)
-
-    def __post_init__(self) -> None:
-        if self.steps is not None and self.steps < 0:
-            raise ConfigError(f"{arg('steps')} must be >= 0, got {self.steps}.")
-        if self.learning_rate is not None and not self.learning_rate > 0:
-            raise ConfigError(f"{arg('learning_rate')} must be > 0, got {self.learning_rate}.")
-        if self.lambda_mu < 0 or self.lambda_var < 0:
-            raise ConfigError(
-                f"{arg('lambda_mu')} and {arg('lambda_var')} must be >= 0, "
-                f"got {self.lambda_mu} and {self.lambda_var}."
-            )
-        if self.rank is not None and self.rank < 1:
-            raise ConfigError(f"{arg('rank')} must be >= 1, got {self.rank}.")
-        if self.lr_warmup_steps < 0:
-            raise ConfigError(f"{arg('lr_warmup_steps')} must be >= 0, got {self.lr_warmup_steps}.")
-        if self.alpha is not None and not self.alpha > 0:
-            raise ConfigError(f"{arg('alpha')} must be > 0 or None (alpha = rank), got {self.alpha}.")
-        from diffusers.optimization import SchedulerType
-
-        names = [t.value for t in SchedulerType]
-        if self.lr_scheduler not in names:
-            raise ConfigError(f"{arg('lr_scheduler')} must be one of {', '.join(names)}; got {self.lr_scheduler!r}.")
-
-    @property
-    def lora_alpha(self) -> float:
-        if self.rank is None:
-            raise ConfigError(f"{arg('rank')} is None (the family's default) until the base model is known; call "
-                              "AttnDBConfig.for_model(...) first.")
-        return float(self.rank if self.alpha is None else self.alpha)
-
-
-# Stage defaults. Steps and lambdas are the paper's. Stage 1 trains the same single vector as the paper, so it
-# keeps the paper's lr. Stages 2-3 train LoRAs instead of full weights; see docs/method.md "LoRA rates":
-# a rank-32 LoRA with alpha = rank moves W by roughly 0.1-0.6 x lr per Adam step where a full fine-tune moves
-# every entry by ~lr, so the LoRA stages use 10x the paper's full-weight learning rates (2e-5 -> 2e-4,
-# 2e-6 -> 2e-5), the same ratio diffusers' DreamBooth examples use between LoRA (1e-4) and full (5e-6).
-def _stage1() -> StageConfig:
-    return StageConfig(steps=60, learning_rate=1e-3, lambda_mu=0.1, lambda_var=0.0)
-
-
-def _stage2() -> StageConfig:
-    return StageConfig(steps=100, learning_rate=2e-4, lambda_mu=2.0, lambda_var=5.0, rank=None)
-
-
-def _stage3() -> StageConfig:
-    # steps and learning_rate None: the recipe's (`RECIPES`), filled in by AttnDBConfig.__post_init__
-    return StageConfig(steps=None, learning_rate=None, lambda_mu=2.0, lambda_var=5.0, rank=None)
 
 
 # The recipes `recipe` picks: stage 3's steps, its learning rate by stage3_mode, and the images per optimizer step
@@ -219,6 +78,15 @@ _SAVE_DTYPES = ("fp16", "bf16", "fp32")
 _REPORT_TO = ("tensorboard", "wandb")
 _REGULARIZERS = ("per_layer", "pooled")
 _OPTIMIZERS = ("adamw", "prodigy", "adamw8bit")
+#: `stage3_targets`: the layers of stage 3's LoRA (`stages.STAGE3_TARGETS`).
+STAGE3_TARGET_SETS = ("transformer", "attn2", "unet")
+#: `select`: which checkpoint becomes the adapter.
+SELECT_RULES = ("last", "auto")
+#: `select_margin`'s default, fixed on the world's tuning concepts (docs/guide.md).
+SELECT_MARGIN = 1.0
+#: The CLIP of `attndb evaluate` and of the checkpoint scores (ViT-B/32, as in the Textual Inversion and
+#: DreamBooth evaluations).
+DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 
 
 def recipe_batch(recipe: str, family) -> tuple[int, int]:
@@ -291,26 +159,28 @@ class AttnDBConfig:
     )
     # -- stages -----------------------------------------------------------------------------------------------
     # The stages have no flag of their own: StageConfig's fields give the per-stage flags (--steps, --ranks, ...).
-    stage1: StageConfig = setting("Stage 1: token embedding.", default_factory=_stage1, flag=None, resume=True)
-    stage2: StageConfig = setting("Stage 2: attn2 LoRA.", default_factory=_stage2, flag=None, resume=True)
-    stage3: StageConfig = setting("Stage 3: U-Net LoRA or full.", default_factory=_stage3, flag=None, resume=True)
+    stage1: StageConfig = setting("Stage 1: token embedding.", default_factory=stage1_defaults, flag=None, resume=True)
+    stage2: StageConfig = setting("Stage 2: attn2 LoRA.", default_factory=stage2_defaults, flag=None, resume=True)
+    stage3: StageConfig = setting("Stage 3: U-Net LoRA or full.", default_factory=stage3_defaults, flag=None,
+                                  resume=True)
     stage3_mode: str = setting(
         "Stage 3 trains a LoRA (rank stage3.rank) on every linear layer of the U-Net's transformer blocks ('lora') "
         "or the full U-Net ('full').", default="lora", group="stages", flag="--stage3",
         choices=tuple(STAGE3_LEARNING_RATES), resume=True,
     )
+    stage3_targets: str = setting(
+        "With --stage3 lora, its LoRA's layers: 'transformer' (every linear of the transformer blocks), 'attn2' "
+        "(cross-attention only) or 'unet' (also the ResNet and resampler layers, as kohya's LoCon).",
+        default="transformer", group="stages", choices=STAGE3_TARGET_SETS, resume=True, resume_default="transformer",
+    )
     recipe: str = setting(
         "'paper' (stage 3: 500 steps, 8 images per step) or 'fast', the authors' fast version: stage 3 200 steps at "
         "1e-4 (lora; 10x the authors' full-weight 1e-5, as for the paper's rates) or 1e-5 (full) and 4 images per "
-        "step in every stage (SDXL: 2 x 2 passes); the authors report 6 instead of 20 minutes, close to paper on "
-        "short prompts, slightly below on complex ones. --steps, --learning-rates and the batch flags given win.",
-        default="paper",
+        "step (SDXL: 2 x 2 passes); the authors report 6 instead of 20 minutes. Flags given win.", default="paper",
         group="stages", choices=tuple(RECIPES), resume=True, resume_default="paper",
     )
-    full_export_rank: int = setting(
-        "With stage3_mode 'full': SVD rank of the exported LoRA of the U-Net delta.", default=64, group="output",
-        minimum=1,
-    )
+    full_export_rank: int = setting("With stage3_mode 'full': SVD rank of the exported LoRA of the U-Net delta.",
+                                    default=64, group="output", minimum=1)
     # token_init and stage3_train_token set up the baselines (Textual Inversion, TI+DB) that demo and the
     # benchmarks build in Python; they have no flag so that `attndb train` always runs the method.
     token_init: str = setting(
@@ -335,8 +205,7 @@ class AttnDBConfig:
     masked_loss: bool = setting(
         "Weight the diffusion loss by a subject mask (an addition to the paper's method): from the photos' "
         "transparency (cut-out PNGs), or from masks. The background then teaches nothing (cut-outs are otherwise "
-        "learned on white); the attention regularizer is unchanged.", default=False, group="data", resume=True,
-        resume_default=False,
+        "learned on white).", default=False, group="data", resume=True, resume_default=False,
     )
     masks: str | None = setting(
         "Folder with one mask per photo, same file name stem (dog1.jpg -> dog1.png), same size, white = subject; "
@@ -359,6 +228,33 @@ class AttnDBConfig:
         "'adamw', 'prodigy' (pip install prodigyopt; sets its own step size: give --learning-rates 1.0 for its "
         "usual setting) or 'adamw8bit' (pip install bitsandbytes; AdamW with 8-bit moments, less memory).",
         default="adamw", group="stages", choices=_OPTIMIZERS, resume=True, resume_default="adamw",
+    )
+    # -- scored checkpoints and selection (docs/guide.md "Which checkpoint? Scores and selection") ------------
+    score_checkpoints: bool = setting(
+        "Score the checkpoints of the last stage that trains (its start, every checkpointing_steps, its end): the "
+        "score prompts at fixed seeds, scored for identity against the photos and text alignment without the "
+        "token (CLIP; a toy-world concept: the world's scorers). Writes OUTPUT/scores/; logs to the trackers.",
+        default=False, group="scoring",
+    )
+    score_prompts: tuple[str, ...] = setting(
+        "Prompts to score ('{}' expands to 'TOKEN CATEGORY'; 'group: prompt' puts one in a group; group "
+        "'training' counts as the training prompt, every other as new).", default=(), group="scoring",
+        metavar="PROMPT", default_text="the training prompt, two new contexts, a style, a colour",
+    )
+    score_images: int = setting("Images per score prompt (seeds seed, seed+1, ...).", default=4, group="scoring",
+                                minimum=1)
+    score_clip: str = setting("CLIP of the scores: a Hub id or a folder.", default=DEFAULT_CLIP_MODEL,
+                              group="scoring", metavar="MODEL")
+    score_dino: str | None = setting("Also score DINO identity with this ViT (e.g. facebook/dino-vits16).",
+                                     default=None, group="scoring", metavar="MODEL")
+    select: str = setting(
+        "The adapter written: 'last' (the end of training) or 'auto' (with score_checkpoints): of the scored "
+        "checkpoints whose new-prompt identity is within select_margin of the run's best, the one with the "
+        "highest new-prompt text alignment.", default="last", group="scoring", choices=SELECT_RULES,
+    )
+    select_margin: float = setting(
+        "select auto's margin below the best new-prompt identity, as a share of the run's spread (lowest to "
+        "highest; 0: the best only, 1: any).", default=SELECT_MARGIN, group="scoring",
     )
     # -- memory and speed -------------------------------------------------------------------------------------
     mixed_precision: str = setting(
@@ -395,9 +291,8 @@ class AttnDBConfig:
     )
     resume: bool = setting("Continue from the newest complete checkpoint in output.", default=False, group="output")
     overwrite: bool = setting("Allow a non-empty output folder (its files replaced).", default=False, group="output")
-    push_to_hub: str | None = setting(
-        "Hub repo id to push the adapter to when done.", default=None, group="output", metavar="REPO"
-    )
+    push_to_hub: str | None = setting("Hub repo id to push the adapter to when done.", default=None, group="output",
+                                      metavar="REPO")
     # -- logging and samples ----------------------------------------------------------------------------------
     log_every: int = setting(
         "Read the loss back from the device every N steps (fewer host syncs).", default=10, group="logging",
@@ -432,13 +327,11 @@ class AttnDBConfig:
         for name in ("stage1", "stage2", "stage3"):
             value = getattr(self, name)
             if isinstance(value, dict):
-                setattr(self, name, _stage_from_dict(name, value))
-        if isinstance(self.validation_prompts, (list, str)):
-            self.validation_prompts = (
-                (self.validation_prompts,)
-                if isinstance(self.validation_prompts, str)
-                else tuple(self.validation_prompts)
-            )
+                setattr(self, name, stage_from_dict(name, value))
+        for name in ("validation_prompts", "score_prompts"):  # a list from a file, one string from Python
+            value = getattr(self, name)
+            if isinstance(value, (list, str)):
+                setattr(self, name, (value,) if isinstance(value, str) else tuple(value))
         for name in ("model", "images", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ConfigError(f"{arg(name)} is required (got {getattr(self, name)!r}).")
@@ -481,24 +374,7 @@ class AttnDBConfig:
                 stage3, steps=recipe["steps"] if stage3.steps is None else stage3.steps,
                 learning_rate=rate if stage3.learning_rate is None else stage3.learning_rate,
             )
-        if self.snr_gamma is not None and not self.snr_gamma > 0:
-            raise ConfigError(f"{arg('snr_gamma')} must be > 0 (5 is usual) or None (off), got {self.snr_gamma}.")
-        if self.optimizer == "prodigy" and self.stage3_train_token:  # Prodigy takes one learning rate per step
-            raise ConfigError(f"{arg('optimizer')} prodigy cannot train the token at stage 1's own rate in stage 3 "
-                              f"({arg('stage3_train_token')}); use adamw.")
-        if self.compile and self.gradient_checkpointing:
-            # measured in tests/integration/test_device_paths.py: the recompiles use up dynamo's limit at once
-            raise ConfigError(
-                f"{arg('compile')} and {arg('gradient_checkpointing')} cannot be combined: under gradient "
-                "checkpointing torch.compile recompiles the U-Net's blocks until it gives up and the run trains "
-                f"uncompiled. Drop {arg('compile')} for the low-memory setting, or drop "
-                f"{arg('gradient_checkpointing')} to compile."
-            )
-        if self.resume and self.overwrite:
-            raise ConfigError(
-                f"{arg('resume')} and {arg('overwrite')} exclude each other: resume continues a run, overwrite "
-                "restarts it."
-            )
+        _check_combinations(self)
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -523,7 +399,7 @@ class AttnDBConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict that `from_dict` reads back."""
         data = dataclasses.asdict(self)
-        data["validation_prompts"] = list(self.validation_prompts)
+        data["validation_prompts"], data["score_prompts"] = list(self.validation_prompts), list(self.score_prompts)
         return data
 
     def to_json(self) -> str:
@@ -588,16 +464,38 @@ class AttnDBConfig:
         return dataclasses.replace(self, **updates)
 
 
-def _stage_from_dict(name: str, values: dict[str, Any]) -> StageConfig:
-    defaults = {"stage1": _stage1, "stage2": _stage2, "stage3": _stage3}[name]()
-    known = {f.name for f in dataclasses.fields(StageConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{name}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
-    try:
-        return dataclasses.replace(defaults, **values)
-    except ConfigError as exc:
-        raise ConfigError(f"{name}: {exc}") from None
+
+def _check_combinations(config: AttnDBConfig) -> None:
+    """The checks of `AttnDBConfig.__post_init__` that involve two settings."""
+    if config.snr_gamma is not None and not config.snr_gamma > 0:
+        raise ConfigError(f"{arg('snr_gamma')} must be > 0 (5 is usual) or None (off), got {config.snr_gamma}.")
+    if config.optimizer == "prodigy" and config.stage3_train_token:  # Prodigy takes one learning rate per step
+        raise ConfigError(f"{arg('optimizer')} prodigy cannot train the token at stage 1's own rate in stage 3 "
+                          f"({arg('stage3_train_token')}); use adamw.")
+    if config.compile and config.gradient_checkpointing:
+        # measured in tests/integration/test_device_paths.py: the recompiles use up dynamo's limit at once
+        raise ConfigError(
+            f"{arg('compile')} and {arg('gradient_checkpointing')} cannot be combined: under gradient "
+            "checkpointing torch.compile recompiles the U-Net's blocks until it gives up and the run trains "
+            f"uncompiled. Drop {arg('compile')} for the low-memory setting, or drop "
+            f"{arg('gradient_checkpointing')} to compile."
+        )
+    if config.resume and config.overwrite:
+        raise ConfigError(
+            f"{arg('resume')} and {arg('overwrite')} exclude each other: resume continues a run, overwrite "
+            "restarts it."
+        )
+
+    if config.select == "auto" and not config.score_checkpoints:
+        raise ConfigError(f"{arg('select')} auto picks from the checkpoints' scores: add {arg('score_checkpoints')}.")
+    if config.select == "auto" and config.checkpoints_total_limit is not None:
+        raise ConfigError(
+            f"{arg('select')} auto may pick any scored checkpoint, so it keeps them all: drop "
+            f"{arg('checkpoints_total_limit')} (or use {arg('select')} last)."
+        )
+    if not 0 <= config.select_margin <= 1:
+        raise ConfigError(f"{arg('select_margin')} must be in [0, 1] (a share of the identity spread), got "
+                          f"{config.select_margin}.")
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:

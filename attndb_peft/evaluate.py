@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .adapter_format import AdapterInfo, package_versions
+from .config import DEFAULT_CLIP_MODEL
 from .data import load_image, scan_image_folder
 from .errors import UsageError, arg, first_line
 from .inference import expand_prompt, generate_images, resolve_device
@@ -42,13 +43,11 @@ __all__ = [
     "identity_similarity",
     "load_reference_images",
     "read_prompts_file",
+    "split_group",
     "text_alignment",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: CLIP used when `--clip` is not given (ViT-B/32, as in the Textual Inversion and DreamBooth evaluations).
-DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 
 #: The built-in evaluation prompts by group; `{}` expands to `TOKEN CATEGORY` (and to `CATEGORY` for scoring).
 EVALUATION_PROMPTS: dict[str, tuple[str, ...]] = {
@@ -92,22 +91,22 @@ def evaluation_prompts() -> list[tuple[str, str]]:
     return [(group, prompt) for group, prompts in EVALUATION_PROMPTS.items() for prompt in prompts]
 
 
+def split_group(line: str, default: str = "custom") -> tuple[str, str]:
+    """`"group: prompt"` -> `(group, prompt)` when the part before the colon is one word; else `(default, line)`."""
+    group, sep, rest = line.strip().partition(":")
+    if sep and group.strip().isidentifier() and rest.strip():
+        return group.strip(), rest.strip()
+    return default, line.strip()
+
+
 def read_prompts_file(path: str | os.PathLike) -> list[tuple[str, str]]:
     """Read a prompts file: one prompt per line; blank lines and lines starting with `#` are skipped; a line
     `group: prompt` puts the prompt in a group (else group `custom`). Returns `(group, prompt)` pairs."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{arg('prompts')} {path}: no such file; give a text file with one prompt per line.")
-    prompts = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        group, sep, rest = line.partition(":")
-        if sep and group.strip().isidentifier() and rest.strip():
-            prompts.append((group.strip(), rest.strip()))
-        else:
-            prompts.append(("custom", line))
+    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    prompts = [split_group(line) for line in lines if line and not line.startswith("#")]
     if not prompts:
         raise UsageError(f"{arg('prompts')} {path}: no prompts in the file; write one prompt per line.")
     return prompts
@@ -143,9 +142,10 @@ class ClipEmbedder:
         model (`str`): a Hub id (e.g. `openai/clip-vit-base-patch32`) or a local folder with a `CLIPModel` and
             its processor.
         device (`str`, *optional*): default the best available.
+        setting (`str`, *optional*): the flag or setting that named `model`, for the error message.
     """
 
-    def __init__(self, model: str = DEFAULT_CLIP_MODEL, device: str | None = None) -> None:
+    def __init__(self, model: str = DEFAULT_CLIP_MODEL, device: str | None = None, setting: str = "clip") -> None:
         from transformers import CLIPModel, CLIPProcessor
 
         self.device = resolve_device(device)
@@ -154,7 +154,7 @@ class ClipEmbedder:
             self.processor = CLIPProcessor.from_pretrained(model)
         except Exception as exc:
             raise UsageError(
-                f"{arg('clip')} {model}: cannot load a CLIP model and processor ({first_line(exc)})."
+                f"{arg(setting)} {model}: cannot load a CLIP model and processor ({first_line(exc)})."
             ) from None
 
     @torch.no_grad()
@@ -191,9 +191,10 @@ class DinoEmbedder:
         model (`str`): a Hub id (e.g. `facebook/dino-vits16`) or a local folder with the model and its image
             processor.
         device (`str`, *optional*): default the best available.
+        setting (`str`, *optional*): the flag or setting that named `model`, for the error message.
     """
 
-    def __init__(self, model: str, device: str | None = None) -> None:
+    def __init__(self, model: str, device: str | None = None, setting: str = "dino") -> None:
         from transformers import AutoImageProcessor, AutoModel
 
         self.device = resolve_device(device)
@@ -202,7 +203,7 @@ class DinoEmbedder:
             self.processor = AutoImageProcessor.from_pretrained(model)
         except Exception as exc:
             raise UsageError(
-                f"{arg('dino')} {model}: cannot load a ViT model and image processor ({first_line(exc)})."
+                f"{arg(setting)} {model}: cannot load a ViT model and image processor ({first_line(exc)})."
             ) from None
 
     @torch.no_grad()

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +35,11 @@ __all__ = [
     "SampleSource",
     "check_report_to",
     "format_run_summary",
+    "global_step",
     "memory_check",
     "peak_memory",
+    "sample_settings",
+    "sampling_pipeline",
     "tracker_config",
     "trackers_for",
     "write_validation_samples",
@@ -89,6 +92,11 @@ def tracker_config(config) -> dict[str, Any]:
     return flat
 
 
+def global_step(config, stage: int, step: int) -> int:
+    """The trackers' step axis, which runs on across stages: `step` of `stage` after the earlier stages' steps."""
+    return sum(s.steps for s in config.stages[: stage - 1]) + step
+
+
 def peak_memory(device: torch.device) -> str:
     """Peak memory of the run: GPU memory allocated by torch on CUDA, else the process's peak resident size."""
     if device.type == "cuda":
@@ -121,6 +129,11 @@ def format_run_summary(result, stage_names: dict[int, str], device: torch.device
         lines.append(f"  stage {stage} {stage_names.get(stage, '')}: {seconds:.1f} s")
     if result.sample_files:
         lines.append(f"  validation samples: {result.validation_seconds:.1f} s, {len(result.sample_files)} picture(s)")
+    scores = getattr(result, "scores", None)
+    if scores is not None:
+        chosen = f", adapter from {result.selected} (select auto)" if getattr(result, "selected", None) else ""
+        lines.append(f"  checkpoint scores: {scores.seconds:.1f} s (within the stage times), {len(scores.records)} "
+                     f"checkpoint(s){chosen}")
     memory = getattr(result, "memory", None)
     if memory is not None and memory.measured:  # a GPU run: each stage's peak, next to the prediction
         for stage, measured in sorted(memory.measured.items()):
@@ -193,49 +206,68 @@ def write_validation_samples(source: SampleSource, stage: int, step: int, stage_
     prompts = [expand_prompt(p, cfg.token, cfg.category) for p in cfg.validation_prompts]
     folder = source.output_dir / SAMPLES_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    size = cfg.resolution
-    settings = dict(
-        seed=cfg.seed,
-        steps=cfg.validation_inference_steps,
-        guidance=cfg.validation_guidance_scale,
+    settings = sample_settings(cfg)
+    written: list[Path] = []
+    with sampling_pipeline(source) as pipe:
+        rows = [generate_images(pipe, prompt, cfg.validation_images, **settings) for prompt in prompts]
+        title = f"stage {stage}/3 ({STAGE_NAMES[stage]}), step {step}"
+        seeds = [f"seed {cfg.seed + j}" for j in range(cfg.validation_images)]
+        path = folder / f"stage{stage}-step{step}.png"
+        image_grid(rows, row_labels=prompts, column_labels=seeds, title=title).save(path)
+        written.append(path)
+        if stage_end:
+            maps = token_attention_maps(pipe, prompts[0], **settings)
+            path = folder / f"stage{stage}-attention.png"
+            attention_figure(maps.image, maps.maps, maps.labels, title=f"{title}: {prompts[0]}").save(path)
+            written.append(path)
+        if stage_end and stage == 3:
+            source.card_samples.clear()
+            for i, (prompt, row) in enumerate(zip(prompts, rows)):
+                path = folder / f"final-{i:02d}.png"
+                image_grid([row], row_labels=[prompt]).save(path)
+                written.append(path)
+                source.card_samples.append((prompt, f"{SAMPLES_DIR}/{path.name}"))
+    logger.debug("Samples of stage %d step %d written to %s", stage, step, folder)
+    return written
+
+
+def sample_settings(config) -> dict[str, Any]:
+    """`generate_images`' settings for pictures drawn during training: the validation sampler at the run's
+    resolution, seeds from the run's seed."""
+    size = config.resolution
+    return dict(
+        seed=config.seed,
+        steps=config.validation_inference_steps,
+        guidance=config.validation_guidance_scale,
         height=size,
         width=size,
     )
+
+
+@contextmanager
+def sampling_pipeline(source: SampleSource) -> Iterator[Any]:
+    """The family's pipeline over the models being trained, for drawing pictures mid-run (validation samples,
+    checkpoint scores), with training's state put back afterwards.
+
+    The U-Net is put in eval mode and its attention processors (the training capture, mid-stage), train mode and
+    the frozen models' devices are restored on exit; the global RNG is forked so sampling does not change
+    training randomness; under `compile` it runs eagerly (see `write_validation_samples`).
+    """
     unet = source.unet
     processors, was_training = unet.attn_processors, unet.training
     # Frozen models may sit on the CPU during a stage (memory offloading); sampling needs them on the device.
     frozen = {model: next(model.parameters()).device for model in source.frozen}
     devices = [source.device] if source.device.type == "cuda" else []
-    written: list[Path] = []
     unet.eval()
     for model in frozen:
         model.to(source.device)
     try:
-        with torch.random.fork_rng(devices=devices), source.autocast(), _eager(cfg.compile):
+        with torch.random.fork_rng(devices=devices), source.autocast(), _eager(source.config.compile):
             pipe = source.pipeline()
             pipe.set_progress_bar_config(disable=True)
-            rows = [generate_images(pipe, prompt, cfg.validation_images, **settings) for prompt in prompts]
-            title = f"stage {stage}/3 ({STAGE_NAMES[stage]}), step {step}"
-            seeds = [f"seed {cfg.seed + j}" for j in range(cfg.validation_images)]
-            path = folder / f"stage{stage}-step{step}.png"
-            image_grid(rows, row_labels=prompts, column_labels=seeds, title=title).save(path)
-            written.append(path)
-            if stage_end:
-                maps = token_attention_maps(pipe, prompts[0], **settings)
-                path = folder / f"stage{stage}-attention.png"
-                attention_figure(maps.image, maps.maps, maps.labels, title=f"{title}: {prompts[0]}").save(path)
-                written.append(path)
-            if stage_end and stage == 3:
-                source.card_samples.clear()
-                for i, (prompt, row) in enumerate(zip(prompts, rows)):
-                    path = folder / f"final-{i:02d}.png"
-                    image_grid([row], row_labels=[prompt]).save(path)
-                    written.append(path)
-                    source.card_samples.append((prompt, f"{SAMPLES_DIR}/{path.name}"))
+            yield pipe
     finally:
         unet.set_attn_processor(processors)
         unet.train(was_training)
         for model, device in frozen.items():
             model.to(device)
-    logger.debug("Samples of stage %d step %d written to %s", stage, step, folder)
-    return written

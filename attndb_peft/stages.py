@@ -26,6 +26,7 @@ __all__ = [
     "ADAPTER_STAGE2",
     "ADAPTER_STAGE3",
     "STAGE2_TARGET_MODULES",
+    "STAGE3_TARGETS",
     "STAGE3_TARGET_MODULES",
     "STAGE_NAMES",
     "ConceptSplice",
@@ -54,6 +55,14 @@ STAGE3_TARGET_MODULES = (
     r"|.*transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)"
     r"|.*attentions\.\d+\.(proj_in|proj_out)"
 )
+#: Stage 3's LoRA targets by `stage3_targets` (`config.STAGE3_TARGET_SETS`): the default, the cross-attention
+#: alone, or as kohya's LoCon (LyCORIS) also every linear and convolution of the ResNet blocks and the resamplers.
+STAGE3_TARGETS = {
+    "transformer": STAGE3_TARGET_MODULES,
+    "attn2": STAGE2_TARGET_MODULES,
+    "unet": STAGE3_TARGET_MODULES
+    + r"|.*resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|.*(downsamplers|upsamplers)\.\d+\.conv",
+}
 #: The stages' names in logs, figures and errors (shared by the trainer and reporting).
 STAGE_NAMES = {1: "embedding alignment", 2: "attention map (attn2 LoRA)", 3: "subject identity"}
 ADAPTER_STAGE2 = "attndb_stage2"

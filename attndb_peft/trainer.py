@@ -41,15 +41,17 @@ from .estimator.gpus import local_gpu
 from .export import export_adapter
 from .families import native_resolution
 from .hub import check_repo_id, push_to_hub
-from .reporting import SampleSource, format_run_summary, tracker_config, write_validation_samples
+from .reporting import SampleSource, format_run_summary, global_step, tracker_config, write_validation_samples
+from .scoring import ScoreBook, scored_stage
 from .stages import STAGE_NAMES, ConceptSplice, ConceptToken, add_concept_tokens
 from .training import resume as resume_lib
 from .training.cache import build_latent_cache
 from .training.inputs import InputError, check_inputs, load_tokenizer, resolve_model_defaults, warn_resolution
 from .training.memory import StageMemory
-from .training.optimizers import build_optimizer
+from .training.optimizers import for_stage
 from .training.resume import ResumePoint
 from .training.runtime import PROCESS_GROUP_TIMEOUT, Runtime, out_of_memory_message, start_runtime
+from .training.scored import ScoredCheckpoints
 from .training.stage_kinds import Stage, make_stage
 from .training.step import (
     SKIPPED_STEPS_WARNING,
@@ -103,6 +105,8 @@ class TrainResult:
     sample_files: list[Path] = field(default_factory=list)
     card_samples: list[tuple[str, str]] = field(default_factory=list)  # (prompt, path in OUT) for the model card
     batch: str = ""  # the effective batch, spelled out for the run summary
+    scores: ScoreBook | None = None  # the scored checkpoints (`score_checkpoints`)
+    selected: str | None = None  # the checkpoint the adapter was written from (`select` auto)
 
 
 def train(config: AttnDBConfig) -> Path:
@@ -158,6 +162,8 @@ class Trainer:
         self.optimizer = self.lr_scheduler = self.generator = None  # the current stage's (`make_optimizer`)
         self.skipped = SkippedSteps(torch.device("cpu"))  # fp16 steps skipped in the current stage
         self.memory: StageMemory | None = None  # predicted and measured peak per stage (GPU runs), `prepare`
+        self.scoring: ScoredCheckpoints | None = None  # the checkpoint scores (`prepare`)
+        self.scored: Stage | None = None  # the built stage whose checkpoints are scored
 
     # -------------------------------------------------------------------- views of what the objects own
     accelerator = property(lambda self: self.runtime.accelerator, doc="This process's `Accelerator`.")
@@ -204,7 +210,7 @@ class Trainer:
                     self.device,
                 )
             self.run_stage(stage, start_step)
-        self.result.files = self.export()
+        self.result.files = self.export(self.select())
         self.result.peak_memory_gib, self.result.memory = self.memory.run_peak(), self.memory
         if self.accelerator.is_main_process:
             logger.info(format_run_summary(self.result, STAGE_NAMES, self.device))
@@ -229,6 +235,9 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         point = resume_lib.read_resume_point(self.output_dir, cfg, acc.num_processes) if cfg.resume else None
+        at = (point.stage, point.step) if point is not None else None
+        self.scoring = ScoredCheckpoints.start(cfg, acc, self.device, at)  # before anything is written
+        self.result.scores = self.scoring.book
         if acc.is_main_process:
             resume_lib.prepare_output_dir(self.output_dir, cfg.overwrite)
         acc.wait_for_everyone()
@@ -288,29 +297,14 @@ class Trainer:
         torch.manual_seed(self.config.seed * 1000 + stage)
         self.stage = make_stage(stage, self.config, self.models, self.splice)
         self.stage.build()
+        if stage == scored_stage(self.config):
+            self.scored = self.stage
         return self.stage
 
     def make_optimizer(self, stage: int) -> None:
-        """The optimizer (`optimizer`: AdamW unless chosen otherwise) and the LR schedule of the built stage, and the
-        stage's noise generator."""
-        from diffusers.optimization import get_scheduler
-
-        cfg = self.config
-        stage_cfg = cfg.stages[stage - 1]
-        optimizer = build_optimizer(
-            cfg.optimizer, self.stage.param_groups(), stage_cfg.learning_rate, stage_cfg.weight_decay, self.device
-        )
-        self.lr_scheduler = get_scheduler(
-            stage_cfg.lr_scheduler,
-            optimizer=optimizer,
-            num_warmup_steps=stage_cfg.lr_warmup_steps,
-            num_training_steps=max(stage_cfg.steps, 1),
-        )
-        # accelerate wraps the optimizer for fp16 loss scaling; the LR scheduler is stepped by hand (accelerate's
-        # wrapper would step it once per process).
-        self.optimizer = self.accelerator.prepare_optimizer(optimizer)
-        self.generator = torch.Generator(device=self.device).manual_seed(
-            cfg.seed * 1000 + stage * 100 + self.accelerator.process_index
+        """The optimizer, LR schedule and noise generator of the built stage (`training.optimizers.for_stage`)."""
+        self.optimizer, self.lr_scheduler, self.generator = for_stage(
+            self.config, stage, self.stage.param_groups(), self.device, self.accelerator
         )
 
     def run_stage(self, stage: int, start_step: int) -> None:
@@ -328,6 +322,9 @@ class Trainer:
         )
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         running, since_log = torch.zeros(2, device=self.device), 0
+        scoring = self.scoring.covers(stage)
+        if scoring and start_step == 0:
+            self.scoring.score(self.sampling(), stage, 0)
         self.memory.stage_started()
         with self.stage_loop(stage) as train_step:
             for step in range(start_step, stage_cfg.steps):
@@ -349,9 +346,12 @@ class Trainer:
                     lr = self.lr_scheduler.get_last_lr()[0]
                     progress.set_postfix(loss=f"{mse_avg:.4f}", reg=f"{reg_avg:.3g}", lr=f"{lr:.1e}")
                     logger.debug("stage %d step %d: loss %.5f reg %.5g", stage, done, mse_avg, reg_avg)
-                    self._log_metrics(stage, done, mse_avg, reg_avg)
+                    values = {"loss": mse_avg, "regularizer": reg_avg, "lr": lr}  # to the trackers, if any
+                    acc.log({f"stage{stage}/{k}": v for k, v in values.items()}, step=global_step(cfg, stage, done))
                 if checkpoint_now:
                     self.save_checkpoint(stage, done)
+                    if scoring:
+                        self.scoring.score(self.sampling(), stage, done)
                 if cfg.validation_steps and done % cfg.validation_steps == 0 and not is_last:
                     self.validate(stage, done)
         progress.close()
@@ -409,13 +409,6 @@ class Trainer:
     def _check_finite(self, finite: torch.Tensor, stage: int, step: int) -> None:
         check_finite(self.runtime, finite, stage, step, self.config.stages[stage - 1].learning_rate)
 
-    def _log_metrics(self, stage: int, step: int, loss: float, reg: float) -> None:
-        """Send loss, regularizer and learning rate to the trackers of `report_to` (a no-op without any); the step
-        axis runs on across stages."""
-        lr = self.lr_scheduler.get_last_lr()[0]
-        values = {f"stage{stage}/loss": loss, f"stage{stage}/regularizer": reg, f"stage{stage}/lr": lr}
-        self.accelerator.log(values, step=sum(s.steps for s in self.config.stages[: stage - 1]) + step)
-
     # ------------------------------------------------------------------------------------ checkpoints, samples
     def save_checkpoint(self, stage: int, step: int) -> None:
         """Write the built stage's checkpoint at `step` (`training.resume.save_checkpoint`)."""
@@ -439,6 +432,19 @@ class Trainer:
             self.result.sample_files += write_validation_samples(self.sampling(), stage, step, stage_end)
             self.result.validation_seconds += time.perf_counter() - started
         self.accelerator.wait_for_everyone()
+
+    def select(self) -> dict:
+        """With `select` auto, go back to the chosen checkpoint (`training.scored`); what the export records."""
+        chosen = self.scoring.choose()
+        if chosen is not None:
+            self.result.selected = chosen["checkpoint"]
+            if not self.scoring.is_last(chosen):
+                path = self.output_dir / ckpt.CHECKPOINT_DIR / chosen["checkpoint"]
+                self.scored.restore(resume_lib.load_weights(path, self.device))
+                if self.stage is self.scored and self.config.validation_prompts:  # main process only: no barrier
+                    redrawn = write_validation_samples(self.sampling(), chosen["stage"], chosen["step"], True)
+                    self.result.sample_files = list(dict.fromkeys([*self.result.sample_files, *redrawn]))
+        return self.scoring.finish(chosen)
 
     # ------------------------------------------------------------------------------------------ export
     def pipeline(self):

@@ -1,7 +1,8 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
 """Pictures: captioned image grids and per-token cross-attention figures (Pillow and numpy only).
 
-Used by the validation samples of `train`, by `attndb generate`, `attndb inspect`, `attndb evaluate` and the demo.
+Used by the validation samples and checkpoint scores of `train` (`curve_plot`), by `attndb generate`,
+`attndb inspect`, `attndb evaluate` and the demo.
 No plotting library is needed: captions use Pillow's built-in font and attention maps are coloured with a
 small lookup table defined here.
 """
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["attention_figure", "colorize", "image_grid", "labelled_cells", "load_font", "wrap_text"]
+__all__ = ["attention_figure", "colorize", "curve_plot", "image_grid", "labelled_cells", "load_font", "wrap_text"]
 
 #: Anchor colours of the attention colour map (black -> purple -> red -> orange -> pale yellow, like "inferno"):
 #: dark means no attention, bright means most attention; it stays readable in greyscale print.
@@ -257,3 +258,85 @@ def attention_figure(
     for m in maps:  # maps are at latent resolution; stretch each to the image's aspect with smooth upsampling
         panels.append(colorize(m).resize(aspect, Image.BILINEAR))
     return labelled_cells(panels, ["image", *labels], columns=columns, cell_size=cell_size, title=title)
+
+
+#: Line colours of `curve_plot` (matplotlib's "tab10").
+_SERIES_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+
+
+def curve_plot(
+    series: Sequence[tuple[str, Sequence[tuple]]],
+    path,
+    x_label: str,
+    y_label: str,
+    title: str = "",
+    marked: tuple[float, float] | None = None,
+    size: tuple[int, int] = (720, 520),
+) -> Image.Image:
+    """A line plot of labelled points, one coloured curve per series (e.g. identity against text alignment over a
+    run's checkpoints), saved to `path`.
+
+    Args:
+        series: `(label, points)` pairs; a point is `(x, y, text)` or `(x, y, text, x_half_width, y_half_width)`
+            (error bars, e.g. 95 % intervals); consecutive points are joined.
+        path: the PNG to write.
+        x_label, y_label, title (`str`): the axes' and the plot's captions.
+        marked (`tuple[float, float]`, *optional*): a point to ring (e.g. the selected checkpoint).
+    """
+    width, height = size
+    left, right, top, bottom = 64, 170, 34, 48
+    font = load_font(11)
+    xs = [v for _, pts in series for p in pts for v in (p[0] - _err(p, 3), p[0] + _err(p, 3))]
+    ys = [v for _, pts in series for p in pts for v in (p[1] - _err(p, 4), p[1] + _err(p, 4))]
+    (x0, x1), (y0, y1) = _padded(xs), _padded(ys)
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x0) / (x1 - x0) * (width - left - right),
+                height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
+
+    image = Image.new("RGB", size, _BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([left, top, width - right, height - bottom], outline=_TEXT)
+    for i in range(6):
+        fx, fy = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
+        gx, gy = px(fx, fy)
+        draw.line([gx, height - bottom, gx, height - bottom + 4], fill=_TEXT)
+        draw.text((gx - 14, height - bottom + 6), f"{fx:.3g}", fill=_TEXT, font=font)
+        draw.line([left - 4, gy, left, gy], fill=_TEXT)
+        draw.text((4, gy - 6), f"{fy:.3g}", fill=_TEXT, font=font)
+    draw.text((left, 8), title, fill=_TEXT, font=font)
+    draw.text((left, height - 20), f"x: {x_label}    y: {y_label}", fill=_TEXT, font=font)
+    for k, (label, points) in enumerate(series):
+        colour = _SERIES_COLOURS[k % len(_SERIES_COLOURS)]
+        centres = [px(p[0], p[1]) for p in points]
+        if len(centres) > 1:
+            draw.line(centres, fill=colour, width=2)
+        for p, (cx, cy) in zip(points, centres):
+            if _err(p, 3):
+                draw.line([px(p[0] - p[3], p[1]), px(p[0] + p[3], p[1])], fill=colour, width=1)
+            if _err(p, 4):
+                draw.line([px(p[0], p[1] - p[4]), px(p[0], p[1] + p[4])], fill=colour, width=1)
+            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
+            if p[2]:
+                draw.text((cx + 5, cy - 13), str(p[2]), fill=colour, font=font)
+        ly = top + 4 + 16 * k
+        draw.line([width - right + 10, ly + 6, width - right + 28, ly + 6], fill=colour, width=3)
+        draw.text((width - right + 32, ly), label, fill=colour, font=font)
+    if marked is not None:
+        cx, cy = px(*marked)
+        draw.ellipse([cx - 8, cy - 8, cx + 8, cy + 8], outline=_TEXT, width=2)
+    image.save(path)
+    return image
+
+
+def _err(point: tuple, index: int) -> float:
+    return float(point[index] or 0.0) if len(point) > index else 0.0
+
+
+def _padded(values: list[float]) -> tuple[float, float]:
+    """An axis range holding every value with 5 % room (a flat range gets +-0.05)."""
+    low, high = min(values), max(values)
+    if high - low < 1e-9:
+        low, high = low - 0.05, high + 0.05
+    room = 0.05 * (high - low)
+    return low - room, high + room

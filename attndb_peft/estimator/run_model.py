@@ -32,7 +32,7 @@ from ..stages import (
     ADAPTER_STAGE2,
     ADAPTER_STAGE3,
     STAGE2_TARGET_MODULES,
-    STAGE3_TARGET_MODULES,
+    STAGE3_TARGETS,
     ConceptSplice,
     add_lora,
     set_trainable,
@@ -367,7 +367,7 @@ def _stage_params(models: RunModels, config: AttnDBConfig, stage: int) -> list[t
             unet.unload_lora()
         unet.to(torch.float32)
         return list(unet.parameters()) + token
-    add_lora(unet, ADAPTER_STAGE3, s.rank, s.lora_alpha, STAGE3_TARGET_MODULES)
+    add_lora(unet, ADAPTER_STAGE3, s.rank, s.lora_alpha, STAGE3_TARGETS[config.stage3_targets])
     # PEFT puts the second adapter of a layer stage 2 wrapped on the CPU; moving it to `meta` makes new parameters
     unet.to(models.device)
     unet.set_adapters([ADAPTER_STAGE2, ADAPTER_STAGE3])

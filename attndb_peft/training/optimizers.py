@@ -12,7 +12,7 @@ import torch
 
 from ..errors import arg
 
-__all__ = ["OPTIMIZER_PACKAGES", "build_optimizer", "check_optimizer"]
+__all__ = ["OPTIMIZER_PACKAGES", "build_optimizer", "check_optimizer", "for_stage"]
 
 #: The optional package each optimizer needs: `(module, pip name, attndb_peft extra)`.
 OPTIMIZER_PACKAGES = {
@@ -62,3 +62,24 @@ def build_optimizer(
 
         return bnb.optim.AdamW8bit(param_groups, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; use adamw, prodigy or adamw8bit.")
+
+
+def for_stage(config, stage: int, param_groups: list[dict], device: torch.device, accelerator) -> tuple:
+    """The optimizer (`build_optimizer`, wrapped by accelerate), the LR schedule and the noise generator of stage
+    `stage` over the built stage's `param_groups`; returns `(optimizer, lr_scheduler, generator)`."""
+    from diffusers.optimization import get_scheduler
+
+    stage_cfg = config.stages[stage - 1]
+    optimizer = build_optimizer(config.optimizer, param_groups, stage_cfg.learning_rate, stage_cfg.weight_decay,
+                                device)
+    lr_scheduler = get_scheduler(
+        stage_cfg.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=stage_cfg.lr_warmup_steps,
+        num_training_steps=max(stage_cfg.steps, 1),
+    )
+    # accelerate wraps the optimizer for fp16 loss scaling; the LR scheduler is stepped by hand (accelerate's
+    # wrapper would step it once per process).
+    optimizer = accelerator.prepare_optimizer(optimizer)
+    seed = config.seed * 1000 + stage * 100 + accelerator.process_index
+    return optimizer, lr_scheduler, torch.Generator(device=device).manual_seed(seed)

@@ -29,7 +29,7 @@ from ..stages import (
     ADAPTER_STAGE2,
     ADAPTER_STAGE3,
     STAGE2_TARGET_MODULES,
-    STAGE3_TARGET_MODULES,
+    STAGE3_TARGETS,
     ConceptSplice,
     LoraFactors,
     add_lora,
@@ -134,6 +134,11 @@ class Stage:
     def finish(self) -> None:
         """What happens at the end of the stage (main process), before its final samples."""
 
+    def restore(self, weights: dict[str, torch.Tensor]) -> None:
+        """After the stage finished: go back to a checkpoint's weights (`select` auto) and finish again."""
+        self.load_state(weights)
+        self.finish()
+
 
 class TokenEmbeddingStage(Stage):
     """Stage 1: the token's embedding vector(s), one per text encoder."""
@@ -186,7 +191,7 @@ class UnetLoraStage(_UnetStage):
 
     def unet_trainable(self) -> list[nn.Parameter]:
         s, unet = self.settings, self.models.unet
-        params = add_lora(unet, ADAPTER_STAGE3, s.rank, s.lora_alpha, STAGE3_TARGET_MODULES)
+        params = add_lora(unet, ADAPTER_STAGE3, s.rank, s.lora_alpha, STAGE3_TARGETS[self.config.stage3_targets])
         unet.set_adapters([ADAPTER_STAGE2, ADAPTER_STAGE3])
         return params
 

@@ -262,3 +262,28 @@ def test_cli_subprocess_trains_and_exits_zero(tiny_model, instance_dir, tmp_path
     assert proc.returncode == 2
     assert "--output" in proc.stderr and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+@pytest.mark.parametrize("targets", ["attn2", "unet"])
+def test_stage3_targets_choose_the_layers_of_stage_3s_lora(tiny_model, instance_dir, tmp_path, targets):
+    """`attn2`: stage 3's LoRA covers the cross-attention only (the combined LoRA then covers just what stage 2
+    does); `unet`: also the ResNet convolutions and time projections and the resamplers (kohya's LoCon). Either
+    loads with stock diffusers to the pixels of the models it was trained in."""
+    out = tmp_path / targets
+    trainer = Trainer(make_config(tiny_model, instance_dir, out, stage3_targets=targets, steps=(1, 1, 2)))
+    trainer.run()
+    modules = {k.split(".lora_")[0].removeprefix("unet.") for k in load_file(str(out / LORA_NAME))}
+    if targets == "attn2":
+        assert modules and all(".attn2." in m for m in modules)
+    else:
+        assert any(m.endswith(("resnets.0.conv1", "resnets.0.conv2")) for m in modules)
+        assert any(m.endswith("time_emb_proj") for m in modules) and any("samplers.0.conv" in m for m in modules)
+        assert any(".attn1." in m or ".ff." in m for m in modules)
+        kohya = load_file(str(out / KOHYA_NAME))
+        assert any("resnets_0_conv1.lora_down" in k for k in kohya)
+    assert json.loads((out / CONFIG_NAME).read_text())["settings"]["stage3_targets"] == targets
+    prompt = "a photo of a <attndb-dog> dog"
+    torch.testing.assert_close(
+        generate(_stock_load(fresh_pipeline(tiny_model), out), prompt), generate(trainer.pipeline(), prompt),
+        rtol=0, atol=1e-5,
+    )
