@@ -301,6 +301,16 @@ def plot(summary: dict, path: Path) -> None:
                title="Scored checkpoints in the world (labels: step; bars: 95 % CI over concepts)")
 
 
+def _margins(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers in [0, 1] separated by commas.") from None
+    if not values or any(not 0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers in [0, 1] separated by commas.")
+    return values
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", type=Path, default=Path("world-checkpoints"))
@@ -309,7 +319,7 @@ def parse_args(argv=None):
     p.add_argument("--concepts", type=wq._seeds, help="Default 0-7 (--tune: the tuning concepts).")
     p.add_argument("--margin", type=float, default=SELECT_MARGIN,
                    help="The margin the evaluation selects with (default the frozen SELECT_MARGIN).")
-    p.add_argument("--margins", type=wq._floats, default=list(MARGINS))
+    p.add_argument("--margins", type=_margins, default=list(MARGINS), help="Margins the rule is applied at.")
     p.add_argument("--checkpoints", type=int, default=4, help="Scored checkpoints after the last stage's start.")
     p.add_argument("--score-images", type=int, default=4)
     p.add_argument("--images", type=int, default=4, help="Held-out evaluation seeds per prompt.")

@@ -1,8 +1,8 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
-"""Scored checkpoints and automatic selection through `attndb train` on the tiny pipeline: every checkpoint of the
-last stage is scored and recorded; `--select auto` writes the adapter of the checkpoint the rule picks, the same
-files `attndb export --checkpoint` writes for it; a scoring model that cannot load stops the run before it
-starts. The CLIP numbers themselves equal `attndb evaluate`'s functions on the same pictures."""
+"""Scored checkpoints and automatic selection through `attndb train` on the tiny SD and SDXL pipelines: every
+checkpoint of the last stage is scored and recorded; `--select auto` writes the adapter of the checkpoint the rule
+picks, the same files `attndb export --checkpoint` writes for it; a scoring model that cannot load stops the run
+before it starts. The CLIP numbers themselves equal `attndb evaluate`'s functions on the same pictures."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from attndb_peft.cli import main
 from attndb_peft.config import AttnDBConfig
 from attndb_peft.evaluate import ClipEmbedder, identity_similarity, load_reference_images, text_alignment
 from attndb_peft.export import CONFIG_NAME, EMBEDDING_NAME, LORA_NAME, MODEL_CARD_NAME
+from attndb_peft.testing import make_instance_images
 
 
 def _args(model, images, out, *extra):
@@ -117,3 +118,18 @@ def test_a_scoring_model_that_cannot_load_stops_the_run_before_it_starts(tiny_mo
     message = capsys.readouterr().err.strip().splitlines()
     assert len(message) == 1 and "--score-clip" in message[0] and "cannot load a CLIP model" in message[0]
     assert not out.exists() or not any(out.iterdir())  # nothing trained, nothing written
+
+
+def test_select_auto_on_sdxl_restores_both_embeddings_and_the_lora(scripted, tiny_sdxl, tmp_path):
+    images = tmp_path / "images"
+    make_instance_images(images, num_images=2, size=48)
+    out = tmp_path / "xl"
+    argv = _args(tiny_sdxl, images, out, "--select", "auto", "--select-margin", "0.25", "--batch-size", "1",
+                 "--gradient-accumulation-steps", "1")
+    assert main(argv) == 0
+    assert json.loads((out / CONFIG_NAME).read_text())["report"]["checkpoint_scores"]["selected"] == "stage3-step2"
+    exported = tmp_path / "exported"
+    assert main(["export", "--checkpoint", str(out / "checkpoints" / "stage3-step2"), "--output", str(exported)]) == 0
+    chosen, expected = _adapter(out), _adapter(exported)
+    assert set(chosen[EMBEDDING_NAME]) == {"clip_l", "clip_g"}
+    assert all(torch.equal(chosen[f][k], expected[f][k]) for f in chosen for k in chosen[f])
