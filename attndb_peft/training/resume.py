@@ -67,10 +67,14 @@ def warn_full_checkpoint_disk_use(config: AttnDBConfig, unet) -> None:
     if count < 2:
         return
     per_checkpoint = sum(p.numel() for p in unet.parameters()) * 4 * 3 / 1e9  # fp32 weights + 2 moments
+    fix = (
+        f"{arg('select')} auto keeps them all, to export the one it picks."
+        if config.select == "auto"
+        else f"Add {arg('checkpoints_total_limit')} 2 to keep only the newest two."
+    )
     logger.warning(
         f"{arg('stage3_mode')} full with {arg('checkpointing_steps')} {config.checkpointing_steps}: {count} stage-3 "
-        f"checkpoints of ~{per_checkpoint:.1f} GB each (~{count * per_checkpoint:.0f} GB), all kept. Add "
-        f"{arg('checkpoints_total_limit')} 2 to keep only the newest two."
+        f"checkpoints of ~{per_checkpoint:.1f} GB each (~{count * per_checkpoint:.0f} GB), all kept. {fix}"
     )
 
 

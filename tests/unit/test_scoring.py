@@ -96,3 +96,17 @@ def test_a_resumed_book_keeps_the_records_up_to_the_checkpoint(tmp_path):
     other = _config(tmp_path, score_checkpoints=True, score_prompts=("training: a photo of a {}",))
     assert ScoreBook.open(other, _Fixed(), (3, 2)).records == []
     assert json.loads((book.folder / "scores.json").read_text())["how"]["scorer"] == "fixed"
+
+
+def test_the_full_checkpoint_disk_warning_does_not_suggest_pruning_under_select_auto(tmp_path, caplog):
+    import torch
+
+    from attndb_peft.training.resume import warn_full_checkpoint_disk_use
+
+    unet = torch.nn.Linear(10, 10)
+    for select, expected in (("last", "`checkpoints_total_limit` 2"), ("auto", "`select` auto keeps them all")):
+        caplog.clear()
+        extra = {"score_checkpoints": True} if select == "auto" else {}
+        config = _config(tmp_path, stage3_mode="full", checkpointing_steps=100, select=select, **extra)
+        warn_full_checkpoint_disk_use(config, unet)
+        assert expected in caplog.text, select
