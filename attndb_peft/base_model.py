@@ -13,6 +13,7 @@ one cannot be found, the error names its replacement.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,14 +181,14 @@ def check_base_model(
                 f"{name} {model}: folder has no model_index.json, so it is not a diffusers pipeline folder; give "
                 f"the folder `save_pretrained` wrote, a Hub id, or {_WHAT_TO_DO}."
             )
-        return
+        return _check_denoiser(path / "model_index.json", name, model)
     if path.exists():
         raise BaseModelError(f"{name} {model}: is a file; give a diffusers folder or a Hub id.")
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep in model.replace("/", "")
     if looks_like_path:
         raise BaseModelError(f"{name} {model}: no such folder or file; give a Hub id, or {_WHAT_TO_DO}.")
     try:
-        hf_hub_download(model, "model_index.json", revision=revision)
+        index = hf_hub_download(model, "model_index.json", revision=revision)
     except GatedRepoError:
         raise BaseModelError(
             f"{name} {model}: the repo is gated; accept its license on https://huggingface.co/{model} and log "
@@ -211,6 +212,22 @@ def check_base_model(
         raise BaseModelError(f"{name} {model}: no such folder, and not a Hub repo id ('user/name').") from None
     except Exception as exc:  # network trouble and the like: still one line
         raise BaseModelError(f"{name} {model}: cannot reach it on the Hub ({first_line(exc)}).") from None
+    _check_denoiser(Path(index), name, model)
+
+
+def _check_denoiser(index: Path, name: str, model: str) -> None:
+    """A pipeline whose denoiser is not a U-Net (SD3's and Flux's transformers) is named as such, in one line,
+    instead of failing later on the missing `unet` folder."""
+    try:
+        components = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # unreadable here: loading reports it with the file's own error
+    if isinstance(components, dict) and "unet" not in components and "transformer" in components:
+        kind = components.get("_class_name", "pipeline")
+        raise BaseModelError(
+            f"{name} {model}: a {kind}, whose denoiser is a transformer, not a U-Net; attndb trains the U-Net "
+            "families, SD 1.x/2.x and SDXL (SD3.5 and Flux.1 are not supported yet)."
+        )
 
 
 def load_tokenizer(model: str, revision: str | None = None, model_config: str | None = None):

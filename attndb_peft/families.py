@@ -269,8 +269,8 @@ def family_from_pipeline_class(class_name: str | None) -> ModelFamily | None:
         return None
     if class_name.startswith("StableDiffusionXL"):
         return SDXL
-    if class_name.startswith("StableDiffusion"):
-        return SD
+    if class_name.startswith("StableDiffusion") and not class_name.startswith("StableDiffusion3"):
+        return SD  # SD3's pipelines have a transformer, not a U-Net: no family here
     return None
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import shutil
 
 import pytest
@@ -117,3 +118,36 @@ def test_the_new_default_id_loads_offline_from_the_hub_cache(tiny_model, monkeyp
     assert_same_pixels(generate(pipe, "a photo of a dog"), generate(local, "a photo of a dog"))
     with pytest.raises(UsageError, match=f"^`model` {MOVED_SD21}: not in the local Hub cache"):
         load_pipeline(MOVED_SD21, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "transformer"),
+    [("StableDiffusion3Pipeline", "SD3Transformer2DModel"), ("FluxPipeline", "FluxTransformer2DModel")],
+)
+def test_a_transformer_family_is_named_in_one_line_folder_or_hub_id(pipeline, transformer, monkeypatch, tmp_path,
+                                                                   instance_dir, capsys):
+    from huggingface_hub import constants
+
+    from attndb_peft.families import family_from_pipeline_class
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    index = {"_class_name": pipeline, "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "transformer": ["diffusers", transformer], "vae": ["diffusers", "AutoencoderKL"]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    expected = f"a {pipeline}, whose denoiser is a transformer, not a U-Net"
+    with pytest.raises(BaseModelError, match=expected):
+        check_base_model(str(folder))
+    cache = tmp_path / "hub"
+    _lay_out_hub_cache(cache, "someone/transformer-model", folder)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    with pytest.raises(BaseModelError, match=expected):
+        check_base_model("someone/transformer-model")
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(folder), "--images", str(instance_dir), "--category", "dog", "--output", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "SD3.5 and Flux.1 are not supported yet" in err and "Traceback" not in err
+    assert not out.exists()
+    assert family_from_pipeline_class(pipeline) is None
