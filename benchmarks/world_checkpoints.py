@@ -134,6 +134,22 @@ def _vae_ceiling(concept, args) -> float:
     return float(np.mean(oks))
 
 
+def base_model_scores(args, category: str) -> dict:
+    """The base model alone on the held-out new prompts with the category and no token (same seeds as the
+    evaluation): the context and presence a personalized model starts from."""
+    pipe = load_world_pipeline(args.base)
+    scenes = [W.Scene(category, colour, context, style) for style, colour, context in wq.EVAL_PROMPTS
+              if (style, colour, context) != ("photo", None, None)]
+    records = []
+    for k in range(args.images):
+        pictures = wq.generate(pipe, [W.caption(s) for s in scenes], seed=wq._SAMPLE_SEED + 1000 * k,
+                               steps=args.inference_steps, guidance=wq.WORLD_GUIDANCE)
+        records += [score_image(p, s) for p, s in zip(pictures, scenes)]
+    context = [float(r["context_ok"]) for r in records if r["context_ok"] is not None]
+    return {"context_new_prompts": float(np.mean(context)),
+            "presence_new_prompts": float(np.mean([float(r["present"]) for r in records]))}
+
+
 def run_one(method: str, concept_seed: int, args) -> dict:
     """Train one (method, concept) with scored checkpoints, evaluate its final and selected checkpoints."""
     result_file = args.output / "runs" / f"{method}-{concept_seed}.json"
@@ -328,6 +344,9 @@ def parse_args(argv=None):
                    help="Denoising steps of the scores and the evaluation (default the world's).")
     p.add_argument("--model", type=Path)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report-only", action="store_true",
+                   help="Write the report from the run files already in --output (a method's missing concepts left "
+                   "out: its n says how many); train nothing.")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -352,15 +371,27 @@ def main(argv=None) -> int:
     logging.getLogger("attndb_peft").setLevel(logging.WARNING)
     started = time.perf_counter()
     methods = ["attndb"] if args.tune else args.methods
-    runs = run_all(args, methods, args.concepts)
+    if args.report_only:
+        files = [args.output / "runs" / f"{m}-{c}.json" for m in methods for c in args.concepts]
+        runs = [json.loads(f.read_text(encoding="utf-8")) for f in files if f.is_file()]
+        methods = [m for m in methods if any(r["method"] == m for r in runs)]
+    else:
+        runs = run_all(args, methods, args.concepts)
     report = {"benchmark": "world_checkpoints", "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
               "command": " ".join(["python benchmarks/world_checkpoints.py", *args.argv]),
               "machine": wq._machine(), "concepts": args.concepts, "margins": args.margins,
-              "tuned_factors": TUNED_FACTORS}
+              "tuned_factors": TUNED_FACTORS,
+              "runs": {m: sorted(r["concept"] for r in runs if r["method"] == m) for m in methods}}
     if args.tune:
         report["tuning"] = tune(runs, args.margins)
         print(json.dumps(report["tuning"], indent=1))
+    categories = sorted({W.make_concept(c).category for c in args.concepts})
+    report["base_model"] = {c: base_model_scores(args, c) for c in categories}
     report["summary"] = summarize(runs, methods, args.margin)
+    for method, s in report["summary"].items():  # the base model's own context and presence, over the same concepts
+        mine = [W.make_concept(r["concept"]).category for r in runs if r["method"] == method]
+        s["base_model"] = {k: wq.confidence_interval([report["base_model"][c][k] for c in mine])
+                           for k in ("context_new_prompts", "presence_new_prompts")}
     report["margin"] = args.margin
     report["table"] = markdown(report["summary"])
     plot(report["summary"], args.output / "curves.png")
