@@ -493,6 +493,9 @@ def _check_combinations(config: AttnDBConfig) -> None:
             f"{arg('select')} auto may pick any scored checkpoint, so it keeps them all: drop "
             f"{arg('checkpoints_total_limit')} (or use {arg('select')} last)."
         )
+    if config.stage3_mode == "full" and config.stage3_targets != "transformer":
+        raise ConfigError(f"{arg('stage3_targets')} {config.stage3_targets} picks the layers of stage 3's LoRA; "
+                          f"{arg('stage3_mode')} full trains every U-Net weight: drop one of the two.")
     if not 0 <= config.select_margin <= 1:
         raise ConfigError(f"{arg('select_margin')} must be in [0, 1] (a share of the identity spread), got "
                           f"{config.select_margin}.")

@@ -69,7 +69,7 @@ def test_scored_stage_is_the_last_stage_that_trains(tmp_path):
     assert scored_stage(ti) == 1
 
 
-def test_select_settings_are_checked(tmp_path):
+def test_select_and_target_settings_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="add `score_checkpoints`"):
         _config(tmp_path, select="auto")
     with pytest.raises(ConfigError, match="drop `checkpoints_total_limit`"):
@@ -78,6 +78,8 @@ def test_select_settings_are_checked(tmp_path):
         _config(tmp_path, select_margin=1.5)
     with pytest.raises(ConfigError, match="'last' or 'auto'"):
         _config(tmp_path, select="best")
+    with pytest.raises(ConfigError, match="`stage3_mode` full trains every U-Net weight"):
+        _config(tmp_path, stage3_mode="full", stage3_targets="unet")
 
 
 class _Fixed(scoring.CheckpointScorer):
