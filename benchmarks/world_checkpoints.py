@@ -295,15 +295,42 @@ def _fmt(c: dict) -> str:
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| method | checkpoint | beats distractors, new | training prompt | text alignment | context, new "
-             "| presence, new |", "|---|---|---|---|---|---|---|"]
+    """The report's tables: held-out scores at the final and the selected checkpoint, selected minus final
+    (paired per concept), the training-time curves, the stage ends and the base model's own context and presence;
+    mean ± half width of the 95 % t-interval over concepts."""
+    keys = ("identity_ok_new_prompts", "identity_ok_training_prompt", "text_alignment", "context_new_prompts",
+            "presence_new_prompts")
+    head = "beats distractors, new | training prompt | text alignment | context, new | presence, new"
+    out = [f"| method | n | checkpoint | {head} | goal met |", "|---|---|---|---|---|---|---|---|---|"]
     for s in summary.values():
-        for which in ("final", "selected"):
-            v = s[which]
-            lines.append(f"| {s['label']} | {which} | {_fmt(v['identity_ok_new_prompts'])} | "
-                         f"{_fmt(v['identity_ok_training_prompt'])} | {_fmt(v['text_alignment'])} | "
-                         f"{_fmt(v['context_new_prompts'])} | {_fmt(v['presence_new_prompts'])} |")
-    return "\n".join(lines) + "\n"
+        for which, goals in (("final", s["goal_met_final"]), ("selected", s["goal_met_selected"])):
+            asked = [g for g in goals if g is not None]
+            cells = " | ".join(_fmt(s[which][k]) for k in keys)
+            out.append(f"| {s['label']} | {s['runs']} | {which} | {cells} | {sum(asked)} of {len(asked)} |")
+    out += ["", "Selected minus final, per concept:", "", f"| method | {head} |", "|---|---|---|---|---|---|"]
+    for s in summary.values():
+        out.append(f"| {s['label']} | " + " | ".join(_fmt(s["selected_minus_final"][k]) for k in keys) + " |")
+    out += ["", "Training-time scores (the score prompts; identity = beats distractors), by step of the last stage:",
+            "", "| method | step | identity, new | text alignment, new | identity, training "
+            "| text alignment, training |", "|---|---|---|---|---|---|"]
+    for s in summary.values():
+        for p in s["curve"]:
+            cells = " | ".join(_fmt(p[k]) for k in ("identity_new", "text_alignment_new", "identity_training",
+                                                    "text_alignment_training"))
+            out.append(f"| {s['label']} | {p['step']} | {cells} |")
+    for s in summary.values():
+        if s["stage_ends"]:
+            out += ["", f"{s['label']} at each stage's end (held-out prompts):", "",
+                    f"| stage | {head} | [V] attention in mask | mask's share of the picture |",
+                    "|---|---|---|---|---|---|---|---|"]
+            for label, v in s["stage_ends"].items():
+                cells = " | ".join(_fmt(v[k]) for k in (*keys, "attention_share", "attention_mask_fraction"))
+                out.append(f"| {label} | {cells} |")
+    first = next(iter(summary.values()))
+    out += ["", "The base model alone (no concept, the category's word) on the same new prompts: context "
+            f"{_fmt(first['base_model']['context_new_prompts'])}, presence "
+            f"{_fmt(first['base_model']['presence_new_prompts'])} (over the first method's concepts)."]
+    return "\n".join(out) + "\n"
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -393,7 +420,7 @@ def main(argv=None) -> int:
         s["base_model"] = {k: wq.confidence_interval([report["base_model"][c][k] for c in mine])
                            for k in ("context_new_prompts", "presence_new_prompts")}
     report["margin"] = args.margin
-    report["table"] = markdown(report["summary"])
+    report["table"] = markdown(report["summary"])  # after base_model: the table reads it
     plot(report["summary"], args.output / "curves.png")
     report["seconds"] = round(time.perf_counter() - started, 1)
     wq._write_json_atomic(args.output / "results.json", report)
