@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
@@ -210,8 +211,8 @@ def select_checkpoint(records: Sequence[dict], margin: float) -> dict | None:
     highest new-prompt text alignment (ties: the higher identity, then the later step). A run whose prompts are
     all training prompts is judged on those. Returns None when no checkpoint has both scores.
 
-    Why this shape: more training raises identity and lowers text alignment (the concept takes over the prompt);
-    the rule keeps nearly the most identity the run reached and, within that, the picture that follows the
+    Why this shape: more training tends to raise identity and can lower text alignment (the concept takes over
+    the prompt); the rule keeps nearly the most identity the run reached and, within that, the picture that follows the
     prompt best. The margin is a share of the run's own spread, so it means the same for CLIP cosines and for
     the world's shares."""
 
@@ -239,6 +240,7 @@ class ScoreBook:
     images: int
     records: list[dict] = dataclasses.field(default_factory=list)
     seconds: float = 0.0  # time spent scoring (drawing and scoring), this process
+    fresh: bool = True  # a new run: what an earlier run left in the folder goes at the first write
 
     @classmethod
     def open(cls, config: AttnDBConfig, scorer: CheckpointScorer, resume_at: tuple[int, int] | None) -> ScoreBook:
@@ -250,7 +252,7 @@ class ScoreBook:
             old = ckpt.read_json(path)
             if old.get("how") == book.how:
                 book.records = [r for r in old["checkpoints"] if (r["stage"], r["step"]) <= tuple(resume_at)]
-                book.seconds = float(old.get("seconds", 0.0))
+                book.seconds, book.fresh = float(old.get("seconds", 0.0)), False
             else:
                 logger.warning("%s was scored another way (scorer, prompts or images changed): scoring starts over.",
                                path)
@@ -305,6 +307,9 @@ class ScoreBook:
 
     def write(self, selected: dict | None = None, margin: float | None = None) -> None:
         """`scores.json`, `scores.md` and `scores.png` (with the selected checkpoint marked, when given)."""
+        if self.fresh:  # by now the output folder's checks (overwrite) have passed
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.fresh = False
         self.folder.mkdir(parents=True, exist_ok=True)
         data = {
             "how": self.how,

@@ -98,6 +98,12 @@ def test_a_resumed_book_keeps_the_records_up_to_the_checkpoint(tmp_path):
     other = _config(tmp_path, score_checkpoints=True, score_prompts=("training: a photo of a {}",))
     assert ScoreBook.open(other, _Fixed(), (3, 2)).records == []
     assert json.loads((book.folder / "scores.json").read_text())["how"]["scorer"] == "fixed"
+    # a new run (overwrite) starts a clean folder at its first write; a resumed one keeps what is there
+    (book.folder / "stage3-step9.png").write_bytes(b"old")
+    again.write()
+    assert (book.folder / "stage3-step9.png").is_file()
+    ScoreBook.open(config, _Fixed(), None).write()
+    assert not (book.folder / "stage3-step9.png").exists() and (book.folder / "scores.json").is_file()
 
 
 def test_the_full_checkpoint_disk_warning_does_not_suggest_pruning_under_select_auto(tmp_path, caplog):
