@@ -402,6 +402,8 @@ def main(argv=None) -> int:
         files = [args.output / "runs" / f"{m}-{c}.json" for m in methods for c in args.concepts]
         runs = [json.loads(f.read_text(encoding="utf-8")) for f in files if f.is_file()]
         methods = [m for m in methods if any(r["method"] == m for r in runs)]
+        if not methods:
+            raise SystemExit(f"--report-only: no run files of {', '.join(args.methods)} in {args.output / 'runs'}.")
     else:
         runs = run_all(args, methods, args.concepts)
     report = {"benchmark": "world_checkpoints", "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
