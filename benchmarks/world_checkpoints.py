@@ -269,7 +269,7 @@ def summarize(runs: list[dict], methods, margin: float) -> dict:
 
 
 def _label(method: str) -> str:
-    return f"AttnDB, stage3_targets {TARGET_METHODS[method]}" if method in TARGET_METHODS else wq.METHODS[method].label
+    return f"AttnDB {TARGET_METHODS[method]} LoRA" if method in TARGET_METHODS else wq.METHODS[method].label
 
 
 def _chosen(run: dict, margin: float) -> str:
