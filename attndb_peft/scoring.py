@@ -259,6 +259,11 @@ class ScoreBook:
         return book
 
     @property
+    def axes(self) -> dict[str, str]:
+        """What the two axes measure, as the scorer describes them."""
+        return {a: self.scorer.descriptions[a] for a in AXES}
+
+    @property
     def how(self) -> dict:
         return {"scorer": self.scorer.name, "prompts": [list(p) for p in self.prompts], "images": self.images}
 
@@ -313,7 +318,7 @@ class ScoreBook:
         self.folder.mkdir(parents=True, exist_ok=True)
         data = {
             "how": self.how,
-            "axes": {a: self.scorer.descriptions[a] for a in AXES},
+            "axes": self.axes,
             "seconds": round(self.seconds, 3),
             "checkpoints": self.records,
         }
@@ -359,7 +364,7 @@ class ScoreBook:
         return {
             "checkpoint_scores": {
                 "scorer": self.scorer.name,
-                "axes": {a: self.scorer.descriptions[a] for a in AXES},
+                "axes": self.axes,
                 "images_per_prompt": self.images,
                 "prompts": [list(p) for p in self.prompts],
                 "seconds": round(self.seconds, 1),

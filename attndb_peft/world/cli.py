@@ -18,7 +18,6 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -27,7 +26,7 @@ from ..config import default_token
 from ..errors import UsageError
 from .model import write_base
 from .pretrain import PretrainConfig, pretrain
-from .scenes import CONCEPT_FILE, SIZE, Concept, concept_folder, make_concept
+from .scenes import CONCEPT_FILE, Concept, concept_folder, make_concept, picture_array
 from .scorers import parse_caption, score_image, summarize
 
 __all__ = ["add_world_parser", "score_folder"]
@@ -119,10 +118,7 @@ def _read_generation(folder: str | Path, token: str) -> list[dict]:
 
 def _load_image(path: Path):
     with Image.open(path) as image:
-        image = image.convert("RGB")
-        if image.size != (SIZE, SIZE):
-            image = image.resize((SIZE, SIZE), Image.Resampling.BOX)
-        return np.asarray(image, dtype=np.uint8)
+        return picture_array(image)
 
 
 def score_folder(concept_dir: str | Path, images_dir: str | Path) -> dict:

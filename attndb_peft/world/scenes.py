@@ -45,6 +45,7 @@ __all__ = [
     "concept_folder",
     "concept_photos",
     "make_concept",
+    "picture_array",
     "render",
     "split_scenes",
 ]
@@ -367,6 +368,15 @@ def concept_folder(seed: int, output_dir: str | Path, num_images: int = 5) -> di
     }
     (output_dir / CONCEPT_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
     return info
+
+
+def picture_array(image: Image.Image) -> np.ndarray:
+    """A PIL picture as a world picture: uint8 RGB `[SIZE, SIZE, 3]` (other sizes box-resized), what the scorers
+    read."""
+    image = image.convert("RGB")
+    if image.size != (SIZE, SIZE):
+        image = image.resize((SIZE, SIZE), Image.Resampling.BOX)
+    return np.asarray(image, dtype=np.uint8)
 
 
 def with_colour(scene: Scene, colour: str | None) -> Scene:

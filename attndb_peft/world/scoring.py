@@ -18,10 +18,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ..scoring import TRAINING_GROUP, CheckpointScorer
-from .scenes import CONCEPT_FILE, SIZE, Concept, make_concept
+from .scenes import CONCEPT_FILE, Concept, make_concept, picture_array
 from .scorers import parse_caption, score_image
 
 __all__ = ["WORLD_SCORE_PROMPTS", "WorldScorer", "world_scorer"]
@@ -57,7 +56,7 @@ class WorldScorer(CheckpointScorer):
         out = []
         for (_, prompt), pictures in zip(prompts, images):
             scene, _ = parse_caption(prompt.replace("{}", f"{config.token} {config.category}"), config.token)
-            records = [score_image(_as_array(p), scene, self.concept) for p in pictures]
+            records = [score_image(picture_array(p), scene, self.concept) for p in pictures]
 
             def share(key: str, rows=records) -> float | None:
                 values = [float(r[key]) for r in rows if r.get(key) is not None]
@@ -72,13 +71,6 @@ class WorldScorer(CheckpointScorer):
                 "identity_score": share("identity"),
             })
         return out
-
-
-def _as_array(image) -> np.ndarray:
-    image = image.convert("RGB")
-    if image.size != (SIZE, SIZE):
-        image = image.resize((SIZE, SIZE), Image.Resampling.BOX)
-    return np.asarray(image, dtype=np.uint8)
 
 
 def world_scorer(config, device) -> WorldScorer | None:
