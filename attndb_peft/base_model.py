@@ -17,12 +17,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from .errors import UsageError, arg, first_line
-from .families import ModelFamily, family_of_model, family_of_pipeline, family_of_unet_config
+from .families import FAMILIES, ModelFamily, family_of_model, family_of_pipeline
 
 __all__ = [
     "DEFAULT_BASE_MODEL",
@@ -216,22 +217,26 @@ def check_base_model(
 
 
 def _check_denoiser(index: Path, name: str, model: str) -> None:
-    """A pipeline whose denoiser is not a U-Net (SD3's and Flux's transformers) is named as such, in one line,
-    instead of failing later on the missing `unet` folder."""
+    """A pipeline attndb has no family for (another transformer model: PixArt, Sana, Flux Kontext, ...) is named
+    as such, in one line, instead of failing later on a missing `unet` folder."""
     try:
         components = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # unreadable here: loading reports it with the file's own error
-    if isinstance(components, dict) and "unet" not in components and "transformer" in components:
+    if not isinstance(components, dict) or "unet" in components:
+        return
+    denoiser = components.get("transformer")
+    known = {family.denoiser_class for family in FAMILIES.values()}
+    if denoiser is not None and not (isinstance(denoiser, list) and denoiser[-1] in known):
         kind = components.get("_class_name", "pipeline")
         raise BaseModelError(
-            f"{name} {model}: a {kind}, whose denoiser is a transformer, not a U-Net; attndb trains the U-Net "
-            "families, SD 1.x/2.x and SDXL (SD3.5 and Flux.1 are not supported yet)."
+            f"{name} {model}: a {kind}, which attndb has no family for; attndb trains SD 1.x/2.x, SDXL, SD3/3.5 "
+            "and Flux.1 (dev, schnell) pipelines."
         )
 
 
 def load_tokenizer(model: str, revision: str | None = None, model_config: str | None = None):
-    """The base model's `CLIPTokenizer` (subfolder `tokenizer`; of `model_config` for a single file)."""
+    """The base model's first `CLIPTokenizer` (subfolder `tokenizer`; of `model_config` for a single file)."""
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(config_source(model, model_config), subfolder="tokenizer", revision=revision)
@@ -246,8 +251,10 @@ class BaseModels:
         tokenizers (`list`): the family's tokenizers in its order (SD one, SDXL two).
         text_encoders (`list`): the matching text encoders.
         vae (`AutoencoderKL`): the VAE.
-        unet (`UNet2DConditionModel`): the U-Net.
-        noise_scheduler (`DDPMScheduler`): the training noise schedule (the base model's scheduler config).
+        denoiser (`UNet2DConditionModel`, `SD3Transformer2DModel` or `FluxTransformer2DModel`): the denoiser (the
+            family's `denoiser_class`; `unet` is its name in the U-Net families' code).
+        noise_scheduler (`DDPMScheduler` or `FlowMatchEulerDiscreteScheduler`): the training noise schedule (the
+            family's `noise_scheduler_class` over the base model's scheduler config).
         source (`str`): where configs come from (`config_source`): the inference scheduler, pipeline class.
         revision (`str`, *optional*): the Hub revision of `source`.
     """
@@ -256,10 +263,15 @@ class BaseModels:
     tokenizers: list
     text_encoders: list
     vae: Any
-    unet: Any
+    denoiser: Any
     noise_scheduler: Any
     source: str
     revision: str | None = None
+
+    @property
+    def unet(self):
+        """The denoiser (a U-Net in the SD and SDXL families)."""
+        return self.denoiser
 
     @property
     def tokenizer(self):
@@ -297,43 +309,48 @@ def load_base_models(
     Returns:
         `BaseModels`: the loaded pieces, the noise scheduler built from the model's scheduler config.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTokenizer
+    import diffusers
+    import transformers
 
     hub = {"revision": revision} if token is None else {"revision": revision, "token": token}
     source = config_source(model, model_config)
     if components is not None:
-        family = family_of_unet_config(components["unet"].config)
+        family = family_of_pipeline(SimpleNamespace(**components))
         cast = {} if torch_dtype is None else {"dtype": torch_dtype}
         tokenizers = [components[name] for name in family.tokenizers]
         text_encoders = [components[name].to(**cast) for name in family.text_encoders]
         vae = components["vae"]
-        unet = components["unet"].to(**cast)
+        denoiser = components[family.denoiser].to(**cast)
         vae.to(**cast)
-        scheduler = DDPMScheduler.from_config(components["scheduler"].config)
+        scheduler_config = components["scheduler"].config
     elif is_single_file(model):
         pipe = load_single_file(model, model_config, torch_dtype)
         family = family_of_pipeline(pipe)
         tokenizers, text_encoders = (list(t) for t in zip(*family.components(pipe)))
-        vae, unet = pipe.vae, pipe.unet
-        scheduler = DDPMScheduler.from_pretrained(model_config, subfolder="scheduler", **hub)
+        vae, denoiser = pipe.vae, getattr(pipe, family.denoiser)
+        scheduler_config = diffusers.DDPMScheduler.load_config(model_config, subfolder="scheduler", **hub)
     else:
-        import transformers
-
-        # What the family's pipeline holds: SD one tokenizer/encoder pair, SDXL two (families.py).
+        # What the family's pipeline holds: SD one tokenizer/encoder pair, SDXL two, SD3 three (families.py).
         family = family_of_model(model, revision)
         weights = {"variant": variant, "torch_dtype": torch_dtype, **hub}
         tokenizers = [load_tokenizer(model, revision, model_config)] + [
-            CLIPTokenizer.from_pretrained(model, subfolder=name, **hub) for name in family.tokenizers[1:]
+            # T5's tokenizer is whatever its folder names (T5TokenizerFast); the CLIP ones are CLIPTokenizer
+            getattr(transformers, "AutoTokenizer" if cls.startswith("T5") else "CLIPTokenizer").from_pretrained(
+                model, subfolder=name, **hub
+            )
+            for name, cls in zip(family.tokenizers[1:], family.text_encoder_classes[1:])
         ]
         text_encoders = [
             getattr(transformers, cls).from_pretrained(model, subfolder=name, **weights)
             for name, cls in zip(family.text_encoders, family.text_encoder_classes)
         ]
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **weights)
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", **weights)
-        scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", **hub)
-    return BaseModels(family, tokenizers, text_encoders, vae, unet, scheduler, source, revision)
+        vae = diffusers.AutoencoderKL.from_pretrained(model, subfolder="vae", **weights)
+        denoiser = getattr(diffusers, family.denoiser_class).from_pretrained(
+            model, subfolder=family.denoiser, **weights
+        )
+        scheduler_config = diffusers.DDPMScheduler.load_config(model, subfolder="scheduler", **hub)
+    scheduler = getattr(diffusers, family.noise_scheduler_class).from_config(scheduler_config)
+    return BaseModels(family, tokenizers, text_encoders, vae, denoiser, scheduler, source, revision)
 
 
 def build_pipeline(models: BaseModels, safety_checker: bool = False, token: str | None = None):
@@ -353,13 +370,13 @@ def build_pipeline(models: BaseModels, safety_checker: bool = False, token: str 
     pipeline_class = getattr(diffusers, family.pipeline_class)
     pieces = {
         "vae": models.vae,
-        "unet": models.unet,
+        family.denoiser: models.denoiser,
         **dict(zip(family.tokenizers, models.tokenizers)),
         **dict(zip(family.text_encoders, models.text_encoders)),
     }
     if safety_checker and family.no_safety_checker():
         # diffusers loads what is not given: the inference scheduler, the safety checker and its image processor
-        return pipeline_class.from_pretrained(models.source, **pieces, torch_dtype=models.unet.dtype, **hub)
+        return pipeline_class.from_pretrained(models.source, **pieces, torch_dtype=models.denoiser.dtype, **hub)
     _, scheduler_class = pipeline_class.load_config(models.source, **hub)["scheduler"]
     scheduler = getattr(diffusers, scheduler_class).from_pretrained(models.source, subfolder="scheduler", **hub)
     return pipeline_class(scheduler=scheduler, **pieces, **family.no_safety_checker())

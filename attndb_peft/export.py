@@ -130,7 +130,7 @@ def kohya_state_dict(
     alpha = kohya_alpha(lora)
     state = {}
     for name, factors in lora.items():
-        key = "lora_unet_" + family.kohya_module_name(name, unet_config)
+        key = family.kohya_prefix + family.kohya_module_name(name, unet_config)
         state[f"{key}.lora_down.weight"] = factors.down.to(dtype).contiguous()
         up = factors.up.float() * (factors.scale * factors.rank / alpha)
         state[f"{key}.lora_up.weight"] = up.to(dtype).contiguous()
@@ -192,18 +192,21 @@ def render_model_card(
         library_name="diffusers",
         pipeline_tag="text-to-image",
         tags=["attndb", "lora", "textual-inversion", "diffusers", "text-to-image", "stable-diffusion"]
-        + (["stable-diffusion-xl"] if family.is_sdxl else []),
+        + {"sdxl": ["stable-diffusion-xl"], "sd3": ["sd3", "sd3.5"], "flux": ["flux"]}.get(family.name, []),
         instance_prompt=config.prompt,
         widget=[{"text": p, "output": {"url": path}} for p, path in expanded] or None,
     )
     ranks = sorted({f.rank for f in lora.values()})
+    attention = "attn2" if family.denoiser == "unet" else "joint-attention"
     stages = [
         ("1 embedding", config.stage1, "token embedding"),
-        ("2 attention", config.stage2, f"attn2 LoRA r={config.stage2.rank}"),
+        ("2 attention", config.stage2, f"{attention} LoRA r={config.stage2.rank}"),
         (
             "3 identity",
             config.stage3,
-            f"U-Net LoRA r={config.stage3.rank}" if config.stage3_mode == "lora" else "full U-Net",
+            f"{'U-Net' if family.denoiser == 'unet' else 'transformer'} LoRA r={config.stage3.rank}"
+            if config.stage3_mode == "lora"
+            else f"full {'U-Net' if family.denoiser == 'unet' else 'transformer'}",
         ),
     ]
     card = ModelCard.from_template(
@@ -238,6 +241,10 @@ def render_model_card(
         samples=expanded,
         versions=package_versions(),
         sdxl=family.is_sdxl,
+        joint=not family.textual_inversion,
+        pipeline_class=family.pipeline_class,
+        denoiser="U-Net" if family.denoiser == "unet" else "transformer",
+        encoders=list(zip(family.tokenizers, family.text_encoders, family.embedding_keys or ())),
         embedding_keys=list(family.embedding_keys or ()),
         embedding_name=EMBEDDING_NAME,
         lora_name=LORA_NAME,
@@ -295,9 +302,11 @@ def export_adapter(
     # diffusers writes the LoRA (its key packing and adapter metadata); then our metadata is added to the header.
     getattr(diffusers, family.pipeline_class).save_lora_weights(
         tmp,
-        unet_lora_layers=peft_state_dict(lora, dtype),
         weight_name=LORA_NAME,
-        unet_lora_adapter_metadata=combined_lora_config(lora).to_dict(),
+        **{  # unet_lora_layers, or transformer_lora_layers for the joint-attention families
+            f"{family.denoiser}_lora_layers": peft_state_dict(lora, dtype),
+            f"{family.denoiser}_lora_adapter_metadata": combined_lora_config(lora).to_dict(),
+        },
     )
     with safe_open(str(tmp / LORA_NAME), framework="pt") as f:
         diffusers_metadata = f.metadata() or {}

@@ -1,20 +1,27 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
-"""What differs between the model families attndb trains: SD 1.x/2.x and SDXL.
+"""What differs between the model families attndb trains: SD 1.x/2.x, SDXL, SD3/3.5 and Flux.1.
 
 The trainer, the exporter and the loader ask a `ModelFamily` instead of branching on the family themselves:
 
-| | SD 1.x / 2.x (`"sd"`) | SDXL (`"sdxl"`) |
-|---|---|---|
-| text encoders | `text_encoder` (768 or 1024 wide) | `text_encoder` (768), `text_encoder_2` (1280, projected) |
-| U-Net context | the encoder's last hidden state | `cat(te1.hidden_states[-2], te2.hidden_states[-2])` (2048) |
-| `added_cond_kwargs` | none | `text_embeds` (encoder 2's pooled output), `time_ids` (6 numbers) |
-| embedding file | `{token: [hidden]}` | `{"clip_l": [1, 768], "clip_g": [1, 1280]}` (A1111/ComfyUI/kohya) |
-| kohya key names | diffusers module paths | LDM block names (`input_blocks_4_1_...`), as sd-scripts writes |
-| training resolution (default) | the model's own: 512 (SD 1.5, 2.1-base), 768 (SD 2.1) | 1024 |
-| LoRA rank of stages 2-3 (default) | 32 | 16 (about as many parameters as SD's 32) |
+| | SD 1.x/2.x (`"sd"`) | SDXL (`"sdxl"`) | SD3/3.5 (`"sd3"`) | Flux.1 (`"flux"`) |
+|---|---|---|---|---|
+| denoiser, training | U-Net, DDPM | U-Net, DDPM | MMDiT, rectified flow | MMDiT, flow, guidance 3.5 |
+| text encoders | CLIP | CLIP-L, CLIP-G | CLIP-L, CLIP-G, T5 | CLIP-L (pooled), T5 |
+| regularizer reads | attn2 | attn2 | every joint block | double and single blocks |
+| at the positions of | CLIP | CLIP | CLIP-L | T5 |
+| stage 2 LoRA | attn2 q/k/v/out | the same | `to_q`, `add_k/v_proj`, `to_out.0` | the same + single q/k/v |
+| embedding keys | `{token}` | `clip_l`, `clip_g` | `clip_l`, `clip_g`, `t5`, `t5xxl` | `clip_l`, `t5`, `t5xxl` |
+| kohya copy | `lora_unet_` | `lora_unet_`, LDM names | `lora_transformer_` | `lora_transformer_` |
+| LoRA rank (default) | 32 | 16 | 16 | 16 |
 
-The family is detected from the model itself (the U-Net's `addition_embed_type == "text_time"`, a pipeline's
-second text encoder, a `model_index.json`'s `_class_name`), never from a user flag.
+SDXL's U-Net context is `cat(te1.hidden_states[-2], te2.hidden_states[-2])` with encoder 2's pooled output and
+`time_ids`; SD3's is both CLIPs' penultimate states side by side, padded to T5's width, then T5's states along the
+sequence, with both CLIPs' pooled outputs; Flux's is T5's states, with CLIP-L's pooled output.
+
+The family is detected from the model itself (the U-Net's `addition_embed_type == "text_time"`, the transformer's
+class, a pipeline's second text encoder, a `model_index.json`'s `_class_name`), never from a user flag. The
+joint-attention families are subclasses (`SD3Family`, `FluxFamily`) that override how a prompt is encoded, how the
+denoiser is called and how its attention is captured.
 """
 
 from __future__ import annotations
@@ -26,19 +33,31 @@ from pathlib import Path
 
 import torch
 
+from .attention import capture_cross_attention, cross_attention_names
+from .joint_attention import capture_joint_attention, joint_attention_names
+from .stages import STAGE2_TARGET_MODULES, STAGE3_TARGETS
+
 __all__ = [
     "FAMILIES",
+    "FLUX",
     "SD",
+    "SD3",
     "SDXL",
     "Conditioning",
+    "FluxFamily",
+    "JointAttentionFamily",
     "ModelFamily",
+    "SD3Family",
     "family_from_pipeline_class",
+    "family_of_denoiser",
     "family_of_model",
     "family_of_pipeline",
     "family_of_unet_config",
     "ldm_unet_module_name",
     "native_resolution",
+    "pack_latents",
     "pool_at_end_of_text",
+    "unpack_latents",
 ]
 
 
@@ -88,10 +107,33 @@ class ModelFamily:
             fit 24 GB cards; chosen from that practice, not measured here (no GPU has been available).
         vae_fp32_encode (`bool`): encode the latent cache in float32 even when the VAE is held in float16 (the
             SDXL VAE overflows in float16).
-        pooled_from (`str`, *optional*): the text encoder whose pooled output conditions the U-Net (SDXL's
-            `text_encoder_2`); it must pool at end-of-text (`pool_at_end_of_text`). None: only hidden states are
-            used, and the encoders are left exactly as loaded.
+        pooled_from (`str` or `tuple[str, ...]`, *optional*): the text encoder(s) whose pooled output conditions
+            the denoiser (SDXL's `text_encoder_2`, SD3's two CLIPs, Flux's CLIP-L); they must pool at end-of-text
+            (`pool_at_end_of_text`). None: only hidden states are used, and the encoders are left exactly as
+            loaded.
         safety_checker (`bool`): the family's pipelines take a safety checker (`no_safety_checker` leaves it out).
+        denoiser (`str`), denoiser_class (`str`): the denoiser's pipeline component name and diffusers class
+            (`"unet"`, or `"transformer"` for the joint-attention families).
+        noise_scheduler_class (`str`): the diffusers scheduler of the training noise (built from the base model's
+            scheduler config).
+        flow_matching (`bool`): the denoiser is trained by rectified flow (SD3, Flux) instead of DDPM noise.
+        attended (`int`): the tokenizer whose positions are the text keys the regularizer reads (its sequence
+            starts the text part of the denoiser's attention): CLIP-L for SD/SDXL/SD3, T5 for Flux, whose CLIP
+            only contributes a pooled vector.
+        shared_positions (`tuple[int, ...]`): the tokenizers whose sequences are concatenated position by
+            position (SDXL's and SD3's two CLIPs): the token must get the same id and positions in all of them.
+        sequence_lengths (`tuple`): per tokenizer the padded prompt length (None: its `model_max_length`); T5 is
+            padded to the pipeline's default `max_sequence_length`.
+        stage2_targets (`str`): the PEFT regex of stage 2's LoRA (the layers that read the text).
+        stage3_targets (`tuple`): `(stage3_targets value, PEFT regex)` pairs of stage 3's LoRA.
+        kohya_prefix (`str`): the key prefix of the kohya-style copy: `lora_unet_` (sd-scripts), `lora_transformer_`
+            for the transformers (OneTrainer's keys, which ComfyUI maps for SD3 and Flux).
+        textual_inversion (`bool`): diffusers' `load_textual_inversion` loads the token into the family's
+            pipelines; the joint-attention families' token rows are added by `pipeline_state.add_token_row` instead
+            (SD3 pipelines have no textual-inversion loader, and T5's matrix has spare rows that diffusers'
+            unloading would cut off).
+        embedding_aliases (`tuple`): `(key, alias)` pairs: the embedding file also holds `key`'s tensor under
+            `alias` (ComfyUI reads T5's as `t5xxl`, diffusers' scripts as `t5`), and a reader accepts either.
     """
 
     name: str
@@ -109,8 +151,20 @@ class ModelFamily:
     default_gradient_accumulation_steps: int
     default_gradient_checkpointing: bool
     vae_fp32_encode: bool
-    pooled_from: str | None
+    pooled_from: str | tuple[str, ...] | None
     safety_checker: bool
+    denoiser: str = "unet"
+    denoiser_class: str = "UNet2DConditionModel"
+    noise_scheduler_class: str = "DDPMScheduler"
+    flow_matching: bool = False
+    attended: int = 0
+    shared_positions: tuple[int, ...] = (0,)
+    sequence_lengths: tuple[int | None, ...] = ()
+    stage2_targets: str = STAGE2_TARGET_MODULES
+    stage3_targets: tuple[tuple[str, str], ...] = tuple(STAGE3_TARGETS.items())
+    embedding_aliases: tuple[tuple[str, str], ...] = ()
+    kohya_prefix: str = "lora_unet_"
+    textual_inversion: bool = True
 
     @property
     def is_sdxl(self) -> bool:  # for messages and tests; code asks the attributes above
@@ -132,7 +186,7 @@ class ModelFamily:
         """Make the pooled text encoder (if the family uses one) pool at its tokenizer's end-of-text id; `pairs`:
         `(tokenizer, text_encoder)` in the family's order (see `pool_at_end_of_text`)."""
         for name, (tokenizer, encoder) in zip(self.text_encoders, pairs):
-            if name == self.pooled_from:
+            if name == self.pooled_from or (isinstance(self.pooled_from, tuple) and name in self.pooled_from):
                 pool_at_end_of_text(encoder, tokenizer.eos_token_id)
 
     def encode(self, text_encoders, input_ids: list[torch.Tensor], resolution: int) -> Conditioning:
@@ -159,6 +213,29 @@ class ModelFamily:
         ).expand(states.shape[0], -1)
         return Conditioning(states, {"text_embeds": pooled, "time_ids": time_ids})
 
+    def prompt_length(self, index: int, tokenizer) -> int:
+        """The padded length of prompts in tokenizer `index` (`sequence_lengths`, else its `model_max_length`)."""
+        lengths = self.sequence_lengths
+        return (lengths[index] if index < len(lengths) else None) or tokenizer.model_max_length
+
+    def text_length(self, prompt_ids: list[torch.Tensor]) -> int:
+        """How many text tokens the denoiser's attention sees for prompts tokenized as `prompt_ids`."""
+        return int(prompt_ids[self.attended].shape[-1])
+
+    # -------------------------------------------------------------------------------------- denoiser side
+    def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, states, added) -> torch.Tensor:
+        """The denoiser's prediction for latents `noisy` `[batch, channels, h, w]` at `timesteps`, conditioned on
+        `states` (and `added`, see `Conditioning.for_batch`), shaped like `noisy`."""
+        return denoiser(noisy, timesteps, states, added_cond_kwargs=added).sample
+
+    def attention_names(self, denoiser) -> list[str]:
+        """The attention processors the regularizer reads (the U-Net's `attn2` layers)."""
+        return cross_attention_names(denoiser)
+
+    def capture(self, denoiser, indices, store, text_length: int):
+        """The context manager that captures the attention of `indices` (text positions) into `store`."""
+        return capture_cross_attention(denoiser, indices, store)
+
     # -------------------------------------------------------------------------------------- embedding file
     def embedding_state_dict(self, token: str, vectors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The embedding file's tensors: `vectors` holds one `[num_vectors, hidden]` tensor per text encoder.
@@ -172,7 +249,10 @@ class ModelFamily:
             return {token: vector[0] if vector.ndim == 2 and vector.shape[0] == 1 else vector}
         if len(vectors) != len(self.embedding_keys):
             raise ValueError(f"{self.name}: expected {len(self.embedding_keys)} embeddings, got {len(vectors)}")
-        return dict(zip(self.embedding_keys, vectors))
+        tensors = dict(zip(self.embedding_keys, vectors))
+        for key, alias in self.embedding_aliases:  # the same tensor under the other clients' name (a copy:
+            tensors[alias] = tensors[key].clone()  # safetensors refuses shared storage)
+        return tensors
 
     def split_embedding_file(self, tensors: dict[str, torch.Tensor]) -> tuple[str | None, list[torch.Tensor]]:
         """`(token in the file or None, one tensor per text encoder)` of an embedding file's tensors.
@@ -185,6 +265,11 @@ class ModelFamily:
                 raise ValueError(f"must hold exactly one tensor {{token: [vectors, width]}}; it holds {len(tensors)}")
             token, tensor = next(iter(tensors.items()))
             return token, [tensor]
+        tensors = dict(tensors)
+        for key, alias in self.embedding_aliases:
+            if alias in tensors:
+                tensors.setdefault(key, tensors[alias])
+                del tensors[alias]
         if set(tensors) != set(self.embedding_keys):
             raise ValueError(
                 f"must hold the {self.name.upper()} tensors {', '.join(map(repr, self.embedding_keys))} (one per text "
@@ -237,7 +322,183 @@ SDXL = ModelFamily(
     pooled_from="text_encoder_2",
     safety_checker=False,
 )
-FAMILIES = {family.name: family for family in (SD, SDXL)}
+
+
+# ---------------------------------------------------------------------------------------------- joint attention
+#: SD3's stage 2: the projections of every joint block that read the text: the image queries, the text keys and
+#: values, and the image output (the MMDiT counterpart of the U-Net's attn2 to_q/to_k/to_v/to_out).
+SD3_STAGE2_TARGETS = r".*transformer_blocks\.\d+\.attn\.(to_q|add_k_proj|add_v_proj|to_out\.0)"
+#: SD3's stage 3: every linear of the joint blocks (both streams' attention, feed-forwards and modulations, and
+#: SD3.5's second self-attention).
+SD3_STAGE3_TARGETS = (
+    r".*transformer_blocks\.\d+\.(attn|attn2)\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|.*transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)"
+    r"|.*transformer_blocks\.\d+\.(norm1|norm1_context)\.linear"
+)
+#: Flux's stage 2: the double-stream blocks' image queries, text keys/values and image output, and the
+#: single-stream blocks' query/key/value projections (one projection there reads the text and the image tokens).
+FLUX_STAGE2_TARGETS = (
+    r"transformer_blocks\.\d+\.attn\.(to_q|add_k_proj|add_v_proj|to_out\.0)"
+    r"|single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v)"
+)
+#: Flux's stage 3: every linear of both kinds of block.
+FLUX_STAGE3_TARGETS = (
+    r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)"
+    r"|transformer_blocks\.\d+\.(norm1|norm1_context)\.linear"
+    r"|single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out|norm\.linear)"
+)
+
+
+def _unwrapped(model):
+    """A model under DistributedDataParallel is its `module`."""
+    return getattr(model, "module", model)
+
+
+@dataclass(frozen=True)
+class JointAttentionFamily(ModelFamily):
+    """A family whose denoiser is a joint-attention (MMDiT) transformer: the text tokens are keys of every block's
+    attention over `[image, text]` (SD3) or `[text, image]` (Flux), captured by `joint_attention`."""
+
+    def attention_names(self, denoiser) -> list[str]:
+        return joint_attention_names(denoiser)
+
+    def capture(self, denoiser, indices, store, text_length: int):
+        return capture_joint_attention(denoiser, indices, text_length, store)
+
+
+@dataclass(frozen=True)
+class SD3Family(JointAttentionFamily):
+    """Stable Diffusion 3 / 3.5: CLIP-L and CLIP-G penultimate states side by side, padded to T5's width, then
+    T5's states along the sequence; the pooled vector is both CLIPs' projected outputs
+    (`StableDiffusion3Pipeline.encode_prompt`, without guidance)."""
+
+    def encode(self, text_encoders, input_ids: list[torch.Tensor], resolution: int) -> Conditioning:
+        clip, pooled = [], []
+        for encoder, ids in zip(text_encoders[:2], input_ids[:2]):
+            out = encoder(ids, output_hidden_states=True)
+            pooled.append(out[0])
+            clip.append(out.hidden_states[-2])
+        t5 = text_encoders[2](input_ids[2])[0]
+        clip_states = torch.cat(clip, dim=-1)
+        clip_states = torch.nn.functional.pad(clip_states, (0, t5.shape[-1] - clip_states.shape[-1]))
+        return Conditioning(torch.cat([clip_states, t5], dim=-2), {"pooled_projections": torch.cat(pooled, dim=-1)})
+
+    def text_length(self, prompt_ids: list[torch.Tensor]) -> int:
+        return int(prompt_ids[0].shape[-1] + prompt_ids[2].shape[-1])  # the CLIP positions, then T5's
+
+    def predict(self, denoiser, noisy, timesteps, states, added) -> torch.Tensor:
+        return denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=states, **added).sample
+
+
+@dataclass(frozen=True)
+class FluxFamily(JointAttentionFamily):
+    """Flux.1: only T5's states enter attention; CLIP-L gives the pooled vector (`FluxPipeline.encode_prompt`).
+    The latents enter the transformer as 2x2 patches (`pack_latents`), with position ids for RoPE.
+
+    Attributes:
+        guidance_scale (`float`): the distilled guidance a guidance-embedding model (Flux.1-dev) is trained at:
+            the pipeline's default at generation (3.5), as diffusers' Flux DreamBooth script trains."""
+
+    guidance_scale: float = 3.5
+
+    def encode(self, text_encoders, input_ids: list[torch.Tensor], resolution: int) -> Conditioning:
+        pooled = text_encoders[0](input_ids[0], output_hidden_states=False).pooler_output
+        states = text_encoders[1](input_ids[1], output_hidden_states=False)[0]
+        return Conditioning(states, {"pooled_projections": pooled})
+
+    def predict(self, denoiser, noisy, timesteps, states, added) -> torch.Tensor:
+        b, c, h, w = noisy.shape
+        device, dtype = noisy.device, noisy.dtype
+        image_ids = torch.zeros(h // 2, w // 2, 3, device=device, dtype=dtype)
+        image_ids[..., 1] += torch.arange(h // 2, device=device, dtype=dtype)[:, None]
+        image_ids[..., 2] += torch.arange(w // 2, device=device, dtype=dtype)[None, :]
+        guidance = None
+        if _unwrapped(denoiser).config.guidance_embeds:
+            guidance = torch.full((b,), self.guidance_scale, device=device, dtype=torch.float32)
+        out = denoiser(
+            hidden_states=pack_latents(noisy),
+            timestep=timesteps / 1000,  # FluxPipeline passes sigma; the transformer scales it by 1000
+            guidance=guidance,
+            encoder_hidden_states=states,
+            txt_ids=torch.zeros(states.shape[1], 3, device=device, dtype=dtype),
+            img_ids=image_ids.reshape(-1, 3),
+            **added,
+        ).sample
+        return unpack_latents(out, h, w)
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """`[b, c, h, w]` latents as Flux's `[b, h/2 * w/2, 4c]` patch tokens (`FluxPipeline._pack_latents`)."""
+    b, c, h, w = latents.shape
+    patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of `pack_latents`: `[b, h/2 * w/2, 4c]` -> `[b, c, h, w]`."""
+    b, _, channels = tokens.shape
+    c = channels // 4
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+_JOINT = dict(
+    kohya_ldm_names=False,
+    default_batch_size=1,
+    default_gradient_accumulation_steps=4,
+    default_gradient_checkpointing=True,
+    vae_fp32_encode=False,
+    safety_checker=False,
+    denoiser="transformer",
+    noise_scheduler_class="FlowMatchEulerDiscreteScheduler",
+    flow_matching=True,
+    embedding_aliases=(("t5", "t5xxl"),),
+    kohya_prefix="lora_transformer_",
+    textual_inversion=False,
+)
+SD3 = SD3Family(
+    name="sd3",
+    text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
+    tokenizers=("tokenizer", "tokenizer_2", "tokenizer_3"),
+    text_encoder_classes=("CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel"),
+    embedding_keys=("clip_l", "clip_g", "t5"),
+    kohya_base_model_version="sd3",
+    license="other",
+    pooled_from=("text_encoder", "text_encoder_2"),
+    pipeline_class="StableDiffusion3Pipeline",
+    lora_loader_class="SD3LoraLoaderMixin",
+    default_lora_rank=16,
+    denoiser_class="SD3Transformer2DModel",
+    attended=0,
+    shared_positions=(0, 1),
+    sequence_lengths=(None, None, 256),
+    stage2_targets=SD3_STAGE2_TARGETS,
+    stage3_targets=(("transformer", SD3_STAGE3_TARGETS), ("attn2", SD3_STAGE2_TARGETS)),
+    **_JOINT,
+)
+FLUX = FluxFamily(
+    name="flux",
+    text_encoders=("text_encoder", "text_encoder_2"),
+    tokenizers=("tokenizer", "tokenizer_2"),
+    text_encoder_classes=("CLIPTextModel", "T5EncoderModel"),
+    embedding_keys=("clip_l", "t5"),
+    kohya_base_model_version="flux1",
+    license="other",
+    pooled_from=("text_encoder",),
+    pipeline_class="FluxPipeline",
+    lora_loader_class="FluxLoraLoaderMixin",
+    default_lora_rank=16,
+    denoiser_class="FluxTransformer2DModel",
+    attended=1,
+    shared_positions=(0,),
+    sequence_lengths=(None, 512),
+    stage2_targets=FLUX_STAGE2_TARGETS,
+    stage3_targets=(("transformer", FLUX_STAGE3_TARGETS), ("attn2", FLUX_STAGE2_TARGETS)),
+    **_JOINT,
+)
+FAMILIES = {family.name: family for family in (SD, SDXL, SD3, FLUX)}
+#: The denoiser class -> family of the joint-attention families (what a pipeline or model folder holds).
+_BY_DENOISER = {family.denoiser_class: family for family in (SD3, FLUX)}
 
 
 # ---------------------------------------------------------------------------------------------- detection
@@ -252,15 +513,25 @@ def native_resolution(unet_config, vae_config=None) -> int:
     downscaling (2 per VAE block after the first; 8 for every released SD and SDXL VAE, assumed without
     `vae_config`). Not a per-family constant: SD 2.1 (768) and SD 2.1-base (512) are one family."""
     blocks = len(dict(vae_config)["block_out_channels"]) if vae_config is not None else 4
-    return int(dict(unet_config)["sample_size"]) * 2 ** (blocks - 1)
+    # Flux's transformer config has no sample size: it generates at 1024 px (128 latent cells) by default
+    return int(dict(unet_config).get("sample_size") or 128) * 2 ** (blocks - 1)
 
 
 def family_of_pipeline(pipe) -> ModelFamily:
     """The family of a pipeline (or of an object holding pipeline components as attributes)."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None and type(_unwrapped(transformer)).__name__ in _BY_DENOISER:
+        return family_of_denoiser(transformer)
     unet = getattr(pipe, "unet", None)
     if unet is not None:
         return family_of_unet_config(unet.config)
     return SDXL if getattr(pipe, "text_encoder_2", None) is not None else SD
+
+
+def family_of_denoiser(denoiser) -> ModelFamily:
+    """The family of a loaded denoiser: a joint-attention transformer by its class, a U-Net by its config."""
+    name = type(_unwrapped(denoiser)).__name__
+    return _BY_DENOISER[name] if name in _BY_DENOISER else family_of_unet_config(denoiser.config)
 
 
 def family_from_pipeline_class(class_name: str | None) -> ModelFamily | None:
@@ -269,8 +540,12 @@ def family_from_pipeline_class(class_name: str | None) -> ModelFamily | None:
         return None
     if class_name.startswith("StableDiffusionXL"):
         return SDXL
-    if class_name.startswith("StableDiffusion") and not class_name.startswith("StableDiffusion3"):
-        return SD  # SD3's pipelines have a transformer, not a U-Net: no family here
+    if class_name.startswith("StableDiffusion3"):
+        return SD3
+    if class_name.startswith("StableDiffusion"):
+        return SD
+    if class_name.startswith("Flux") and class_name.endswith("Pipeline") and "Kontext" not in class_name:
+        return FLUX  # FluxPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline, ...
     return None
 
 
@@ -291,6 +566,9 @@ def family_of_model(model: str | os.PathLike, revision: str | None = None) -> Mo
     family = family_from_pipeline_class((index or {}).get("_class_name"))
     if family is not None:
         return family
+    denoiser = (index or {}).get("transformer")
+    if isinstance(denoiser, list) and len(denoiser) == 2 and denoiser[1] in _BY_DENOISER:
+        return _BY_DENOISER[denoiser[1]]
     try:
         from diffusers import UNet2DConditionModel
 

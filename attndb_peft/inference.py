@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from .adapter_format import AdapterInfo, package_versions, read_adapter_config
-from .attention import AttentionStore, capture_cross_attention
+from .attention import AttentionStore
 from .base_model import BaseModelError, build_pipeline, check_base_model, is_single_file, load_base_models
 from .errors import UsageError, arg, first_line
+from .families import family_of_pipeline, native_resolution
 from .loading import AdapterError, load_attndb
 from .visualize import attention_figure
 
@@ -43,6 +44,7 @@ __all__ = [
     "generate_images",
     "inspect_prompt",
     "load_pipeline",
+    "prompt_offset",
     "prompt_tokens",
     "read_adapter_config",
     "resolve_device",
@@ -265,10 +267,16 @@ def write_generation(
 # ------------------------------------------------------------------------------------------ attention maps
 def prompt_tokens(tokenizer, prompt: str) -> tuple[list[int], list[str]]:
     """The prompt's token ids between BOS and EOS (truncated like the pipeline does) and each one's text as the
-    tokenizer decodes it. Text position `i + 1` holds token `i`."""
+    tokenizer decodes it. Text position `i + 1` holds token `i` (CLIP); a tokenizer without a begin token (T5)
+    starts at position 0, see `prompt_offset`."""
     ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
-    body = ids[1:-1]
+    body = ids[prompt_offset(tokenizer, ids) : -1]
     return body, [tokenizer.decode([i]).strip() for i in body]
+
+
+def prompt_offset(tokenizer, ids: list[int]) -> int:
+    """The text position of a prompt's first token: 1 after CLIP's begin token, 0 for T5 (which has none)."""
+    return int(tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id)
 
 
 def _layer_grid(pixels: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
@@ -336,13 +344,18 @@ def token_attention_maps(
     layers (resized to the latent grid) and denoising steps. The original attention processors are restored
     afterwards.
     """
-    token_ids, labels = prompt_tokens(pipe.tokenizer, prompt)
+    family = family_of_pipeline(pipe)
+    tokenizer = family.components(pipe)[family.attended][0]  # whose positions the attention's text keys are
+    token_ids, labels = prompt_tokens(tokenizer, prompt)
     if not token_ids:
         raise UsageError(f"{arg('prompt')} {prompt!r} has no tokens; give a prompt with words.")
-    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    denoiser = getattr(pipe, family.denoiser)
+    size = native_resolution(denoiser.config, pipe.vae.config)
+    height, width = height or size, width or size
     latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    positions = list(range(1, len(token_ids) + 1))
+    first = prompt_offset(tokenizer, tokenizer(prompt).input_ids)
+    positions = list(range(first, first + len(token_ids)))
+    padded = [torch.zeros(1, family.prompt_length(i, t)) for i, (t, _) in enumerate(family.components(pipe))]
     total = torch.zeros(len(token_ids), *latent_hw)
     counted = [0]
 
@@ -354,7 +367,7 @@ def token_attention_maps(
         return {}
 
     store = AttentionStore()
-    with capture_cross_attention(pipe.unet, positions, store), torch.no_grad():
+    with family.capture(denoiser, positions, store, family.text_length(padded)), torch.no_grad():
         image = pipe(
             prompt,
             num_inference_steps=steps,

@@ -48,6 +48,7 @@ from .pipeline_state import (
     Concept,
     LoraState,
     activate_new,
+    add_token_row,
     all_adapter_names,
     capture_lora_state,
     cheap_resizing,
@@ -79,7 +80,7 @@ logger = logging.getLogger(__name__)
 
 # A PEFT adapter name is a key of `nn.ModuleDict`s: no dots, and nothing that reads as a path.
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
-_LORA_KEY = re.compile(r"^unet\.(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+_LORA_KEY = re.compile(r"^(?P<denoiser>unet|transformer)\.(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 
 
 def loaded_concepts(pipe) -> dict[str, str]:
@@ -157,7 +158,7 @@ def load_attndb(
     tokens = [token] + [f"{token}_{i}" for i in range(1, embeddings[0].shape[0])]
     adapter_name = adapter_name_for_token(token) if adapter_name is None else adapter_name
     _check_names_free(pipe, family, adapter_name, tokens)
-    _check_lora(pipe, adapter)
+    _check_lora(pipe, family, adapter)
 
     # Everything is checked: change the pipeline, undoing what was added if a diffusers call fails.
     before = capture_lora_state(pipe)
@@ -165,6 +166,10 @@ def load_attndb(
     try:
         family.fix_pooling(pairs)  # SDXL: pool at end-of-text, not at the new (highest) token id
         for (tokenizer, text_encoder), embedding in zip(pairs, embeddings):
+            if not family.textual_inversion:  # SD3, Flux: the token's row, in T5's spare rows where it has them
+                for name, vector in zip(tokens, embedding):
+                    add_token_row(pipe, tokenizer, text_encoder, name, vector)
+                continue
             with cheap_resizing(text_encoder):
                 pipe.load_textual_inversion(
                     {token: embedding}, token=token, tokenizer=tokenizer, text_encoder=text_encoder
@@ -263,18 +268,18 @@ def _register_pipeline_methods() -> None:
                 )
 
 
-
 # ---------------------------------------------------------------------------------------------- checks
 def _check_pipeline(pipe) -> ModelFamily:
     """The pipeline's family, after checking that it has the family's components and diffusers' loaders."""
     family = family_of_pipeline(pipe)
-    needed = (*family.tokenizers, *family.text_encoders, "unet")
+    needed = (*family.tokenizers, *family.text_encoders, family.denoiser)
     missing = [name for name in needed if getattr(pipe, name, None) is None]
-    methods = [m for m in ("load_textual_inversion", "load_lora_weights", "set_adapters") if not hasattr(pipe, m)]
+    loaders = ("load_textual_inversion",) * family.textual_inversion + ("load_lora_weights", "set_adapters")
+    methods = [m for m in loaders if not hasattr(pipe, m)]
     if missing or methods:
         raise AdapterError(
-            f"pipe must be a diffusers Stable Diffusion 1.x/2.x or XL pipeline with {', '.join(needed)} and "
-            f"diffusers' LoRA/textual-inversion loaders; got {type(pipe).__name__} (missing: "
+            f"pipe must be a diffusers Stable Diffusion 1.x/2.x, XL, 3/3.5 or Flux.1 pipeline with "
+            f"{', '.join(needed)} and diffusers' LoRA loaders; got {type(pipe).__name__} (missing: "
             f"{', '.join(missing + methods)})."
         )
     return family
@@ -296,9 +301,7 @@ def _base_hint(base_model: str | None) -> str:
     return f"the base model it was trained on ({base_model})" if base_model else "the base model it was trained on"
 
 
-def _check_embedding(
-    pipe, family: ModelFamily, adapter: AdapterContent
-) -> tuple[str | None, list[torch.Tensor]]:
+def _check_embedding(pipe, family: ModelFamily, adapter: AdapterContent) -> tuple[str | None, list[torch.Tensor]]:
     """`(token named in the file or None, one [vectors, width] tensor per text encoder)`, checked against the
     pipeline's encoders."""
     label, base_model = adapter.embedding_label, adapter.embedding_base_model
@@ -380,26 +383,28 @@ def _suggest_token(token: str, vocab: dict[str, int]) -> str:
     return token + "-new"
 
 
-def _check_lora(pipe, adapter: AdapterContent) -> None:
-    """Every key must be a diffusers/PEFT U-Net LoRA factor of a Linear or Conv2d module this U-Net has, with shapes
-    that fit it: what `load_lora_weights` would otherwise reject halfway (or, for some shapes, accept silently)."""
+def _check_lora(pipe, family: ModelFamily, adapter: AdapterContent) -> None:
+    """Every key must be a diffusers/PEFT LoRA factor of a Linear or Conv2d module this pipeline's denoiser (U-Net or
+    transformer) has, with shapes that fit it: what `load_lora_weights` would otherwise reject halfway (or, for
+    some shapes, accept silently)."""
+    denoiser = "U-Net" if family.denoiser == "unet" else "transformer"
     label, base_model = adapter.lora_label, adapter.lora_base_model
     factors: dict[str, dict[str, torch.Tensor]] = {}
     unexpected = []
     for key, tensor in adapter.lora.items():
         match = _LORA_KEY.match(key)
-        if match is None:
+        if match is None or match["denoiser"] != family.denoiser:
             unexpected.append(key)
         else:
             factors.setdefault(match["module"], {})[match["part"]] = tensor
     if unexpected or not factors:
         raise AdapterError(
-            f"{label} is not an attndb U-Net LoRA: "
+            f"{label} is not an attndb {denoiser} LoRA for this {type(pipe).__name__}: "
             + (f"unexpected keys {', '.join(unexpected[:3])}" if unexpected else "it holds no LoRA weights")
             + " (expected diffusers/PEFT keys 'unet.<module>.lora_A.weight' / '.lora_B.weight'). "
             "Export the adapter again with attndb_peft."
         )
-    modules = dict(pipe.unet.named_modules())
+    modules = dict(getattr(pipe, family.denoiser).named_modules())
     unknown, misfit = [], []
     for name, parts in sorted(factors.items()):
         if set(parts) != {"lora_A", "lora_B"}:
@@ -417,7 +422,7 @@ def _check_lora(pipe, adapter: AdapterContent) -> None:
         details = []
         if unknown:
             details.append(
-                f"{len(unknown)} module(s) this U-Net does not have ({', '.join(unknown[:2])}"
+                f"{len(unknown)} module(s) this {denoiser} does not have ({', '.join(unknown[:2])}"
                 f"{', ...' if len(unknown) > 2 else ''})"
             )
         if misfit:
@@ -426,8 +431,8 @@ def _check_lora(pipe, adapter: AdapterContent) -> None:
                 f"{'; ...' if len(misfit) > 2 else ''})"
             )
         raise AdapterError(
-            f"{label} does not fit this pipeline's U-Net: {' and '.join(details)}. It was trained for another base "
-            f"model: load it into {_base_hint(base_model)}."
+            f"{label} does not fit this pipeline's {denoiser}: {' and '.join(details)}. It was trained for another "
+            f"base model: load it into {_base_hint(base_model)}."
         )
 
 

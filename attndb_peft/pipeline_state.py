@@ -11,12 +11,15 @@ The loaded concepts are remembered on the pipeline (`concept_registry`).
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
+from tokenizers import Tokenizer as TokenizerFast
 from torch import nn
 
 from .families import ModelFamily
@@ -25,6 +28,7 @@ __all__ = [
     "Concept",
     "LoraState",
     "activate_new",
+    "add_token_row",
     "all_adapter_names",
     "capture_lora_state",
     "cheap_resizing",
@@ -32,6 +36,7 @@ __all__ = [
     "delete_adapter",
     "drop_empty_lora_layers",
     "quiet_missing_text_encoder_lora",
+    "remove_token_rows",
     "restore",
     "undo_load",
     "unload_tokens",
@@ -161,9 +166,68 @@ def unload_tokens(pipe, family: ModelFamily, tokens: list[str]) -> None:
     for tokenizer, text_encoder in family.components(pipe):
         vocab = tokenizer.get_vocab()
         present = [t for t in tokens if t in vocab]
-        if present:
+        if present and family.textual_inversion:
             pipe.unload_textual_inversion(present, tokenizer=tokenizer, text_encoder=text_encoder)
             _sync_vocab_size(text_encoder)
+        elif present:
+            remove_token_rows(pipe, tokenizer, text_encoder, present)
+
+
+# Where the base rows past a tokenizer's vocabulary are kept on a pipeline (text encoder id -> snapshot).
+_SPARE_ROWS_ATTR = "_attndb_spare_rows"
+
+
+def _spare_rows(pipe, tokenizer, text_encoder) -> tuple[int, torch.Tensor]:
+    """`(first id, rows)`: the embedding rows the base model has past its tokenizer's vocabulary (T5: 28 rows past
+    32 100 tokens; CLIP: none), as they were before attndb added a token, kept on the pipeline."""
+    snapshots = pipe.__dict__.setdefault(_SPARE_ROWS_ATTR, {})
+    key = id(text_encoder)
+    if key not in snapshots:
+        weight = text_encoder.get_input_embeddings().weight
+        snapshots[key] = (len(tokenizer), weight[len(tokenizer) :].detach().clone())
+    return snapshots[key]
+
+
+def add_token_row(pipe, tokenizer, text_encoder, token: str, vector: torch.Tensor) -> None:
+    """Add `token` to `tokenizer` with embedding `vector` `[width]`: in the first spare row past the vocabulary if
+    the matrix has one (T5's), else in a new row (`remove_token_rows` undoes it exactly)."""
+    _spare_rows(pipe, tokenizer, text_encoder)
+    tokenizer.add_tokens(token)
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id >= text_encoder.get_input_embeddings().num_embeddings:
+        with cheap_resizing(text_encoder):
+            text_encoder.resize_token_embeddings(token_id + 1)
+        _sync_vocab_size(text_encoder)
+    weight = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[token_id] = vector.to(weight.device, weight.dtype)
+
+
+def remove_token_rows(pipe, tokenizer, text_encoder, tokens: list[str]) -> None:
+    """Remove `tokens` from `tokenizer` (later added tokens move down, as diffusers' `unload_textual_inversion`
+    renumbers them) and their rows from the embedding matrix; the rows past the vocabulary get back the base
+    model's values, so a pipeline whose concepts are all unloaded equals the base model exactly."""
+    first, spare = _spare_rows(pipe, tokenizer, text_encoder)
+    ids = sorted(tokenizer.convert_tokens_to_ids(t) for t in tokens)
+    state = json.loads(tokenizer._tokenizer.to_str())
+    kept = []
+    for entry in sorted(state.get("added_tokens", []), key=lambda e: e["id"]):
+        if entry["content"] in tokens:
+            continue
+        entry["id"] -= sum(1 for i in ids if i < entry["id"])
+        kept.append(entry)
+    state["added_tokens"] = kept
+    tokenizer._tokenizer = TokenizerFast.from_str(json.dumps(state))
+    embeddings = text_encoder.get_input_embeddings()
+    weight = embeddings.weight.detach()
+    rows = torch.cat([weight[i:j] for i, j in zip([0, *(i + 1 for i in ids)], [*ids, weight.shape[0]])])
+    rows = torch.cat([rows[: len(tokenizer)], spare[max(0, len(tokenizer) - first) :].to(rows)])
+    if rows.shape[0] != weight.shape[0]:
+        with cheap_resizing(text_encoder):
+            text_encoder.resize_token_embeddings(rows.shape[0])
+        _sync_vocab_size(text_encoder)
+    with torch.no_grad():
+        text_encoder.get_input_embeddings().weight.copy_(rows)
 
 
 def _sync_vocab_size(text_encoder) -> None:

@@ -15,6 +15,8 @@ __all__ = [
     "attention_regularizer",
     "diffusion_loss",
     "diffusion_target",
+    "flow_matching_pair",
+    "flow_matching_sigmas",
     "masked_diffusion_loss",
     "min_snr_weights",
 ]
@@ -96,6 +98,27 @@ def attention_regularizer(
             term = term + lambda_var * (v.var(1) - c.var(1)).square()
         per_layer.append(term.sum())
     return torch.stack(per_layer).mean()
+
+
+def flow_matching_sigmas(normal: torch.Tensor, scheduler_config) -> torch.Tensor:
+    """Rectified-flow noise levels in (0, 1) from standard-normal draws `normal`, as diffusers' SD3 and Flux
+    DreamBooth scripts sample them: logit-normal (`sigmoid(normal)`, SD3's default `logit_normal` density with
+    mean 0 and std 1), then the scheduler's static `shift` (`shift * s / (1 + (shift - 1) * s)`, 3.0 for SD3) unless
+    it shifts by resolution at generation (`use_dynamic_shifting`, Flux), where the training sigmas stay unshifted."""
+    sigmas = torch.sigmoid(normal.float())
+    shift = float(dict(scheduler_config).get("shift", 1.0))
+    if not dict(scheduler_config).get("use_dynamic_shifting", False) and shift != 1.0:
+        sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    return sigmas
+
+
+def flow_matching_pair(
+    latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(noisy, target)` of rectified flow at noise levels `sigmas` `[batch]`: `noisy = (1 - s) x + s noise` and the
+    velocity the denoiser predicts, `noise - x` (`FlowMatchEulerDiscreteScheduler` integrates it from s=1 to 0)."""
+    s = sigmas.to(latents.dtype).view(-1, *([1] * (latents.ndim - 1)))
+    return (1 - s) * latents + s * noise, noise - latents
 
 
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

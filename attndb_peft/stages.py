@@ -106,11 +106,20 @@ def random_token_embedding(embeddings: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def add_concept_token(
-    tokenizer, text_encoder, token: str, category: str, prompt: str, init: str = "category", seed: int = 0
+    tokenizer,
+    text_encoder,
+    token: str,
+    category: str,
+    prompt: str,
+    init: str = "category",
+    seed: int = 0,
+    max_length: int | None = None,
 ) -> ConceptToken:
     """Add `token` to the tokenizer, grow the text encoder's embedding matrix by one row initialised to the
     mean embedding of the category's sub-tokens (`init='random'`: to `random_token_embedding(..., seed)`), and
-    locate `[V]` and the category in `prompt`.
+    locate `[V]` and the category in `prompt`, padded to `max_length` (default the tokenizer's
+    `model_max_length`). A matrix with spare rows past the vocabulary (T5's 32 128 rows for 32 100 tokens) is not
+    resized: the token takes the first spare row.
 
     Raises:
         ValueError: the token already exists, the category tokenizes to nothing, or the prompt does not
@@ -130,7 +139,8 @@ def add_concept_token(
         raise ValueError(f"token init {init!r}: expected 'category' or 'random'.")
     tokenizer.add_tokens(token)
     token_id = tokenizer.convert_tokens_to_ids(token)
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the row is set just below
+    if token_id >= text_encoder.get_input_embeddings().num_embeddings:
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the row is set just below
     embeddings = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         if init == "category":
@@ -139,8 +149,9 @@ def add_concept_token(
             vector = random_token_embedding(embeddings[:token_id], seed).to(embeddings.device)
         embeddings[token_id] = vector.to(embeddings.dtype)
 
+    length = max_length or tokenizer.model_max_length
     prompt_ids = tokenizer(
-        prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        prompt, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
     ).input_ids
     ids = prompt_ids[0].tolist()
     if ids.count(token_id) != 1:
@@ -168,9 +179,13 @@ class TokenEmbeddingSplice(nn.Module):
     def __init__(self, text_encoder, token_id: int) -> None:
         super().__init__()
         self.embedding_module = text_encoder.get_input_embeddings()
+        # The modules the forward calls: transformers' T5 looks rows up in `encoder.embed_tokens`, a second module
+        # tied to `shared` (its input embeddings) by the very same weight.
+        weight = self.embedding_module.weight
+        self.lookups = [m for m in text_encoder.modules() if isinstance(m, nn.Embedding) and m.weight is weight]
         self.token_id = token_id
         self.vector = nn.Parameter(self.embedding_module.weight[token_id].detach().float().clone())
-        self._handle = None
+        self._handles = []
 
     def _hook(self, module, inputs, output):
         input_ids = inputs[0]
@@ -178,13 +193,13 @@ class TokenEmbeddingSplice(nn.Module):
         return torch.where(mask, self.vector.to(output.dtype), output)
 
     def __enter__(self) -> TokenEmbeddingSplice:
-        self._handle = self.embedding_module.register_forward_hook(self._hook)
+        self._handles = [module.register_forward_hook(self._hook) for module in self.lookups]
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     @torch.no_grad()
     def write_back(self) -> None:
@@ -195,22 +210,32 @@ class TokenEmbeddingSplice(nn.Module):
 
 
 def add_concept_tokens(
-    pairs, token: str, category: str, prompt: str, init: str = "category", seed: int = 0
+    pairs,
+    token: str,
+    category: str,
+    prompt: str,
+    init: str = "category",
+    seed: int = 0,
+    shared_positions: tuple[int, ...] = (0, 1),
+    max_lengths: tuple[int | None, ...] = (),
 ) -> list[ConceptToken]:
-    """`add_concept_token` for every `(tokenizer, text_encoder)` pair of a model (SDXL has two): each encoder's
-    new row is initialised from the category in that encoder. The token must get the same id and the prompt the
-    same positions in every tokenizer, since the U-Net sees one sequence (SDXL concatenates the encoders' states
-    position by position) and the attention capture reads one set of positions.
+    """`add_concept_token` for every `(tokenizer, text_encoder)` pair of a model (SDXL has two, SD3 three): each
+    encoder's new row is initialised from the category in that encoder. The tokenizers in `shared_positions`
+    (SDXL's and SD3's two CLIPs) must give the token the same id and the prompt the same positions, since the
+    denoiser sees their states side by side, position by position; a T5 tokenizer has its own vocabulary and
+    sequence. `max_lengths`: the padded prompt length per tokenizer (None or missing: its `model_max_length`).
 
     Raises:
-        ValueError: as `add_concept_token`, or the tokenizers disagree on the token's id or the prompt's positions.
+        ValueError: as `add_concept_token`, or the shared tokenizers disagree on the token's id or positions.
     """
     concepts = []
     for i, (tokenizer, text_encoder) in enumerate(pairs):
         # `seed + i`: a random init draws a different direction per encoder (their widths differ anyway)
-        concepts.append(add_concept_token(tokenizer, text_encoder, token, category, prompt, init, seed + i))
-    first = concepts[0]
-    for other in concepts[1:]:
+        length = max_lengths[i] if i < len(max_lengths) else None
+        concepts.append(add_concept_token(tokenizer, text_encoder, token, category, prompt, init, seed + i, length))
+    shared = [concepts[i] for i in shared_positions if i < len(concepts)]
+    for other in shared[1:]:
+        first = shared[0]
         if other.token_id != first.token_id or other.capture_indices != first.capture_indices:
             raise ValueError(
                 f"The base model's tokenizers disagree on {token!r} (ids {first.token_id} and {other.token_id}, "
@@ -227,12 +252,14 @@ class ConceptSplice(nn.Module):
 
     Args:
         text_encoders (`list`): the text encoders, in the family's order.
-        token_id (`int`): the new token's id (the same in every tokenizer, see `add_concept_tokens`).
+        token_ids (`int` or `list[int]`): the new token's id in each tokenizer (one int: the same in all, as in
+            SDXL's two CLIPs; T5's differs).
     """
 
-    def __init__(self, text_encoders, token_id: int) -> None:
+    def __init__(self, text_encoders, token_ids: int | list[int]) -> None:
         super().__init__()
-        self.splices = nn.ModuleList(TokenEmbeddingSplice(encoder, token_id) for encoder in text_encoders)
+        ids = [token_ids] * len(text_encoders) if isinstance(token_ids, int) else list(token_ids)
+        self.splices = nn.ModuleList(TokenEmbeddingSplice(encoder, i) for encoder, i in zip(text_encoders, ids))
 
     @property
     def vectors(self) -> list[nn.Parameter]:

@@ -31,7 +31,7 @@ from peft.helpers import disable_input_dtype_casting
 
 from . import checkpoints as ckpt
 from .adapter_format import ADAPTER_FILES
-from .attention import AttentionStore, capture_cross_attention
+from .attention import AttentionStore
 from .base_model import BaseModelError, BaseModels, build_pipeline, check_base_model, load_base_models
 from .config import AttnDBConfig
 from .data import LatentCache
@@ -169,7 +169,7 @@ class Trainer:
     accelerator = property(lambda self: self.runtime.accelerator, doc="This process's `Accelerator`.")
     device = property(lambda self: self.runtime.device, doc="This process's device.")
     weight_dtype = property(lambda self: self.runtime.weight_dtype, doc="The frozen weights' dtype.")
-    unet = property(lambda self: self.models.unet, doc="The U-Net being trained.")
+    denoiser = unet = property(lambda self: self.models.denoiser, doc="The denoiser (U-Net, transformer) trained.")
     vae = property(lambda self: self.models.vae, doc="The VAE (frozen).")
     text_encoders = property(lambda self: self.models.text_encoders, doc="The text encoders (frozen).")
     text_encoder = property(lambda self: self.models.text_encoder, doc="The first text encoder.")
@@ -267,28 +267,18 @@ class Trainer:
             components=self.components,
         )
         models.family.fix_pooling(list(zip(models.tokenizers, models.text_encoders)))
-        for model in (*models.text_encoders, models.vae, models.unet):
+        for model in (*models.text_encoders, models.vae, models.denoiser):
             model.requires_grad_(False)
             model.to(self.device)
-        self.config = cfg = resolve_model_defaults(cfg, {}, models.unet, models.vae, announce=is_main)
+        self.config = cfg = resolve_model_defaults(cfg, {}, models.denoiser, models.vae, announce=is_main)
         if is_main:
-            warn_resolution(cfg, native_resolution(models.unet.config, models.vae.config))
-            resume_lib.warn_full_checkpoint_disk_use(cfg, models.unet)
+            warn_resolution(cfg, native_resolution(models.denoiser.config, models.vae.config))
+            resume_lib.warn_full_checkpoint_disk_use(cfg, models.denoiser)
         if cfg.gradient_checkpointing:
-            models.unet.enable_gradient_checkpointing()
+            models.denoiser.enable_gradient_checkpointing()
         if cfg.compile:  # in place (state-dict keys unchanged); each stage's new graph recompiles on first use
-            models.unet.compile()
-        try:
-            concepts = add_concept_tokens(
-                zip(models.tokenizers, models.text_encoders), cfg.token, cfg.category, cfg.prompt, cfg.token_init,
-                cfg.seed,
-            )
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
-        self.concept = concepts[0]
-        self.splice = ConceptSplice(models.text_encoders, self.concept.token_id).to(self.device)
-        # the prompt in each tokenizer (SDXL's second pads with "!", so the ids differ after end-of-text)
-        self.prompt_ids = [c.prompt_ids.to(self.device) for c in concepts]
+            models.denoiser.compile()
+        self.concept, self.splice, self.prompt_ids = add_token(models, cfg, self.device)
 
     # ------------------------------------------------------------------------------------------ stages
     def build_stage(self, stage: int) -> Stage:
@@ -383,11 +373,9 @@ class Trainer:
         offload_frozen(self.models, self.device, self.config, keep_text_encoder=encodes)
         store = AttentionStore()
         splice = self.splice if encodes else nullcontext()
-        capture = (
-            capture_cross_attention(self.unet, self.concept.capture_indices, store)
-            if use_regularizer
-            else nullcontext()
-        )
+        family, indices = self.family, self.concept.capture_indices
+        text = family.text_length(self.prompt_ids)
+        capture = family.capture(self.denoiser, indices, store, text) if use_regularizer else nullcontext()
         # PEFT casts each LoRA layer's input to the LoRA weights' dtype (float32 here) and autocast casts it
         # straight back: under autocast that round trip is exact and only costs memory traffic, so skip it.
         no_input_cast = disable_input_dtype_casting(self.unet, active=self.weight_dtype != torch.float32)
@@ -468,7 +456,7 @@ class Trainer:
                 report=report,
                 samples=self.result.card_samples,
                 family=self.family,
-                unet_config=self.unet.config,
+                unet_config=self.denoiser.config,
             )
         self.accelerator.wait_for_everyone()
         return files
@@ -482,6 +470,32 @@ class Trainer:
             self.build_stage(built).load_state(resume_lib.load_weights(path, self.device))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         return self.export({"checkpoint": path.name})
+
+
+def add_token(models: BaseModels, config: AttnDBConfig, device) -> tuple[ConceptToken, ConceptSplice, list]:
+    """Add the run's token to every tokenizer and text encoder of `models` (`stages.add_concept_tokens`).
+
+    Returns:
+        `(concept, splice, prompt_ids)`: the token in the tokenizer whose positions the regularizer reads (the
+        family's `attended` one: CLIP-L, or Flux's T5), its trainable vectors, and the prompt in each tokenizer
+        (SDXL's second pads with "!", so the ids differ after end-of-text; T5's are its own).
+
+    Raises:
+        InputError: the token exists already, or the prompt does not hold the token and category.
+    """
+    family = models.family
+    lengths = tuple(family.prompt_length(i, t) for i, t in enumerate(models.tokenizers))
+    try:
+        concepts = add_concept_tokens(
+            zip(models.tokenizers, models.text_encoders), config.token, config.category, config.prompt,
+            config.token_init, config.seed, family.shared_positions, lengths,
+        )
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    splice = ConceptSplice(models.text_encoders, [c.token_id for c in concepts]).to(device)
+    return concepts[family.attended], splice, [c.prompt_ids.to(device) for c in concepts]
+
+
 def dry_run(config: AttnDBConfig):
     """What `attndb train --dry-run` does: every input check of a run (images, masks, output folder, token,
     category, the base model, with `resume` the checkpoint to continue), then the memory and time estimate of its

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 from .. import base_model
 from .. import checkpoints as ckpt
@@ -19,7 +20,14 @@ from ..base_model import BaseModelError, check_base_model
 from ..config import AttnDBConfig
 from ..data import scan_image_folder, scan_masks
 from ..errors import UsageError, arg
-from ..families import SD, family_of_unet_config, native_resolution
+from ..families import (
+    SD,
+    family_of_denoiser,
+    family_of_model,
+    family_of_pipeline,
+    family_of_unet_config,
+    native_resolution,
+)
 from ..reporting import check_report_to
 from .optimizers import check_optimizer
 
@@ -154,6 +162,12 @@ def _unet_problems(config: AttnDBConfig, unet_config: dict | None) -> tuple[list
     the model reports that)."""
     if unet_config is None:
         try:
+            family = family_of_model(base_model.config_source(config.model, config.model_config), config.revision)
+        except Exception:
+            family = SD
+        if family.flow_matching:
+            return _flow_matching_problems(config, family), []
+        try:
             from diffusers import UNet2DConditionModel
 
             unet_config = UNet2DConditionModel.load_config(config.model, subfolder="unet", revision=config.revision)
@@ -173,6 +187,27 @@ def _unet_problems(config: AttnDBConfig, unet_config: dict | None) -> tuple[list
             "default) trains a LoRA instead."
         )
     return problems, warnings
+
+
+def _flow_matching_problems(config: AttnDBConfig, family) -> list[str]:
+    """Settings of the DDPM families that mean nothing for a rectified-flow model (SD3, Flux)."""
+    problems, name = [], family.pipeline_class
+    if config.snr_gamma is not None:
+        problems.append(
+            f"{arg('snr_gamma')} {config.snr_gamma:g}: Min-SNR weighting is for DDPM models (SD 1.x/2.x, SDXL); "
+            f"{config.model} is a {name}, trained by rectified flow; leave {arg('snr_gamma')} out."
+        )
+    if config.noise_offset:
+        problems.append(
+            f"{arg('noise_offset')} {config.noise_offset:g}: the offset-noise trick is for DDPM models; "
+            f"{config.model} is a {name}, trained by rectified flow; leave {arg('noise_offset')} out."
+        )
+    targets = dict(family.stage3_targets)
+    if config.stage3_targets not in targets:
+        problems.append(
+            f"{arg('stage3_targets')} {config.stage3_targets}: a U-Net set; {name} takes {' or '.join(targets)}."
+        )
+    return problems
 
 
 def resolve_model_defaults(
@@ -200,20 +235,25 @@ def resolve_model_defaults(
         return config
     if unet is not None:
         configs = (unet.config, vae.config if vae is not None else None)
-    elif "unet" in given:
-        configs = (given["unet"].config, given["vae"].config if "vae" in given else None)
+        family = family_of_denoiser(unet)
+    elif given:
+        family = family_of_pipeline(SimpleNamespace(**given))
+        denoiser = given.get(family.denoiser)
+        if denoiser is None:
+            return config
+        configs = (denoiser.config, given["vae"].config if "vae" in given else None)
     else:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        import diffusers
 
         source = base_model.config_source(config.model, config.model_config)
+        family = family_of_model(source, config.revision)
         try:
             configs = tuple(
-                cls.load_config(source, subfolder=sub, revision=config.revision)
-                for cls, sub in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"))
+                getattr(diffusers, cls).load_config(source, subfolder=sub, revision=config.revision)
+                for cls, sub in ((family.denoiser_class, family.denoiser), ("AutoencoderKL", "vae"))
             )
         except Exception:  # reported when the model is loaded
             return config
-    family = family_of_unet_config(configs[0])
     resolved = config.for_model(family, native_resolution(*configs))
     if announce:
         _announce_defaults(config, resolved, family.name.upper())

@@ -28,8 +28,6 @@ from ..errors import RunError
 from ..stages import (
     ADAPTER_STAGE2,
     ADAPTER_STAGE3,
-    STAGE2_TARGET_MODULES,
-    STAGE3_TARGETS,
     ConceptSplice,
     LoraFactors,
     add_lora,
@@ -173,7 +171,8 @@ class Attn2LoraStage(_UnetStage):
 
     def unet_trainable(self) -> list[nn.Parameter]:
         s = self.settings
-        return add_lora(self.models.unet, ADAPTER_STAGE2, s.rank, s.lora_alpha, STAGE2_TARGET_MODULES)
+        targets = self.models.family.stage2_targets  # the U-Net's attn2 layers, a joint block's text projections
+        return add_lora(self.models.unet, ADAPTER_STAGE2, s.rank, s.lora_alpha, targets)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {**super().trainable_state(), **adapter_state(self.models.unet, ADAPTER_STAGE2)}
@@ -191,7 +190,8 @@ class UnetLoraStage(_UnetStage):
 
     def unet_trainable(self) -> list[nn.Parameter]:
         s, unet = self.settings, self.models.unet
-        params = add_lora(unet, ADAPTER_STAGE3, s.rank, s.lora_alpha, STAGE3_TARGETS[self.config.stage3_targets])
+        targets = dict(self.models.family.stage3_targets)[self.config.stage3_targets]
+        params = add_lora(unet, ADAPTER_STAGE3, s.rank, s.lora_alpha, targets)
         unet.set_adapters([ADAPTER_STAGE2, ADAPTER_STAGE3])
         return params
 

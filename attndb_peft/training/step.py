@@ -26,6 +26,8 @@ from ..regularizer import (
     attention_regularizer,
     diffusion_loss,
     diffusion_target,
+    flow_matching_pair,
+    flow_matching_sigmas,
     masked_diffusion_loss,
     min_snr_weights,
 )
@@ -171,19 +173,25 @@ class TrainStep:
         # images, so accumulating N passes sees the very inputs of one pass with an N times larger batch.
         latents = self.latents.sample(self.schedule[step], self.generator)
         noise = torch.randn(latents.shape, generator=self.generator, device=device)
-        timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=self.generator, device=device
-        )
-        if cfg.noise_offset:  # drawn after the others, so that offset 0 draws nothing and keeps today's stream
-            offset = torch.randn((*latents.shape[:2], 1, 1), generator=self.generator, device=device)
-            noise = noise + cfg.noise_offset * offset
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = diffusion_target(scheduler, latents, noise, timesteps)
-        snr_weights = None  # Min-SNR: per-sample loss weights from the timesteps (no random draws)
-        if cfg.snr_gamma is not None:
-            snr_weights = min_snr_weights(
-                scheduler.alphas_cumprod, timesteps, cfg.snr_gamma, scheduler.config.prediction_type
+        snr_weights = None
+        if models.family.flow_matching:  # rectified flow: x_t = (1 - t) x + t noise, predict noise - x
+            normal = torch.randn((latents.shape[0],), generator=self.generator, device=device)
+            sigmas = flow_matching_sigmas(normal, scheduler.config)
+            noisy, target = flow_matching_pair(latents, noise, sigmas)
+            timesteps = sigmas * scheduler.config.num_train_timesteps
+        else:
+            timesteps = torch.randint(
+                0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=self.generator, device=device
             )
+            if cfg.noise_offset:  # drawn after the others, so that offset 0 draws nothing and keeps today's stream
+                offset = torch.randn((*latents.shape[:2], 1, 1), generator=self.generator, device=device)
+                noise = noise + cfg.noise_offset * offset
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            target = diffusion_target(scheduler, latents, noise, timesteps)
+            if cfg.snr_gamma is not None:  # Min-SNR: per-sample loss weights from the timesteps (no random draws)
+                snr_weights = min_snr_weights(
+                    scheduler.alphas_cumprod, timesteps, cfg.snr_gamma, scheduler.config.prediction_type
+                )
         # masked_loss: the subject masks of the same cached views (a lookup; no random draws, so the step's
         # images, noise and timesteps are those of the unmasked run)
         masks = None if self.latents.mask is None else self.latents.mask[self.schedule[step]]
@@ -209,12 +217,14 @@ class TrainStep:
                     states, added = cond.for_batch(size, weight_dtype)
                     if store is not None:
                         store.clear()
-                    pred = self.unet(noisy[part].to(weight_dtype), timesteps[part], states, added_cond_kwargs=added)
+                    pred = models.family.predict(
+                        self.unet, noisy[part].to(weight_dtype), timesteps[part], states, added
+                    )
                     weights = None if snr_weights is None else snr_weights[part]
                     if masks is None:
-                        mse = diffusion_loss(pred.sample, target[part], weights=weights)
+                        mse = diffusion_loss(pred, target[part], weights=weights)
                     else:
-                        mse = masked_diffusion_loss(pred.sample, target[part], masks[part], weights=weights)
+                        mse = masked_diffusion_loss(pred, target[part], masks[part], weights=weights)
                     if store is not None:
                         reg = attention_regularizer(
                             *store.concept_and_category(), stage_cfg.lambda_mu, stage_cfg.lambda_var, cfg.regularizer

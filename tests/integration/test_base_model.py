@@ -122,10 +122,11 @@ def test_the_new_default_id_loads_offline_from_the_hub_cache(tiny_model, monkeyp
 
 @pytest.mark.parametrize(
     ("pipeline", "transformer"),
-    [("StableDiffusion3Pipeline", "SD3Transformer2DModel"), ("FluxPipeline", "FluxTransformer2DModel")],
+    [("PixArtAlphaPipeline", "PixArtTransformer2DModel"), ("SanaPipeline", "SanaTransformer2DModel")],
 )
-def test_a_transformer_family_is_named_in_one_line_folder_or_hub_id(pipeline, transformer, monkeypatch, tmp_path,
-                                                                   instance_dir, capsys):
+def test_a_transformer_model_without_a_family_is_named_in_one_line_folder_or_hub_id(
+    pipeline, transformer, monkeypatch, tmp_path, instance_dir, capsys
+):
     from huggingface_hub import constants
 
     from attndb_peft.families import family_from_pipeline_class
@@ -135,7 +136,7 @@ def test_a_transformer_family_is_named_in_one_line_folder_or_hub_id(pipeline, tr
     index = {"_class_name": pipeline, "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
              "transformer": ["diffusers", transformer], "vae": ["diffusers", "AutoencoderKL"]}
     (folder / "model_index.json").write_text(json.dumps(index))
-    expected = f"a {pipeline}, whose denoiser is a transformer, not a U-Net"
+    expected = f"a {pipeline}, which attndb has no family for"
     with pytest.raises(BaseModelError, match=expected):
         check_base_model(str(folder))
     cache = tmp_path / "hub"
@@ -148,6 +149,8 @@ def test_a_transformer_family_is_named_in_one_line_folder_or_hub_id(pipeline, tr
     argv = ["train", "--model", str(folder), "--images", str(instance_dir), "--category", "dog", "--output", str(out)]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert expected in err and "SD3.5 and Flux.1 are not supported yet" in err and "Traceback" not in err
+    assert expected in err and "SD3/3.5 and Flux.1" in err and "Traceback" not in err
     assert not out.exists()
     assert family_from_pipeline_class(pipeline) is None
+    assert family_from_pipeline_class("StableDiffusion3Pipeline").name == "sd3"
+    assert family_from_pipeline_class("FluxImg2ImgPipeline").name == "flux"

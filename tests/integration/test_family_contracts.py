@@ -1,12 +1,13 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
-"""The contracts every model family keeps, written once and run on the tiny SD and the tiny SDXL pipelines with
+"""The contracts every model family keeps, written once and run on the tiny SD, SDXL, SD3 and Flux pipelines with
 one trained run each: the exported folder loaded with stock diffusers gives the trained in-memory model's
-pixels, `load_attndb` gives the stock pixels, the kohya copy loads to the same pixels, a foreign LoRA stays
-active beside the concept and two concepts coexist, and unloading restores the base model bit for bit.
+pixels, `load_attndb` gives the stock pixels, the kohya copy loads to the same pixels (SD, SDXL: diffusers reads
+it; the SD3/Flux copy is ComfyUI's and diffusers reads only the PEFT file), a foreign LoRA stays active beside the
+concept and two concepts coexist, and unloading restores the base model bit for bit.
 
 Family-specific checks live in their family's file (SDXL pooling, LDM key names, single files: test_sdxl.py;
-the SD embedding's shape and kohya key names: test_export.py); where one belongs to a contract it is a branch of
-that contract's test here (SDXL stock loading without the pooling fix)."""
+the SD embedding's shape and kohya key names: test_export.py; SD3 and Flux: test_mmdit.py); where one belongs to
+a contract it is a branch of that contract's test here (SDXL stock loading without the pooling fix)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from safetensors.torch import load_file
 
 import attndb_peft
 from attndb_peft.adapter_format import EMBEDDING_NAME, KOHYA_NAME, LORA_NAME
+from attndb_peft.families import family_of_model, family_of_pipeline
 from attndb_peft.loading import loaded_concepts
 
 TOKEN = "<attndb-dog>"
@@ -80,10 +82,24 @@ class Family:
 
     def stock_load(self, pipe, weight_name=LORA_NAME, adapter_name="concept", pooling_fix=True):
         """What the README tells stock-diffusers users: SD, `load_textual_inversion` on the file; SDXL, end-of-text
-        pooling and one `load_textual_inversion` per encoder. Then `load_lora_weights`."""
+        pooling and one `load_textual_inversion` per encoder; SD3 and Flux (no textual-inversion loader), end-of-text
+        pooling and the token's row written into each encoder. Then `load_lora_weights`."""
         folder = self.adapter
         if self.name == "sd":
             pipe.load_textual_inversion(str(folder / EMBEDDING_NAME))
+        elif self.name in ("sd3", "flux"):
+            from attndb_peft.families import pool_at_end_of_text
+
+            family = family_of_pipeline(pipe)
+            embedding = load_file(str(folder / EMBEDDING_NAME))
+            for key, (tokenizer, encoder) in zip(family.embedding_keys, text_pairs(pipe)):
+                if "CLIP" in type(encoder).__name__ and pooling_fix:
+                    pool_at_end_of_text(encoder, tokenizer.eos_token_id)
+                tokenizer.add_tokens(TOKEN)
+                row = tokenizer.convert_tokens_to_ids(TOKEN)
+                if row >= encoder.get_input_embeddings().num_embeddings:
+                    encoder.resize_token_embeddings(row + 1)
+                encoder.get_input_embeddings().weight.data[row] = embedding[key][0]
         else:
             from attndb_peft.families import pool_at_end_of_text
 
@@ -104,11 +120,12 @@ class Family:
 
 
 def text_pairs(pipe) -> list:
-    """Every (tokenizer, text encoder) pair of the pipeline: one for SD, two for SDXL."""
-    pairs = [(pipe.tokenizer, pipe.text_encoder)]
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
-    return pairs
+    """Every (tokenizer, text encoder) pair of the pipeline: one for SD, two for SDXL and Flux, three for SD3."""
+    return family_of_pipeline(pipe).components(pipe)
+
+
+#: The pipeline components that can hold LoRA layers, in any family.
+LORA_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def _scalings(pipe):
@@ -116,7 +133,7 @@ def _scalings(pipe):
 
     return {
         (component, name, adapter): scale
-        for component in ("unet", "text_encoder", "text_encoder_2")
+        for component in LORA_COMPONENTS
         if getattr(pipe, component, None) is not None
         for name, module in getattr(pipe, component).named_modules()
         if isinstance(module, BaseTunerLayer)
@@ -148,36 +165,65 @@ def _assert_same_state(before, after):
             assert before[key] == after[key], key
 
 
-def _foreign_lora(model, pipeline_class, folder):
+def _foreign_lora(model, folder):
     """A foreign LoRA made with PEFT (random, non-zero B) and saved with the family's diffusers writer."""
-    from diffusers import UNet2DConditionModel
+    import diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    unet = UNet2DConditionModel.from_pretrained(str(model), subfolder="unet")
+    family = family_of_model(model)
+    denoiser = getattr(diffusers, family.denoiser_class).from_pretrained(str(model), subfolder=family.denoiser)
     torch.manual_seed(3)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v", "proj_out"], init_lora_weights=False)
-    unet.add_adapter(config, adapter_name="style")
-    pipeline_class.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet, adapter_name="style"))
+    denoiser.add_adapter(config, adapter_name="style")
+    layers = {f"{family.denoiser}_lora_layers": get_peft_model_state_dict(denoiser, adapter_name="style")}
+    getattr(diffusers, family.pipeline_class).save_lora_weights(folder, **layers)
     return folder
 
 
-@pytest.fixture(scope="module", params=["sd", "sdxl"])
-def family(request, tmp_path_factory):
-    """SD (the session's `trained` run, 3 denoising steps) or SDXL (`sdxl_run`, 2 steps, on one thread: see
-    `conftest.one_thread`)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def _joint_family(name, tmp_path_factory, images):
+    """A tiny SD3 or Flux base model and a run of all three stages on it (2 steps each, no samples)."""
+    from conftest import make_config
 
+    from attndb_peft.testing_mmdit import save_tiny_flux_pipeline, save_tiny_sd3_pipeline
+    from attndb_peft.trainer import Trainer
+
+    save = save_tiny_sd3_pipeline if name == "sd3" else save_tiny_flux_pipeline
+    root = tmp_path_factory.mktemp(f"{name}-run")
+    model = save(root / "model")
+    trainer = Trainer(make_config(model, images, root / "out", steps=(2, 2, 2), validation_prompts=()))
+    trainer.run()
+    return model, trainer
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl", "sd3", "flux"])
+def family(request, tmp_path_factory, instance_dir):
+    """SD (the session's `trained` run, 3 denoising steps), SDXL (`sdxl_run`, 2 steps), SD3 or Flux (a run of
+    their own, 2 steps); all but SD on one thread (see `conftest.one_thread`)."""
     style = tmp_path_factory.mktemp(f"{request.param}-style")
     if request.param == "sd":
         model, run = request.getfixturevalue("tiny_model"), request.getfixturevalue("trained")
-        _foreign_lora(model, StableDiffusionPipeline, style)
+        _foreign_lora(model, style)
         yield Family("sd", model, run, style, steps=3, fresh_pipeline=fresh_pipeline)
         return
     with one_thread():
-        model, run = request.getfixturevalue("tiny_sdxl"), request.getfixturevalue("sdxl_run")
-        _foreign_lora(model, StableDiffusionXLPipeline, style)
-        yield Family("sdxl", model, run, style, steps=2, fresh_pipeline=fresh_sdxl_pipeline)
+        if request.param == "sdxl":
+            model, run = request.getfixturevalue("tiny_sdxl"), request.getfixturevalue("sdxl_run")
+            fresh = fresh_sdxl_pipeline
+        else:
+            model, run = _joint_family(request.param, tmp_path_factory, instance_dir)
+            fresh = _fresh_any
+        _foreign_lora(model, style)
+        yield Family(request.param, model, run, style, steps=2, fresh_pipeline=fresh)
+
+
+def _fresh_any(model):
+    """The pipeline class a saved folder names, loaded with `from_pretrained`, progress bar off."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(model))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 # ---------------------------------------------------------------------------------------------- 1. stock diffusers
@@ -211,10 +257,11 @@ def test_load_attndb_gives_the_stock_diffusers_pixels_and_unload_restores_the_ba
     for (tokenizer, encoder), (_, base_encoder) in zip(text_pairs(pipe), text_pairs(fresh), strict=True):
         assert token not in tokenizer.get_vocab()
         rows = encoder.get_input_embeddings().num_embeddings
-        assert rows == len(tokenizer) == base_encoder.get_input_embeddings().num_embeddings
+        assert len(tokenizer) == len(fresh_tokenizer := next(t for t, e in text_pairs(fresh) if e is base_encoder))
+        assert rows == base_encoder.get_input_embeddings().num_embeddings >= len(fresh_tokenizer)  # T5: spare rows
     assert not any(pipe.get_list_adapters().values()) and pipe.get_active_adapters() == []
     assert loaded_concepts(pipe) == {}
-    for name in ("unet", "text_encoder", "text_encoder_2"):  # no LoRA layers left behind, not even empty ones
+    for name in LORA_COMPONENTS:  # no LoRA layers left behind, not even empty ones
         if getattr(fresh, name, None) is not None:
             got, want = getattr(pipe, name).modules(), getattr(fresh, name).modules()
             assert [type(m) for m in got] == [type(m) for m in want], name
@@ -224,6 +271,8 @@ def test_load_attndb_gives_the_stock_diffusers_pixels_and_unload_restores_the_ba
 
 # ---------------------------------------------------------------------------------------------- 3. kohya copy
 def test_kohya_copy_loads_to_the_same_pixels(family):
+    if family.name in ("sd3", "flux"):
+        pytest.skip("the SD3/Flux kohya copy is ComfyUI's (lora_transformer_ keys); diffusers reads the PEFT file")
     kohya = family.generate(family.stock_load(family.fresh(), weight_name=KOHYA_NAME), PROMPT)
     peft = family.image("stock", PROMPT)
     assert abs(kohya - peft).max() < 1e-6
