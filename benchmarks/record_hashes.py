@@ -5,8 +5,9 @@
     python benchmarks/record_hashes.py --check benchmarks/results/hashes/hashes.json
 
 Runs (all on the CPU, one thread, seeded): a tiny SD run with stage 3 as LoRA and one with stage 3 full, a tiny
-SDXL run, the TI+DB baseline with accumulated passes and the pooled regularizer, a world concept at the demo's
-settings (the shipped base model), and a tiny SD run that is resumed with more stage-3 steps. Every file of each
+SDXL run, a tiny SD3 and a tiny Flux run, the TI+DB baseline with accumulated passes and the pooled regularizer,
+a world concept at the demo's settings (the shipped base model), and a tiny SD run that is resumed with more
+stage-3 steps. Every file of each
 output folder is hashed, except what only records a time, a duration or a version: tracker logs (`logs/`), the
 model card (it prints the training time) and, in JSON files, keys that hold a time, a duration or a version
 (their other keys are hashed as canonical JSON). Safetensors files are hashed by their tensors and header
@@ -45,6 +46,7 @@ from attndb_peft.testing import (  # noqa: E402
     save_tiny_pipeline,
     save_tiny_sdxl_pipeline,
 )
+from attndb_peft.testing_mmdit import save_tiny_flux_pipeline, save_tiny_sd3_pipeline  # noqa: E402
 from attndb_peft.world.model import world_config, write_base  # noqa: E402
 from attndb_peft.world.scenes import concept_folder, make_concept  # noqa: E402
 
@@ -154,6 +156,9 @@ def record(root: Path, world: bool = True) -> dict[str, dict[str, str]]:
             gradient_accumulation_steps=2, regularizer="pooled", token_init="random",
         )
     )
+
+    for name, save in (("sd3", save_tiny_sd3_pipeline), ("flux", save_tiny_flux_pipeline)):  # joint attention
+        runs[f"{name}-lora"] = train(_tiny_config(save(root / f"tiny-{name}"), images, root / f"{name}-lora"))
 
     resumed = root / "sd-resumed"
     train(_tiny_config(sd, images, resumed, steps=(3, 3, 2)))

@@ -166,7 +166,15 @@ def _unet_problems(config: AttnDBConfig, unet_config: dict | None) -> tuple[list
         except Exception:
             family = SD
         if family.flow_matching:
-            return _flow_matching_problems(config, family), []
+            warnings = []
+            if config.stage3_mode == "full":
+                warnings.append(
+                    f"{arg('stage3_mode')} full on a {family.pipeline_class} transformer: fp32 weights, gradients and "
+                    "two AdamW moments are 16 bytes per parameter (Flux.1's 12 B: about 190 GB; SD3.5-large's 8 B: "
+                    f"130 GB; SD3.5-medium's 2.5 B: 40 GB), before activations; {arg('stage3_mode')} lora (the "
+                    "default) trains a LoRA instead."
+                )
+            return _flow_matching_problems(config, family), warnings
         try:
             from diffusers import UNet2DConditionModel
 

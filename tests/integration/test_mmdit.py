@@ -245,3 +245,35 @@ def test_comfyuis_own_lora_code_loads_the_kohya_copy_exactly(run, comfyui):
     assert result["not_loaded"] == []
     assert len(result["patched"]) == len(lora) // 2
     assert result["max_difference"] < 1e-7
+
+
+def test_a_full_stage_3_exports_what_the_trained_flux_model_draws(tmp_path, instance_dir):
+    """`--stage3 full` on Flux: the whole transformer trains, its change is exported as a LoRA by SVD, and
+    `load_attndb` draws what the in-memory model (base + the exported LoRA) draws."""
+    from conftest import make_config
+
+    from attndb_peft.trainer import Trainer
+
+    model = save_tiny_flux_pipeline(tmp_path / "model")
+    config = make_config(model, instance_dir, tmp_path / "out", steps=(2, 2, 2), validation_prompts=(),
+                         stage3_mode="full", full_export_rank=4)  # fmt: skip
+    trainer = Trainer(config)
+    result = trainer.run()
+    assert 0 < json.loads((result.output_dir / CONFIG_NAME).read_text())["report"]["full_export_retained"] <= 1
+    trained = trainer.pipeline()
+    trained.set_progress_bar_config(disable=True)
+    pipe = _pipe(model)
+    pipe.load_attndb(str(result.output_dir))
+    np.testing.assert_allclose(_generate(pipe), _generate(trained), atol=1e-5)
+
+
+def test_ddpm_only_settings_are_refused_before_anything_loads(tmp_path, instance_dir, capsys):
+    model = save_tiny_sd3_pipeline(tmp_path / "model")
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(model), "--images", str(instance_dir), "--category", "dog", "--output", str(out),
+            "--snr-gamma", "5", "--noise-offset", "0.1", "--stage3-targets", "unet"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    for flag in ("--snr-gamma 5", "--noise-offset 0.1", "--stage3-targets unet"):
+        assert flag in err and "Traceback" not in err, flag
+    assert "StableDiffusion3Pipeline" in err and not out.exists()
