@@ -166,6 +166,20 @@ def test_the_model_cards_stock_diffusers_code_gives_the_load_attndb_pixels(run, 
     assert not np.allclose(ours, base_pixels, atol=1e-3)
 
 
+def test_generate_and_inspect_run_on_the_adapter(run, tmp_path):
+    """`attndb generate` and `attndb inspect` (the per-token attention maps, from the joint-attention capture at
+    the attended tokenizer's positions: CLIP-L's for SD3, T5's for Flux)."""
+    family, model, out = run
+    common = ["--adapter", str(out), "--model", str(model), "--prompt", "a photo of a {} on the beach", "--steps", "2",
+              "--height", str(TINY_RESOLUTION), "--width", str(TINY_RESOLUTION), "--device", "cpu"]  # fmt: skip
+    assert main(["generate", *common, "--output", str(tmp_path / "gen")]) == 0
+    assert len(list((tmp_path / "gen").glob("*.png"))) == 1
+    assert main(["inspect", *common, "--output", str(tmp_path / "maps.png")]) == 0
+    tokens = json.loads((tmp_path / "maps.json").read_text())["tokens"]
+    assert [t["text"] for t in tokens] == ["a", "photo", "of", "a", "<attndb-dog>", "dog", "on", "the", "beach"]
+    assert all(0 < t["mean_attention"] < 1 for t in tokens)
+
+
 def test_it_loads_into_the_img2img_and_inpainting_pipelines(run):
     import diffusers
 
