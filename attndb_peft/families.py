@@ -107,9 +107,9 @@ class ModelFamily:
             fit 24 GB cards; chosen from that practice, not measured here (no GPU has been available).
         vae_fp32_encode (`bool`): encode the latent cache in float32 even when the VAE is held in float16 (the
             SDXL VAE overflows in float16).
-        pooled_from (`str` or `tuple[str, ...]`, *optional*): the text encoder(s) whose pooled output conditions
-            the denoiser (SDXL's `text_encoder_2`, SD3's two CLIPs, Flux's CLIP-L); they must pool at end-of-text
-            (`pool_at_end_of_text`). None: only hidden states are used, and the encoders are left exactly as
+        pooled_from (`tuple[str, ...]`): the text encoders whose pooled output conditions the denoiser (SDXL's
+            `text_encoder_2`, SD3's two CLIPs, Flux's CLIP-L); they must pool at end-of-text
+            (`pool_at_end_of_text`). Empty: only hidden states are used, and the encoders are left exactly as
             loaded.
         safety_checker (`bool`): the family's pipelines take a safety checker (`no_safety_checker` leaves it out).
         denoiser (`str`), denoiser_class (`str`): the denoiser's pipeline component name and diffusers class
@@ -151,7 +151,7 @@ class ModelFamily:
     default_gradient_accumulation_steps: int
     default_gradient_checkpointing: bool
     vae_fp32_encode: bool
-    pooled_from: str | tuple[str, ...] | None
+    pooled_from: tuple[str, ...]
     safety_checker: bool
     denoiser: str = "unet"
     denoiser_class: str = "UNet2DConditionModel"
@@ -186,7 +186,7 @@ class ModelFamily:
         """Make the pooled text encoder (if the family uses one) pool at its tokenizer's end-of-text id; `pairs`:
         `(tokenizer, text_encoder)` in the family's order (see `pool_at_end_of_text`)."""
         for name, (tokenizer, encoder) in zip(self.text_encoders, pairs):
-            if name == self.pooled_from or (isinstance(self.pooled_from, tuple) and name in self.pooled_from):
+            if name in self.pooled_from:
                 pool_at_end_of_text(encoder, tokenizer.eos_token_id)
 
     def encode(self, text_encoders, input_ids: list[torch.Tensor], resolution: int) -> Conditioning:
@@ -300,7 +300,7 @@ SD = ModelFamily(
     default_gradient_accumulation_steps=1,
     default_gradient_checkpointing=False,
     vae_fp32_encode=False,
-    pooled_from=None,
+    pooled_from=(),
     safety_checker=True,
 )
 SDXL = ModelFamily(
@@ -319,8 +319,9 @@ SDXL = ModelFamily(
     default_gradient_accumulation_steps=4,
     default_gradient_checkpointing=True,
     vae_fp32_encode=True,
-    pooled_from="text_encoder_2",
+    pooled_from=("text_encoder_2",),
     safety_checker=False,
+    shared_positions=(0, 1),
 )
 
 
