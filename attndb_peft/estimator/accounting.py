@@ -265,9 +265,10 @@ class PeakCounter(TorchDispatchMode):
     Every storage an op returns is counted until it is freed (a weak-reference finaliser on the storage); the
     storages alive before the step (weights, optimizer state, caches) are counted by `resident`. Gradients are
     told apart by a hook on each trainable parameter (a gradient is new bytes the first time it is written in a
-    step, as the trainer sets them to None after each update). What the attn2 capture computes in float32 for the
-    regularizer (inside `amp.autocast_off`: the scores, probabilities and the float32 copies of queries and keys)
-    is the `attention_capture` share of the activations.
+    step, as the trainer sets them to None after each update). What the attention capture (attn2, or SD3's and
+    Flux's joint attention) computes in float32 for the regularizer (inside `amp.autocast_off`: the scores,
+    probabilities, log-sum-exps and the float32 copies of queries and keys) is the `attention_capture` share of
+    the activations.
 
     Args:
         device (`torch.device`): the device counted.

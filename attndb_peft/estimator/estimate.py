@@ -4,9 +4,11 @@ says, per stage, the predicted peak GPU memory (broken down), whether it fits a 
 fit, and the predicted time of the recipe on the common cards.
 
 Memory is counted (see `accounting`), checked against peaks measured on an H100: within 0.7 % on the eight
-fused-attention steps, 5-7 % low on three naive-attention ones (docs/performance.md). Time is an estimate: the
-run's FLOPs, counted exactly, over the throughput the measured H100 steps achieved, scaled to other cards by their
-published tensor throughput and memory bandwidth, given as the range between the two scalings.
+fused-attention steps, 5-7 % low on three naive-attention ones (docs/performance.md). Those were U-Net steps; the
+SD3/3.5 and Flux.1 steps are counted the same way (the trainer's step, their joint-attention capture included) but
+none has been measured on a GPU yet (`CALIBRATED_FAMILIES`; the printed estimate says so). Time is an estimate:
+the run's FLOPs, counted exactly, over the throughput the measured H100 steps achieved, scaled to other cards by
+their published tensor throughput and memory bandwidth, given as the range between the two scalings.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .run_model import ModelConfigs, Phase, build_models, count_phase, image_cou
 
 __all__ = [
     "Estimate",
+    "CALIBRATED_FAMILIES",
     "EstimateError",
     "PhaseEstimate",
     "estimate_run",
@@ -37,6 +40,10 @@ __all__ = [
 #: The throughput (TFLOP/s, FLOPs counted as here) the H100 steps of benchmarks/results/estimator achieved:
 #: the optimised stage steps of the SD2.1-base comparison (`benchmarks/estimator_h100.py`).
 H100_ACHIEVED_TFLOPS = {1: 93.4, 2: 87.9, "lora": 58.2, "full": 114.2}
+#: The families whose counted steps were checked against steps measured on a GPU (the U-Net families). SD3/3.5 and
+#: Flux.1 steps are counted the same way (the same step, their capture included) but no GPU measurement of them
+#: exists yet, and their time uses the U-Net steps' achieved throughput.
+CALIBRATED_FAMILIES = ("sd", "sdxl")
 _GIB = 2**30
 
 
@@ -78,6 +85,8 @@ class Estimate:
         gpu_memory_gib (`float`, *optional*): the card's memory the fit is checked against.
         suggestions (`list[tuple[str, float]]`): settings that would make the run fit, with their predicted peak
             (GiB); empty when it fits or no card was given.
+        family (`str`, *optional*): the model's family (`families.ModelFamily.name`); the H100 checks were of
+            SD steps (`CALIBRATED_FAMILIES`), what the text says of the others.
     """
 
     config: AttnDBConfig
@@ -86,6 +95,7 @@ class Estimate:
     phases: list[PhaseEstimate]
     gpu_memory_gib: float | None = None
     suggestions: list[tuple[str, float]] = field(default_factory=list)
+    family: str | None = None
 
     @property
     def peak_gib(self) -> float:
@@ -118,6 +128,7 @@ class Estimate:
     def to_dict(self) -> dict:
         return {
             "model": self.model,
+            "family": self.family,
             "precision": self.precision,
             "phases": [
                 {
@@ -213,7 +224,8 @@ def estimate_run(
     precision = _precision(config, gpu)
     images = image_count(config.images)
     memory = gpu_memory_gib if gpu_memory_gib is not None else (gpu.usable_gib() if gpu is not None else None)
-    result = Estimate(config, configs.source, precision, count_run(config, configs, precision, images, gpu), memory)
+    phases = count_run(config, configs, precision, images, gpu)
+    result = Estimate(config, configs.source, precision, phases, memory, family=configs.family.name)
     if memory is not None and suggest and not result.fits(memory):
         result.suggestions = _suggestions(config, configs, precision, images, memory, gpu)
     return result
@@ -263,7 +275,12 @@ def format_estimate(estimate: Estimate, gpus: list[Gpu] | None = None) -> str:
         f"{'on' if cfg.gradient_checkpointing else 'off'}, offload {'on' if cfg.offload_frozen else 'off'}, "
         f"stage 3 {cfg.stage3_mode} (ranks {cfg.stage2.rank}, {cfg.stage3.rank}).",
         "Counted on the meta device (peak tensor memory, as torch.cuda.max_memory_allocated reads it; within 0.7 % of "
-        "the 8 fused-attention steps measured on an H100, 5-7 % low on a naive-attention one).",
+        "the 8 fused-attention steps measured on an H100, 5-7 % low on a naive-attention one)."
+        + (
+            ""
+            if estimate.family in (None, *CALIBRATED_FAMILIES)
+            else f" No {estimate.family.upper()} step has been measured on a GPU yet: a prediction only."
+        ),
         "",
         f"{'phase':<9}{'steps':>6}{'peak GiB':>9} = {'weights':>7} +{'grads':>6} +{'optim':>6} +{'activations':>12}"
         f" +{'workspace':>10}   {'(capture)':>9}",
@@ -276,8 +293,8 @@ def format_estimate(estimate: Estimate, gpus: list[Gpu] | None = None) -> str:
             f"{g.get('attention_capture', 0):>9.2f}"
         )
     lines.append(
-        "(capture): the part of the activations the attn2 capture keeps for the regularizer (float32 "
-        "scores and probabilities)."
+        "(capture): the part of the activations the attention capture (attn2, or the joint attention of SD3 and "
+        "Flux) keeps for the regularizer (float32 scores and probabilities)."
     )
     lines.append(
         f"Peak: {estimate.peak_gib:.2f} GiB; a card needs about {estimate.peak_gib * (1 + ALLOCATOR_HEADROOM):.1f} "
