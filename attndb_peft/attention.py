@@ -24,8 +24,10 @@ class AttentionStore:
     """Holds the captured attention probabilities of one forward pass, one entry per `attn2` layer.
 
     Each entry is `probs[..., indices]` of shape `[batch, heads, pixels, len(indices)]`, where `probs` is the
-    softmax over all text positions. Entries are keyed by processor name so a recomputation (gradient
-    checkpointing) overwrites rather than duplicates a layer.
+    softmax over all text positions. Entries are keyed by processor name and the first one of a pass is kept
+    (`keep`): under gradient checkpointing the backward pass runs each layer again, and its recomputed map, whose
+    graph holds the layer's float32 scores, is then dropped at once instead of living until the store is cleared
+    (for Flux at 1024 px about 350 MiB per block; the loss was computed from the first map anyway).
     """
 
     def __init__(self) -> None:
@@ -33,6 +35,10 @@ class AttentionStore:
 
     def clear(self) -> None:
         self.maps.clear()
+
+    def keep(self, name: str, probs: torch.Tensor) -> None:
+        """Store layer `name`'s map unless this pass already has one (a gradient-checkpointing recomputation)."""
+        self.maps.setdefault(name, probs)
 
     def __len__(self) -> int:
         return len(self.maps)
@@ -143,7 +149,7 @@ class CrossAttnCaptureProcessor:
             if attention_mask is not None:
                 scores = scores + attention_mask.to(dtype)
             probs = scores.softmax(dim=-1)  # [batch, heads, pixels, text]
-        self.store.maps[self.name] = probs.index_select(-1, self.index.to(probs.device))
+        self.store.keep(self.name, probs.index_select(-1, self.index.to(probs.device)))
 
         if self.output == "sdpa" or (self.output == "auto" and query.device.type == "cuda"):
             hidden_states = F.scaled_dot_product_attention(

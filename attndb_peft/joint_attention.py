@@ -220,7 +220,9 @@ class _Capture:
             raise ValueError(f"{self.name}: indices {self.indices} are outside the {text_length} text tokens.")
         image = slice(text_length, None) if image is None else image
         columns = self.index.to(key.device) + text_offset
-        self.store.maps[self.name] = key_column_probs(query[:, :, image], key, columns)
+        # computed even when a checkpointing recomputation drops it (`AttentionStore.keep`): the recomputation must
+        # save the tensors the first pass saved
+        self.store.keep(self.name, key_column_probs(query[:, :, image], key, columns))
 
 
 class JointAttnCaptureProcessor(_Capture):

@@ -217,8 +217,33 @@ def test_svd_export_is_the_best_low_rank_approximation(d_out, d_in, rank, conv, 
 
 def test_attention_store_is_keyed_by_layer():
     store = AttentionStore()
-    store.maps["a"] = torch.zeros(1, 1, 2, 2)
-    store.maps["a"] = torch.ones(1, 1, 2, 2)  # a recomputation (gradient checkpointing) overwrites
-    assert len(store) == 1
+    first = torch.zeros(1, 1, 2, 2)
+    store.keep("a", first)
+    store.keep("a", torch.ones(1, 1, 2, 2))  # a recomputation (gradient checkpointing) is dropped
+    assert len(store) == 1 and store.maps["a"] is first
     store.clear()
     assert len(store) == 0
+
+
+def test_a_checkpointing_recomputation_keeps_the_forward_maps_and_the_gradients():
+    """Under gradient checkpointing the backward pass recomputes every attn2 layer; the store keeps the maps the
+    loss was computed from (the recomputed ones are dropped, with their graphs) and the gradients are those of
+    the run without checkpointing."""
+    grads = []
+    for checkpointing in (False, True):
+        unet = build_tiny_pipeline().unet.double()
+        unet.train()
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        x = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        states = torch.randn(2, 77, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        with capture_cross_attention(unet, [5, 6]) as store:
+            out = unet(x, torch.tensor([10, 500]), states).sample
+            kept = dict(store.maps)
+            loss = out.square().mean() + sum(m.square().sum() for m in store.maps.values())
+            loss.backward()
+            assert store.maps.keys() == kept.keys() and all(store.maps[k] is v for k, v in kept.items())
+        grads.append({n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-9, atol=1e-12)
