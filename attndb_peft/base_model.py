@@ -247,8 +247,8 @@ class BaseModels:
     """The pieces of a base model that attndb trains and samples with, whatever it was loaded from.
 
     Attributes:
-        family (`ModelFamily`): SD 1.x/2.x or SDXL (`families.py`), which names the pieces below.
-        tokenizers (`list`): the family's tokenizers in its order (SD one, SDXL two).
+        family (`ModelFamily`): SD 1.x/2.x, SDXL, SD3 or Flux (`families.py`), which names the pieces below.
+        tokenizers (`list`): the family's tokenizers in its order (SD one, SDXL and Flux two, SD3 three).
         text_encoders (`list`): the matching text encoders.
         vae (`AutoencoderKL`): the VAE.
         denoiser (`UNet2DConditionModel`, `SD3Transformer2DModel` or `FluxTransformer2DModel`): the denoiser (the

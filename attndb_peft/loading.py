@@ -1,6 +1,6 @@
 # Copyright 2026 The attndb_peft authors. Licensed under the Apache License, Version 2.0.
-"""Load attndb adapters into diffusers Stable Diffusion (1.x/2.x and XL) pipelines, next to other LoRAs, and unload
-them.
+"""Load attndb adapters into diffusers Stable Diffusion (1.x/2.x, XL, 3/3.5) and Flux.1 pipelines, next to other
+LoRAs, and unload them.
 
 `load_attndb(pipe, "user/concept")` (or `pipe.load_attndb(...)` after `import attndb_peft`) reads an adapter
 folder or Hub repo, checks everything against the pipeline first, then loads the token embedding with
@@ -10,7 +10,9 @@ they had, read back from the PEFT layers. `unload_attndb` removes exactly one co
 
 SDXL pipelines have two tokenizer/text-encoder pairs: the embedding file holds one vector per encoder
 (`{"clip_l": ..., "clip_g": ...}`), loaded with one `load_textual_inversion` call per pair, and every check, the
-unload and the undo cover both pairs (what differs by family comes from families.py).
+unload and the undo cover both pairs (what differs by family comes from families.py). SD3 and Flux pipelines have
+no textual-inversion loader (and diffusers' unloading would cut T5's spare rows): their token rows are added and
+removed by `pipeline_state.add_token_row` / `remove_token_rows`.
 
 Every check runs before the pipeline is touched, so a refused adapter leaves the tokenizer, the embedding matrix
 and the LoRA adapters as they were; if a diffusers call still fails midway, what was added is removed again.
@@ -97,14 +99,16 @@ def load_attndb(
     token: str | None = None,
     **hub_kwargs: Any,
 ) -> str:
-    """Load an attndb concept (token embedding + U-Net LoRA) into a Stable Diffusion (1.x/2.x or XL) pipeline.
+    """Load an attndb concept (token embedding + denoiser LoRA) into a Stable Diffusion (1.x/2.x, XL, 3/3.5) or
+    Flux.1 pipeline.
 
     Adapters that were active stay active with the weights they had; the concept's LoRA is added at `weight`.
     Change the mix afterwards with `pipe.set_adapters([...], [...])`.
 
     Args:
-        pipe (`StableDiffusionPipeline`, `StableDiffusionXLPipeline` or another SD 1.x/2.x or SDXL pipeline): the
-            pipeline to load into; an SDXL adapter needs an SDXL pipeline and the other way round.
+        pipe (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`, `StableDiffusion3Pipeline`, `FluxPipeline` or
+            another pipeline of those families: img2img, inpainting, ControlNet, ...): the pipeline to load into;
+            an adapter needs a pipeline of the family it was trained on.
         path_or_repo_id (`str` or `os.PathLike`): an adapter folder written by `attndb train`, or a Hub repo id
             holding one. Only `attndb_embedding.safetensors` and `pytorch_lora_weights.safetensors` are read
             (fetched) from it.
@@ -250,11 +254,11 @@ def unload_attndb(pipe, adapter_name: str | None = None) -> str:
 
 
 def _register_pipeline_methods() -> None:
-    """Add `load_attndb` / `unload_attndb` to diffusers' Stable Diffusion pipelines: every pipeline class that
-    loads SD 1.x/2.x LoRAs (`StableDiffusionLoraLoaderMixin`: text-to-image, img2img, inpainting, ControlNet, ...)
-    and every one that loads SDXL LoRAs (`StableDiffusionXLLoraLoaderMixin`, not a subclass of the former: SDXL
-    text-to-image, img2img, inpainting, ControlNet, ...). Only new names are added; an attribute of that name that
-    is not ours is left alone."""
+    """Add `load_attndb` / `unload_attndb` to every pipeline class of the families (`ModelFamily.lora_loader_class`):
+    those that load SD 1.x/2.x LoRAs (`StableDiffusionLoraLoaderMixin`: text-to-image, img2img, inpainting,
+    ControlNet, ...), SDXL LoRAs (`StableDiffusionXLLoraLoaderMixin`, not a subclass of the former), SD3 LoRAs
+    (`SD3LoraLoaderMixin`) and Flux LoRAs (`FluxLoraLoaderMixin`). Only new names are added; an attribute of that
+    name that is not ours is left alone."""
     import diffusers.loaders
 
     for mixin in dict.fromkeys(getattr(diffusers.loaders, f.lora_loader_class) for f in FAMILIES.values()):
