@@ -41,6 +41,7 @@ __all__ = [
     "load_base_models",
     "load_single_file",
     "load_tokenizer",
+    "quantize_denoiser",
 ]
 
 #: The paper's base model (SD 2.1-base, 512 px), at an id that resolves today.
@@ -284,6 +285,25 @@ class BaseModels:
         return self.text_encoders[0]
 
 
+def _int8_weight_only():
+    """torchao's int8 weight-only config (the import error named with its fix)."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig
+    except ImportError:
+        raise BaseModelError(f"{arg('quantize_base')} int8 needs torchao: `pip install torchao`.") from None
+    return Int8WeightOnlyConfig()
+
+
+def quantize_denoiser(denoiser, kind: str) -> None:
+    """Quantize a loaded denoiser's linear weights in place (`kind` "int8": torchao's int8 weight-only, the
+    transform diffusers' `TorchAoConfig` applies while loading), for models that come as a single file or in
+    memory."""
+    config = _int8_weight_only()
+    from torchao.quantization import quantize_
+
+    quantize_(denoiser, config)
+
+
 def load_base_models(
     model: str,
     revision: str | None = None,
@@ -293,6 +313,7 @@ def load_base_models(
     variant: str | None = None,
     components: dict | None = None,
     token: str | None = None,
+    quantize: str | None = None,
 ) -> BaseModels:
     """Load a base model's pieces from a diffusers folder, a Hub id or a single `.safetensors` file, or take them
     from `components` (models already in memory, keyed like a pipeline's `components`).
@@ -305,6 +326,8 @@ def load_base_models(
         variant (`str`, *optional*): the weights' variant (e.g. `"fp16"`), for folders and Hub ids.
         components (`dict`, *optional*): in-memory models, used as they are (cast to `torch_dtype`).
         token (`str`, *optional*): a Hub access token.
+        quantize (`str`, *optional*): "int8": the denoiser's linear weights in 8 bits (`quantize_base`), through
+            diffusers' `TorchAoConfig` when loading a folder or Hub id, in place otherwise.
 
     Returns:
         `BaseModels`: the loaded pieces, the noise scheduler built from the model's scheduler config.
@@ -345,10 +368,15 @@ def load_base_models(
             for name, cls in zip(family.text_encoders, family.text_encoder_classes)
         ]
         vae = diffusers.AutoencoderKL.from_pretrained(model, subfolder="vae", **weights)
+        quantization = {}
+        if quantize is not None:  # quantized while loading, shard by shard (diffusers' torchao quantizer)
+            quantization["quantization_config"] = diffusers.TorchAoConfig(_int8_weight_only())
         denoiser = getattr(diffusers, family.denoiser_class).from_pretrained(
-            model, subfolder=family.denoiser, **weights
+            model, subfolder=family.denoiser, **weights, **quantization
         )
         scheduler_config = diffusers.DDPMScheduler.load_config(model, subfolder="scheduler", **hub)
+    if quantize is not None and not getattr(denoiser, "is_quantized", False):
+        quantize_denoiser(denoiser, quantize)
     scheduler = getattr(diffusers, family.noise_scheduler_class).from_config(scheduler_config)
     return BaseModels(family, tokenizers, text_encoders, vae, denoiser, scheduler, source, revision)
 

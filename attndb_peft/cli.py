@@ -186,7 +186,8 @@ def _add_generation_args(p: argparse.ArgumentParser, steps: int, adapter_require
         "--steps", type=positive_int, default=steps, metavar="N", help=f"Denoising steps. Default {steps}."
     )
     sampling.add_argument(
-        "--guidance", type=float, default=7.5, metavar="X", help="Classifier-free guidance scale. Default 7.5."
+        "--guidance", type=float, metavar="X",
+        help="Guidance scale. Default the family pipeline's own: 7.5 (SD, SDXL), 7.0 (SD3), 3.5 (Flux).",
     )
     sampling.add_argument(
         "--height", type=multiple_of_8, metavar="PX", help="Image height in pixels (multiple of 8); default the "

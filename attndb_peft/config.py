@@ -34,6 +34,7 @@ from .stage_config import (
 __all__ = [
     "DEFAULT_CLIP_MODEL",
     "DEFAULT_VALIDATION_PROMPTS",
+    "QUANTIZE_BASE",
     "RECIPES",
     "RESUME_DEFAULTS",
     "RESUME_KEYS",
@@ -78,6 +79,8 @@ _SAVE_DTYPES = ("fp16", "bf16", "fp32")
 _REPORT_TO = ("tensorboard", "wandb")
 _REGULARIZERS = ("per_layer", "pooled")
 _OPTIMIZERS = ("adamw", "prodigy", "adamw8bit")
+#: Weight formats of `quantize_base`: torchao's int8 weight-only (CPU and GPU; diffusers' `TorchAoConfig`).
+QUANTIZE_BASE = ("int8",)
 #: `stage3_targets`: the layers of stage 3's LoRA (`stages.STAGE3_TARGETS`).
 STAGE3_TARGET_SETS = ("transformer", "attn2", "unet")
 #: `select`: which checkpoint becomes the adapter.
@@ -269,6 +272,12 @@ class AttnDBConfig:
         "Keep the VAE (after the latents are cached) and the text encoder (after stage 1) on the CPU; stages 2-3 "
         "move the text encoder over once to encode the prompt (low-memory setting).", default=False, group="memory",
     )
+    quantize_base: str | None = setting(
+        "Store the frozen denoiser's linear weights in 8 bits (torchao's int8 weight-only, through diffusers' "
+        "TorchAoConfig; `pip install torchao`): about half their bf16 memory (FLUX.1's transformer 22.2 -> 11.1 "
+        "GiB), the LoRAs trained on top in full precision, as QLoRA. LoRA stages only (not --stage3 full).",
+        default=None, group="memory", choices=QUANTIZE_BASE, resume=True, resume_default=None,
+    )
     compile: bool = setting(
         "torch.compile the U-Net. Each stage compiles once (minutes), which the paper's 660 steps may not pay "
         "back; see the README's performance section. Not with gradient_checkpointing.", default=False, group="memory",
@@ -314,8 +323,9 @@ class AttnDBConfig:
         "Images per validation prompt (seeds seed, seed+1, ...): the grid's columns.", default=2, group="logging",
         minimum=1,
     )
-    validation_guidance_scale: float = setting(
-        "Classifier-free guidance scale of sample images.", default=7.5, group="logging"
+    validation_guidance_scale: float | None = setting(
+        "Guidance scale of sample images. Default: the family pipeline's own (SD/SDXL 7.5, SD3 7.0, Flux 3.5: "
+        "FLUX.1-dev's distilled guidance).", default=None, group="logging",
     )
     report_to: str | None = setting(
         "Log loss, regularizer and learning rate with accelerate (needs that package; logs go to OUTPUT/logs).",
@@ -418,14 +428,16 @@ class AttnDBConfig:
     @property
     def model_defaults_missing(self) -> bool:
         """Whether a setting that defaults to the base model's value is still unset (see `for_model`)."""
-        unset = (self.resolution, self.batch_size, self.gradient_accumulation_steps, self.gradient_checkpointing)
+        unset = (self.resolution, self.batch_size, self.gradient_accumulation_steps, self.gradient_checkpointing,
+                 self.validation_guidance_scale)
         return any(v is None for v in unset) or any(s.rank is None for s in (self.stage2, self.stage3))
 
     def for_model(self, family, resolution: int) -> AttnDBConfig:
         """This config with the defaults that depend on the base model filled in: `resolution` (None: the model's
         own, `resolution` here), the stage-2/3 LoRA ranks (None: `family.default_lora_rank`) and the batch and
         memory setting (None: the family's, the batch as `recipe` says, `recipe_batch`; gradient checkpointing
-        stays off under `compile`). What the user set is kept. The trainer calls it once the U-Net's config is
+        stays off under `compile`) and the samples' guidance scale (`family.sample_guidance_scale`). What the user
+        set is kept. The trainer calls it once the U-Net's config is
         read; attndb_config.json records the result."""
         stages = {
             name: dataclasses.replace(getattr(self, name), rank=family.default_lora_rank)
@@ -436,12 +448,14 @@ class AttnDBConfig:
         if checkpointing is None:
             checkpointing = family.default_gradient_checkpointing and not self.compile
         batch, accumulation = recipe_batch(self.recipe, family)
+        guidance = self.validation_guidance_scale
         return dataclasses.replace(
             self,
             resolution=self.resolution or resolution,
             batch_size=self.batch_size or batch,
             gradient_accumulation_steps=self.gradient_accumulation_steps or accumulation,
             gradient_checkpointing=checkpointing,
+            validation_guidance_scale=family.sample_guidance_scale if guidance is None else guidance,
             **stages,
         )
 
@@ -496,6 +510,9 @@ def _check_combinations(config: AttnDBConfig) -> None:
     if config.stage3_mode == "full" and config.stage3_targets != "transformer":
         raise ConfigError(f"{arg('stage3_targets')} {config.stage3_targets} picks the layers of stage 3's LoRA; "
                           f"{arg('stage3_mode')} full trains every U-Net weight: drop one of the two.")
+    if config.quantize_base and config.stage3_mode == "full":
+        raise ConfigError(f"{arg('quantize_base')} keeps the base model's weights frozen in 8 bits; "
+                          f"{arg('stage3_mode')} full trains them: drop one of the two.")
     if not 0 <= config.select_margin <= 1:
         raise ConfigError(f"{arg('select_margin')} must be in [0, 1] (a share of the identity spread), got "
                           f"{config.select_margin}.")

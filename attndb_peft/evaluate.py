@@ -30,7 +30,7 @@ from .adapter_format import AdapterInfo, package_versions
 from .config import DEFAULT_CLIP_MODEL
 from .data import load_image, scan_image_folder
 from .errors import UsageError, arg, first_line
-from .inference import expand_prompt, generate_images, resolve_device
+from .inference import expand_prompt, generate_images, resolve_device, sample_guidance
 from .visualize import image_grid
 
 __all__ = [
@@ -227,7 +227,7 @@ def evaluate_concept(
     num_images: int = 4,
     seed: int = 0,
     steps: int = 30,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     height: int | None = None,
     width: int | None = None,
     settings: dict[str, Any] | None = None,
@@ -253,6 +253,7 @@ def evaluate_concept(
     from tqdm.auto import tqdm
 
     prompts = list(prompts or evaluation_prompts())
+    guidance = sample_guidance(pipe, guidance)
     output_dir = Path(output_dir)
     (output_dir / "images").mkdir(parents=True, exist_ok=True)
     generated, rows, records = [], [], []

@@ -132,6 +132,9 @@ class ModelFamily:
             pipelines; the joint-attention families' token rows are added by `pipeline_state.add_token_row` instead
             (SD3 pipelines have no textual-inversion loader, and T5's matrix has spare rows that diffusers'
             unloading would cut off).
+        sample_guidance_scale (`float`): the guidance scale of sample images and `attndb generate` when none is
+            given: the family pipeline's own default (SD and SDXL 7.5, the value their users know; SD3 7.0; Flux
+            3.5, the distilled guidance FLUX.1-dev expects, which schnell ignores).
         embedding_aliases (`tuple`): `(key, alias)` pairs: the embedding file also holds `key`'s tensor under
             `alias` (ComfyUI reads T5's as `t5xxl`, diffusers' scripts as `t5`), and a reader accepts either.
     """
@@ -165,6 +168,7 @@ class ModelFamily:
     embedding_aliases: tuple[tuple[str, str], ...] = ()
     kohya_prefix: str = "lora_unet_"
     textual_inversion: bool = True
+    sample_guidance_scale: float = 7.5
 
     @property
     def is_sdxl(self) -> bool:  # for messages and tests; code asks the attributes above
@@ -459,6 +463,7 @@ _JOINT = dict(
 )
 SD3 = SD3Family(
     name="sd3",
+    sample_guidance_scale=7.0,
     text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
     tokenizers=("tokenizer", "tokenizer_2", "tokenizer_3"),
     text_encoder_classes=("CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel"),
@@ -479,6 +484,7 @@ SD3 = SD3Family(
 )
 FLUX = FluxFamily(
     name="flux",
+    sample_guidance_scale=3.5,
     text_encoders=("text_encoder", "text_encoder_2"),
     tokenizers=("tokenizer", "tokenizer_2"),
     text_encoder_classes=("CLIPTextModel", "T5EncoderModel"),

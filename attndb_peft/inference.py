@@ -48,6 +48,7 @@ __all__ = [
     "prompt_tokens",
     "read_adapter_config",
     "resolve_device",
+    "sample_guidance",
     "token_attention_maps",
     "write_generation",
 ]
@@ -169,13 +170,19 @@ def _generators(seed: int, count: int) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
 
 
+def sample_guidance(pipe, guidance: float | None) -> float:
+    """`guidance`, or when None the guidance scale of the pipeline's family (`ModelFamily.sample_guidance_scale`:
+    SD/SDXL 7.5, SD3 7.0, Flux 3.5)."""
+    return family_of_pipeline(pipe).sample_guidance_scale if guidance is None else guidance
+
+
 def generate_images(
     pipe,
     prompt: str,
     num_images: int = 1,
     seed: int = 0,
     steps: int = 30,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     height: int | None = None,
     width: int | None = None,
     negative_prompt: str | None = None,
@@ -191,7 +198,7 @@ def generate_images(
         num_images (`int`): how many images.
         seed (`int`): seed of the first image.
         steps (`int`): denoising steps.
-        guidance (`float`): classifier-free guidance scale.
+        guidance (`float`, *optional*): the guidance scale; None: the family's (`sample_guidance`).
         height, width (`int`, *optional*): image size; default the model's.
         negative_prompt (`str`, *optional*): the negative prompt.
         batch_size (`int`): images per pipeline call (memory bound).
@@ -199,6 +206,7 @@ def generate_images(
     Returns:
         `list[PIL.Image.Image]`.
     """
+    guidance = sample_guidance(pipe, guidance)
     images = []
     for start in range(0, num_images, batch_size):
         count = min(batch_size, num_images - start)
@@ -228,7 +236,7 @@ def write_generation(
     num_images: int = 1,
     seed: int = 0,
     steps: int = 30,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     height: int | None = None,
     width: int | None = None,
     negative_prompt: str | None = None,
@@ -236,6 +244,7 @@ def write_generation(
 ) -> list[Path]:
     """Generate every prompt's images into `output_dir` as PNGs and write `generate.json` with the settings and
     each file's prompt and seed. Returns the PNG paths."""
+    guidance = sample_guidance(pipe, guidance)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     records, paths = [], []
@@ -336,7 +345,7 @@ def token_attention_maps(
     prompt: str,
     seed: int = 0,
     steps: int = 30,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     height: int | None = None,
     width: int | None = None,
 ) -> TokenAttention:
@@ -344,6 +353,7 @@ def token_attention_maps(
     layers (resized to the latent grid) and denoising steps. The original attention processors are restored
     afterwards.
     """
+    guidance = sample_guidance(pipe, guidance)
     family = family_of_pipeline(pipe)
     tokenizer = family.components(pipe)[family.attended][0]  # whose positions the attention's text keys are
     token_ids, labels = prompt_tokens(tokenizer, prompt)
@@ -387,7 +397,7 @@ def inspect_prompt(
     output: str | os.PathLike,
     seed: int = 0,
     steps: int = 30,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     height: int | None = None,
     width: int | None = None,
     settings: dict[str, Any] | None = None,
@@ -398,6 +408,7 @@ def inspect_prompt(
     Returns:
         `TokenAttention`: the image, labels and maps.
     """
+    guidance = sample_guidance(pipe, guidance)
     output = Path(output)
     if output.suffix.lower() != ".png":
         raise UsageError(f"{arg('output')} {output}: the figure is a PNG; give a path ending in .png.")

@@ -264,7 +264,7 @@ class Trainer:
         cfg, is_main = self.config, self.accelerator.is_main_process
         self.models = models = load_base_models(
             cfg.model, cfg.revision, cfg.model_config, torch_dtype=self.weight_dtype, variant=cfg.variant,
-            components=self.components,
+            components=self.components, quantize=cfg.quantize_base,
         )
         models.family.fix_pooling(list(zip(models.tokenizers, models.text_encoders)))
         for model in (*models.text_encoders, models.vae, models.denoiser):

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
 from ..amp import autocast_suspended
 
@@ -297,6 +297,9 @@ class PeakCounter(TorchDispatchMode):
         """Count `t`'s storage from now until it is freed; returns the new bytes (0 when already counted)."""
         if t.device != self.device:
             return 0
+        if is_traceable_wrapper_subclass(t):  # a quantized weight (torchao's Int8Tensor): its int8 data and scales
+            inner = (getattr(t, name) for name in t.__tensor_flatten__()[0])
+            return sum(self._adopt(x) for x in inner if x is not None)
         storage = t.untyped_storage()
         key = id(storage)
         if key in self._seen:

@@ -14,6 +14,7 @@ their published tensor throughput and memory bandwidth, given as the range betwe
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,7 +177,7 @@ def count_run(
     """Count the latent cache and every stage with steps of `config` (defaults filled in) on `meta`; the cuBLAS
     workspaces are `gpu`'s (an H100's when None); `flops=False` leaves the FLOPs at 0 (memory only)."""
     amp = _DTYPES[precision]
-    models = build_models(configs, amp or torch.float32)
+    models = build_models(configs, amp or torch.float32, quantize=config.quantize_base)
     workspace = (gpu or GPUS["h100"]).workspace_bytes
     phases = []
     for phase in [Phase("latents")] + [Phase("stage", s) for s in (1, 2, 3)]:
@@ -251,6 +252,9 @@ def _candidates(config: AttnDBConfig):
             ),
             cfg,
         )
+    if cfg.stage3_mode == "lora" and not cfg.quantize_base and importlib.util.find_spec("torchao") is not None:
+        cfg = dataclasses.replace(cfg, quantize_base="int8")
+        yield "the above with " + f"{arg('quantize_base')} int8", cfg
     if cfg.stage3_mode == "full":
         yield "the above with " + f"{arg('stage3_mode')} lora", dataclasses.replace(cfg, stage3_mode="lora")
 
@@ -273,7 +277,8 @@ def format_estimate(estimate: Estimate, gpus: list[Gpu] | None = None) -> str:
         f"Predicted GPU memory for {estimate.model}: {cfg.resolution} px, batch {cfg.batch_size} x "
         f"{cfg.gradient_accumulation_steps} accumulated, {estimate.precision}, gradient checkpointing "
         f"{'on' if cfg.gradient_checkpointing else 'off'}, offload {'on' if cfg.offload_frozen else 'off'}, "
-        f"stage 3 {cfg.stage3_mode} (ranks {cfg.stage2.rank}, {cfg.stage3.rank}).",
+        f"stage 3 {cfg.stage3_mode} (ranks {cfg.stage2.rank}, {cfg.stage3.rank})"
+        + (f", base {cfg.quantize_base} (not measured on a GPU)." if cfg.quantize_base else "."),
         "Counted on the meta device (peak tensor memory, as torch.cuda.max_memory_allocated reads it; within 0.7 % of "
         "the 8 fused-attention steps measured on an H100, 5-7 % low on a naive-attention one)."
         + (

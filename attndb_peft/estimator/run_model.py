@@ -22,6 +22,7 @@ import contextlib
 import copy
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,7 +32,7 @@ import torch
 
 from .. import joint_attention
 from ..attention import AttentionStore, capture_cross_attention
-from ..base_model import BaseModelError, config_source, is_single_file
+from ..base_model import BaseModelError, config_source, is_single_file, quantize_denoiser
 from ..config import AttnDBConfig
 from ..data import scan_image_folder
 from ..errors import arg
@@ -192,25 +193,34 @@ class RunModels:
         return [self.denoiser, self.vae, *self.text_encoders, self.splice]
 
 
-def build_models(configs: ModelConfigs, weight_dtype: torch.dtype, device: torch.device | str = "meta") -> RunModels:
+def build_models(
+    configs: ModelConfigs, weight_dtype: torch.dtype, device: torch.device | str = "meta", quantize: str | None = None
+) -> RunModels:
     """Build the base model's denoiser, VAE and text encoders from their configs on `device` in `weight_dtype`
     (on `meta`: shapes only, in seconds for the largest released models), frozen, with the run's token added to
-    each text encoder's vocabulary and its trainable vector (`stages.ConceptSplice`)."""
+    each text encoder's vocabulary and its trainable vector (`stages.ConceptSplice`); `quantize` ("int8",
+    `quantize_base`): the denoiser's linear weights quantized as the trainer quantizes them (torchao, on meta too)."""
 
     device = torch.device(device)
     with quiet_diffusers():
-        return _build(configs, weight_dtype, device)
+        models = _build(configs, weight_dtype, device)
+    if quantize is not None:
+        quantize_denoiser(models.denoiser, quantize)
+    return models
 
 
 @contextlib.contextmanager
 def quiet_diffusers():
     """diffusers' warnings off for the block: each `.to(dtype)` of a model warns that no module of it is kept in
-    float32, dozens of times per estimate."""
+    float32, dozens of times per estimate; and PEFT's on a LoRA over a base quantized in place (merging it is not
+    possible, which the counting never does)."""
     log = logging.getLogger("diffusers")
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
+            yield
     finally:
         log.setLevel(level)
 

@@ -9,6 +9,7 @@ Messages name settings by their Python names through `errors.arg`; the CLI shows
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 from pathlib import Path
@@ -53,8 +54,8 @@ def check_inputs(config: AttnDBConfig, tokenizer=None, unet_config: dict | None 
 
     Checked: the images, the output folder, the token, the category and the training prompt's length (with the
     base model's tokenizer, or `tokenizer` when given), with `masked_loss` the subject masks, the tracker of
-    `report_to`, the package of `optimizer`, and a U-Net attndb cannot train (its config, or `unet_config`:
-    inpainting/depth models).
+    `report_to`, the packages of `optimizer` and `quantize_base`, and a U-Net attndb cannot train (its config,
+    or `unet_config`: inpainting/depth models).
 
     Args:
         config (`AttnDBConfig`): the run's settings.
@@ -79,6 +80,9 @@ def check_inputs(config: AttnDBConfig, tokenizer=None, unet_config: dict | None 
         problems.append(tracker_problem)
     if optimizer_problem := check_optimizer(config.optimizer):
         problems.append(optimizer_problem)
+    if config.quantize_base and importlib.util.find_spec("torchao") is None:
+        problems.append(f"{arg('quantize_base')} {config.quantize_base}: the torchao package is not installed; run "
+                        "pip install torchao (or pip install 'attndb_peft[quantize]').")
     problems += _output_problems(config)
     try:
         if tokenizer is None:

@@ -174,6 +174,10 @@ def test_generate_and_inspect_run_on_the_adapter(run, tmp_path):
               "--height", str(TINY_RESOLUTION), "--width", str(TINY_RESOLUTION), "--device", "cpu"]  # fmt: skip
     assert main(["generate", *common, "--output", str(tmp_path / "gen")]) == 0
     assert len(list((tmp_path / "gen").glob("*.png"))) == 1
+    # the family pipeline's own guidance when none is given (FLUX.1-dev's distilled 3.5), and in the run's samples
+    guidance = {"sd3": 7.0, "flux": 3.5}[family.name]
+    assert json.loads((tmp_path / "gen" / "generate.json").read_text())["guidance"] == guidance
+    assert json.loads((out / "attndb_config.json").read_text())["settings"]["validation_guidance_scale"] == guidance
     assert main(["inspect", *common, "--output", str(tmp_path / "maps.png")]) == 0
     tokens = json.loads((tmp_path / "maps.json").read_text())["tokens"]
     assert [t["text"] for t in tokens] == ["a", "photo", "of", "a", "<attndb-dog>", "dog", "on", "the", "beach"]

@@ -230,13 +230,13 @@ def test_resume_settings_come_from_the_field_metadata():
         "model", "model_config", "revision", "variant", "category", "token", "resolution", "batch_size",
         "gradient_accumulation_steps", "seed", "stage1", "stage2", "stage3", "stage3_mode", "token_init",
         "stage3_train_token", "regularizer", "flip", "random_crops", "masked_loss", "masks", "max_grad_norm",
-        "mixed_precision", "recipe", "snr_gamma", "noise_offset", "optimizer", "stage3_targets",
+        "mixed_precision", "recipe", "snr_gamma", "noise_offset", "optimizer", "stage3_targets", "quantize_base",
     }
-    assert len(RESUME_KEYS) == 28
+    assert len(RESUME_KEYS) == 29
     # the settings added later: what a checkpoint written before them trained with
     assert RESUME_DEFAULTS == {"gradient_accumulation_steps": 1, "model_config": None, "masked_loss": False,
                                "masks": None, "recipe": "paper", "snr_gamma": None, "noise_offset": 0.0,
-                               "optimizer": "adamw", "stage3_targets": "transformer"}
+                               "optimizer": "adamw", "stage3_targets": "transformer", "quantize_base": None}
     assert set(RESUME_DEFAULTS) <= set(RESUME_KEYS)
 
 
