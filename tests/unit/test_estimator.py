@@ -5,6 +5,8 @@ MemTracker, and the architectures' configs against the released models' paramete
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -176,6 +178,11 @@ def test_suggestions_keep_the_effective_batch(tiny_model):
     assert candidates[-1][1].stage3_mode == "lora"
     for _, candidate in candidates:  # the same images per optimizer step, less memory per pass
         assert candidate.batch_size * candidate.gradient_accumulation_steps == 4
+    # with a LoRA stage 3 (and torchao installed), the last resort is the 8-bit base, with everything above kept
+    lora = list(_candidates(dataclasses.replace(config, stage3_mode="lora")))
+    text, last = lora[-1]
+    assert "`quantize_base` int8" in text and last.quantize_base == "int8" and last.offload_frozen
+    assert not any(c.quantize_base for _, c in lora[:-1])
     config = config.with_stage_values(steps=(0, 1, 0))
     peak = estimate_run(config, suggest=False).peak_gib
     estimate = estimate_run(config, gpu_memory_gib=peak)  # needs the headroom too: does not fit
