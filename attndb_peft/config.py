@@ -437,8 +437,8 @@ class AttnDBConfig:
         own, `resolution` here), the stage-2/3 LoRA ranks (None: `family.default_lora_rank`) and the batch and
         memory setting (None: the family's, the batch as `recipe` says, `recipe_batch`; gradient checkpointing
         stays off under `compile`) and the samples' guidance scale (`family.sample_guidance_scale`). What the user
-        set is kept. The trainer calls it once the U-Net's config is
-        read; attndb_config.json records the result."""
+        set is kept. The trainer calls it once the U-Net's config is read; attndb_config.json records the
+        result."""
         stages = {
             name: dataclasses.replace(getattr(self, name), rank=family.default_lora_rank)
             for name in ("stage2", "stage3")
