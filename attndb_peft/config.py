@@ -439,25 +439,7 @@ class AttnDBConfig:
         stays off under `compile`) and the samples' guidance scale (`family.sample_guidance_scale`). What the user
         set is kept. The trainer calls it once the U-Net's config is read; attndb_config.json records the
         result."""
-        stages = {
-            name: dataclasses.replace(getattr(self, name), rank=family.default_lora_rank)
-            for name in ("stage2", "stage3")
-            if getattr(self, name).rank is None
-        }
-        checkpointing = self.gradient_checkpointing
-        if checkpointing is None:
-            checkpointing = family.default_gradient_checkpointing and not self.compile
-        batch, accumulation = recipe_batch(self.recipe, family)
-        guidance = self.validation_guidance_scale
-        return dataclasses.replace(
-            self,
-            resolution=self.resolution or resolution,
-            batch_size=self.batch_size or batch,
-            gradient_accumulation_steps=self.gradient_accumulation_steps or accumulation,
-            gradient_checkpointing=checkpointing,
-            validation_guidance_scale=family.sample_guidance_scale if guidance is None else guidance,
-            **stages,
-        )
+        return _with_model_defaults(self, family, resolution)
 
     def with_stage_values(self, steps=None, learning_rates=None, **stage_fields) -> AttnDBConfig:
         """Return a copy with per-stage values replaced.
@@ -477,6 +459,28 @@ class AttnDBConfig:
                 raise ConfigError(f"{name}: {exc}") from None
         return dataclasses.replace(self, **updates)
 
+
+def _with_model_defaults(config: AttnDBConfig, family, resolution: int) -> AttnDBConfig:
+    """`AttnDBConfig.for_model`'s work (a function here to keep the class short)."""
+    stages = {
+        name: dataclasses.replace(getattr(config, name), rank=family.default_lora_rank)
+        for name in ("stage2", "stage3")
+        if getattr(config, name).rank is None
+    }
+    checkpointing = config.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = family.default_gradient_checkpointing and not config.compile
+    batch, accumulation = recipe_batch(config.recipe, family)
+    guidance = config.validation_guidance_scale
+    return dataclasses.replace(
+        config,
+        resolution=config.resolution or resolution,
+        batch_size=config.batch_size or batch,
+        gradient_accumulation_steps=config.gradient_accumulation_steps or accumulation,
+        gradient_checkpointing=checkpointing,
+        validation_guidance_scale=family.sample_guidance_scale if guidance is None else guidance,
+        **stages,
+    )
 
 
 def _check_combinations(config: AttnDBConfig) -> None:
