@@ -13,6 +13,7 @@ one cannot be found, the error names its replacement.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ __all__ = [
     "KnownBaseModel",
     "build_pipeline",
     "check_base_model",
+    "check_quantize_base",
     "config_source",
     "is_single_file",
     "known_base_model",
@@ -285,12 +287,20 @@ class BaseModels:
         return self.text_encoders[0]
 
 
+def check_quantize_base(kind: str | None) -> str | None:
+    """The problem with `quantize_base` `kind` (torchao not installed), or None."""
+    if kind is None or importlib.util.find_spec("torchao") is not None:
+        return None
+    return (f"{arg('quantize_base')} {kind}: the torchao package is not installed; run pip install torchao (or pip "
+            "install 'attndb_peft[quantize]').")
+
+
 def _int8_weight_only():
     """torchao's int8 weight-only config (the import error named with its fix)."""
     try:
         from torchao.quantization import Int8WeightOnlyConfig
     except ImportError:
-        raise BaseModelError(f"{arg('quantize_base')} int8 needs torchao: `pip install torchao`.") from None
+        raise BaseModelError(check_quantize_base("int8") or "torchao cannot be imported.") from None
     return Int8WeightOnlyConfig()
 
 

@@ -14,13 +14,13 @@ their published tensor throughput and memory bandwidth, given as the range betwe
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..base_model import check_quantize_base
 from ..config import AttnDBConfig
 from ..errors import UsageError, arg
 from .architectures import architecture_for
@@ -252,7 +252,7 @@ def _candidates(config: AttnDBConfig):
             ),
             cfg,
         )
-    if cfg.stage3_mode == "lora" and not cfg.quantize_base and importlib.util.find_spec("torchao") is not None:
+    if cfg.stage3_mode == "lora" and not cfg.quantize_base and check_quantize_base("int8") is None:
         cfg = dataclasses.replace(cfg, quantize_base="int8")
         yield "the above with " + f"{arg('quantize_base')} int8", cfg
     if cfg.stage3_mode == "full":

@@ -9,7 +9,6 @@ Messages name settings by their Python names through `errors.arg`; the CLI shows
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import re
 from pathlib import Path
@@ -17,7 +16,7 @@ from types import SimpleNamespace
 
 from .. import base_model
 from .. import checkpoints as ckpt
-from ..base_model import BaseModelError, check_base_model
+from ..base_model import BaseModelError, check_base_model, check_quantize_base
 from ..config import AttnDBConfig
 from ..data import scan_image_folder, scan_masks
 from ..errors import UsageError, arg
@@ -80,9 +79,8 @@ def check_inputs(config: AttnDBConfig, tokenizer=None, unet_config: dict | None 
         problems.append(tracker_problem)
     if optimizer_problem := check_optimizer(config.optimizer):
         problems.append(optimizer_problem)
-    if config.quantize_base and importlib.util.find_spec("torchao") is None:
-        problems.append(f"{arg('quantize_base')} {config.quantize_base}: the torchao package is not installed; run "
-                        "pip install torchao (or pip install 'attndb_peft[quantize]').")
+    if quantize_problem := check_quantize_base(config.quantize_base):
+        problems.append(quantize_problem)
     problems += _output_problems(config)
     try:
         if tokenizer is None:
