@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,8 @@ TINY_SETTINGS = dict(
     validation_prompts=(),
 )
 TINY_STEPS = (3, 3, 3)
+#: The benchmark scripts (not a package): `load_benchmark` imports them by name.
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY_LRS = (5e-2, 1e-2, 1e-2)
 
 
@@ -208,3 +212,15 @@ def generate(pipe, prompt, seed=0, steps=3):
             output_type="np",
             generator=torch.Generator().manual_seed(seed),
         ).images
+
+
+def load_benchmark(name: str):
+    """Import `benchmarks/NAME.py` afresh as module `NAME`: registered in `sys.modules` (dataclasses look their
+    module up there), with `benchmarks/` on the path for the scripts that import each other."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

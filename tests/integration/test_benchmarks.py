@@ -4,29 +4,19 @@ numbers belong to the machine; this checks that they are there and make sense.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_train.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     args = ["--tiny", "--steps", "1", "--warmup", "1", "--repeats", "1", "--load-repeats", "1", "--out", str(out)]
-    assert _load_bench().main(args) == 0
+    assert load_benchmark("bench_train").main(args) == 0
     return json.loads(out.read_text())
 
 
@@ -140,20 +130,18 @@ def test_sdxl_family_runs_the_trainer_and_the_adapter_sections(tmp_path):
     the tiny SDXL's own tests); the sections that only know SD2.1-base are refused."""
     out = tmp_path / "bench.json"
     args = ["--tiny", "--family", "sdxl", "--only", "adapter", "--load-repeats", "0", "--out", str(out)]
-    assert _load_bench().main(args) == 0
+    assert load_benchmark("bench_train").main(args) == 0
     report = json.loads(out.read_text())
     assert report["arch"] == "tiny-sdxl" and report["sections"] == ["adapter"]
     adapter = report["results"]["adapter"]
     assert adapter["lora_modules"] > 0 and _positive(report["results"]["load"]["first_s"])
     with pytest.raises(SystemExit):
-        _load_bench().parse_args(["--family", "sdxl", "--only", "reference"])
+        load_benchmark("bench_train").parse_args(["--family", "sdxl", "--only", "reference"])
 
 
 def test_bench_export_times_every_method_on_the_first_weights(tmp_path):
     """benchmarks/bench_export.py in a quick mode: three SD2.1-base weight deltas, every factorization method."""
-    spec = importlib.util.spec_from_file_location("bench_export", BENCH.with_name("bench_export.py"))
-    bench_export = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_export)
+    bench_export = load_benchmark("bench_export")
     out = tmp_path / "export.json"
     assert bench_export.main(["--limit", "3", "--rank", "4", "--out", str(out)]) == 0
     report = json.loads(out.read_text())

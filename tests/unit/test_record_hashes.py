@@ -4,17 +4,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import torch
+from conftest import load_benchmark
 from safetensors.torch import save_file
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "record_hashes.py"
-spec = importlib.util.spec_from_file_location("record_hashes", SCRIPT)
-record_hashes = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(record_hashes)
+record_hashes = load_benchmark("record_hashes")
 
 
 def _write_run(folder: Path, tensors: dict, metadata: dict, config: dict) -> Path:

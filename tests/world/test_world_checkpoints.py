@@ -5,30 +5,18 @@ reuses its per-run file when run again; the report's arithmetic is checked on ha
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "world_checkpoints.py"
 TINY = ["--steps-scale", "0.02", "--images", "1", "--score-images", "1", "--inference-steps", "2",
         "--checkpoints", "2", "--concepts", "900", "--margins", "0,1"]
 
 
-def _load():
-    sys.path.insert(0, str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("world_checkpoints", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def wc():
-    return _load()
+    return load_benchmark("world_checkpoints")
 
 
 def _values(identity_ok, alignment):

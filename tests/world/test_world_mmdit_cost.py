@@ -4,29 +4,17 @@ denoiser learn), the report carries every promised field, and the prediction is 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 from attndb_peft.world.model import build_world_pipeline
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "world_mmdit_cost.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("world_mmdit_cost", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_a_step_trains_both_models():
-    cost = _load()
+    cost = load_benchmark("world_mmdit_cost")
     pipe = build_world_pipeline()
     transformer = cost.build_mmdit(1, 1, pipe.text_encoder.config.hidden_size)
     for denoiser, loss in ((pipe.unet, cost._unet_loss), (transformer, cost._mmdit_loss)):
@@ -40,7 +28,7 @@ def test_a_step_trains_both_models():
 
 
 def test_the_report_and_its_prediction(tmp_path, capsys):
-    cost = _load()
+    cost = load_benchmark("world_mmdit_cost")
     record = tmp_path / "pretrain.json"
     record.write_text(json.dumps({"steps_done": 100, "unet_seconds": 50.0}))
     out = tmp_path / "cost.json"

@@ -4,24 +4,13 @@ its summary written with every promised field, and a finished variant skipped wh
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "world_pretrain_sweep.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("world_pretrain_sweep", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def test_tiny_sweep_writes_its_summary_and_skips_finished_variants(tmp_path, capsys):
-    sweep = _load()
+    sweep = load_benchmark("world_pretrain_sweep")
     argv = ["--tiny", "--only", "joint_plain", "--device", "cpu", "--out", str(tmp_path)]
     summary = sweep.main(argv)
     assert summary == json.loads((tmp_path / "sweep.json").read_text())

@@ -5,15 +5,12 @@ per-run files; the methods' trainer settings, the tuning rule and the sweep's cu
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "world_quality.py"
 # The smallest --quick that still trains every main method: 1% of the recipe's steps (>= 1 per stage; with
 # 60/100/200: 1/1/2, TI 18), 1 image per prompt, 2 denoising steps.
 QUICK = ["--quick", "--steps-scale", "0.01", "--images", "1", "--inference-steps", "2"]
@@ -21,17 +18,9 @@ QUICK = ["--quick", "--steps-scale", "0.01", "--images", "1", "--inference-steps
 T975 = {1: 12.7062, 2: 4.3027, 7: 2.3646, 30: 2.0423}
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("world_quality", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def wq():
-    return _load()
+    return load_benchmark("world_quality")
 
 
 @pytest.fixture(scope="module")
