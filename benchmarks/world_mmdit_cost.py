@@ -14,11 +14,9 @@ same batch, on the same machine:
 
 each with the text encoder trained jointly and AdamW over both, as `world.pretrain` does, on random latents and
 captions (the step's cost does not depend on the data). It prints, and writes as JSON, the parameters, the FLOPs
-and the median seconds of a step, and the recipe's 3,600 steps at that time with nothing else
-(`recipe_minutes_steps_only`);
-`--pretrain-json` (default: the shipped model's record) adds the recorded seconds per step of the real pretraining,
-and from it a **prediction** of each model's pretraining time where that record was made (measured step x 3,600 x
-the U-Net's recorded / measured ratio, which carries EMA, data draws, logging and the machine's speed).
+and the median seconds of a step, and the recipe's 3,600 steps at that time (`recipe_minutes`: the steps alone,
+without EMA, data draws or logging, which the real pretraining adds; docs/world.md compares the U-Net's with its
+recorded pretraining).
 
     python benchmarks/world_mmdit_cost.py            # benchmarks/results/world_mmdit_cost/cost.json
 
@@ -43,7 +41,7 @@ from diffusers import SD3Transformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from attndb_peft.world import scenes as W
-from attndb_peft.world.model import MAX_TEXT_LENGTH, SHIPPED_DIR, build_world_pipeline
+from attndb_peft.world.model import MAX_TEXT_LENGTH, build_world_pipeline
 
 OUT = Path(__file__).resolve().parent / "results" / "world_mmdit_cost" / "cost.json"
 #: Steps of the shipped recipe (`world.pretrain.PretrainConfig.steps`).
@@ -125,12 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=48, help="the recipe's batch (default 48)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per model (default 5)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, the recipe's)")
-    parser.add_argument(
-        "--pretrain-json",
-        type=Path,
-        default=SHIPPED_DIR / "pretrain.json",
-        help="a `world pretrain` record whose seconds per step scale the prediction (default: the shipped model's)",
-    )
     parser.add_argument("--out", type=Path, default=OUT, help=f"where the JSON goes (default {OUT})")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -141,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     for layers in (int(x) for x in args.layers.split(",")):
         transformer = build_mmdit(layers, args.heads, text_width).train()
         results[f"mmdit-{layers}"] = time_step(transformer, text_encoder, _mmdit_loss, args.batch_size, args.repeats)
-    for r in results.values():  # the recipe's steps at this step time, with nothing else
-        r["recipe_minutes_steps_only"] = round(r["seconds_per_step"] * RECIPE_STEPS / 60, 1)
+    for r in results.values():
+        r["recipe_minutes"] = round(r["seconds_per_step"] * RECIPE_STEPS / 60, 1)
     report = {
         "machine": f"{platform.machine()} CPU, {args.threads} torch threads",
         "torch": torch.__version__,
@@ -151,22 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters()),
         "results": results,
     }
-    record = json.loads(args.pretrain_json.read_text()) if args.pretrain_json.is_file() else None
-    if record and record.get("steps_done") and record.get("unet_seconds"):
-        recorded = record["unet_seconds"] / record["steps_done"]
-        overhead = recorded / results["unet"]["seconds_per_step"]
-        report["recorded_unet_seconds_per_step"] = round(recorded, 4)
-        report["predicted_pretrain_minutes"] = {
-            name: round(r["seconds_per_step"] * overhead * RECIPE_STEPS / 60, 1) for name, r in results.items()
-        }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"{'model':<10} {'parameters':>11} {'GFLOP/step':>11} {'s/step':>8} {'pretraining (min, predicted)':>30}")
+    print(f"{'model':<10} {'parameters':>11} {'GFLOP/step':>11} {'s/step':>8} {'3,600 steps (min)':>18}")
     for name, r in results.items():
-        minutes = report.get("predicted_pretrain_minutes", {}).get(name, float("nan"))
         print(
             f"{name:<10} {r['parameters']:>11,} {r['gflops_per_step']:>11.1f} {r['seconds_per_step']:>8.3f}"
-            f" {minutes:>30.1f}"
+            f" {r['recipe_minutes']:>18.1f}"
         )
     print(f"written: {args.out}")
     return 0
