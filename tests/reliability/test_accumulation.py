@@ -10,6 +10,7 @@ import torch
 from conftest import make_config
 from test_reliability import ENV, TESTS, _adapter, _train_args
 
+from attndb_peft.cli import main
 from attndb_peft.trainer import Trainer
 
 
@@ -65,17 +66,11 @@ def test_accumulation_keeps_the_min_snr_weights_and_noise_offset_of_one_larger_b
 
 
 def test_sigkill_then_resume_with_accumulation_is_bit_identical(tiny_model, instance_dir, tmp_path):
+    """Killed between the two passes of an accumulated step, resumed to an uninterrupted run's adapter, bit for bit
+    (only the killed run needs a process of its own; the reference and the resume run here)."""
     extra = ("--checkpointing-steps", "1", "--gradient-accumulation-steps", "2")
     reference = tmp_path / "reference"
-    assert (
-        subprocess.run(
-            [sys.executable, "-m", "attndb_peft", *_train_args(tiny_model, instance_dir, reference, *extra)],
-            env=ENV,
-            capture_output=True,
-            timeout=300,
-        ).returncode
-        == 0
-    )
+    assert main(_train_args(tiny_model, instance_dir, reference, *extra)) == 0
     out = tmp_path / "out"
     args = _train_args(tiny_model, instance_dir, out, *extra)
     # the 7th loss is stage 2, step 2, first of its two passes
@@ -87,10 +82,7 @@ def test_sigkill_then_resume_with_accumulation_is_bit_identical(tiny_model, inst
         timeout=300,
     )
     assert killed.returncode == -9, killed.stderr
-    resumed = subprocess.run(
-        [sys.executable, "-m", "attndb_peft", *args, "--resume"], env=ENV, capture_output=True, text=True, timeout=300
-    )
-    assert resumed.returncode == 0, resumed.stderr
+    assert main([*args, "--resume"]) == 0
     got, want = _adapter(out), _adapter(reference)
     for name, tensors in want.items():
         assert got[name].keys() == tensors.keys()
