@@ -18,7 +18,7 @@ from conftest import TINY_LRS, fresh_pipeline, generate, make_config
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from attndb_peft.cli import build_parser, config_from_args
+from attndb_peft.cli import build_parser, config_from_args, main
 from attndb_peft.export import CONFIG_NAME, EMBEDDING_NAME, KOHYA_NAME, LORA_NAME, MODEL_CARD_NAME
 from attndb_peft.testing import TINY_RESOLUTION
 from attndb_peft.trainer import Trainer
@@ -202,7 +202,7 @@ def test_v_prediction_model_trains(instance_dir, tmp_path):
     assert (tmp_path / "out" / LORA_NAME).is_file()
 
 
-def test_cli_subprocess_trains_and_exits_zero(tiny_model, instance_dir, tmp_path):
+def test_cli_subprocess_trains_and_exits_zero(tiny_model, instance_dir, tmp_path, capsys):
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
@@ -237,30 +237,10 @@ def test_cli_subprocess_trains_and_exits_zero(tiny_model, instance_dir, tmp_path
     assert (out / LORA_NAME).is_file() and proc.stdout.strip().endswith(str(out))
     # a second run into the same folder is refused with exit code 2 and touches nothing
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "attndb_peft",
-            "train",
-            "--model",
-            str(tiny_model),
-            "--images",
-            str(instance_dir),
-            "--category",
-            "dog",
-            "--output",
-            str(out),
-            "--resolution",
-            "32",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert proc.returncode == 2
-    assert "--output" in proc.stderr and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
+    args = ["train", "--model", str(tiny_model), "--images", str(instance_dir), "--category", "dog"]
+    assert main([*args, "--output", str(out), "--resolution", "32"]) == 2  # (the exit code path: the run above)
+    err = capsys.readouterr().err
+    assert "--output" in err and "--overwrite" in err and "Traceback" not in err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
