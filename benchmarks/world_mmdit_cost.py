@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = build_world_pipeline()
-    text_encoder = pipe.text_encoder.train()
+    text_encoder = pipe.text_encoder.train()  # one encoder for every model: its weights do not change a step's cost
     text_width = text_encoder.config.hidden_size
     results = {"unet": time_step(pipe.unet.train(), text_encoder, _unet_loss, args.batch_size, args.repeats)}
     for layers in (int(x) for x in args.layers.split(",")):

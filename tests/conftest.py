@@ -36,9 +36,9 @@ TINY_SETTINGS = dict(
     validation_prompts=(),
 )
 TINY_STEPS = (3, 3, 3)
+TINY_LRS = (5e-2, 1e-2, 1e-2)
 #: The benchmark scripts (not a package): `load_benchmark` imports them by name.
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-TINY_LRS = (5e-2, 1e-2, 1e-2)
 
 
 @pytest.fixture(autouse=True)
